@@ -1,0 +1,147 @@
+"""The Function protocol: a batched map R^n -> R^m with hand-written VJP and JVP kernels.
+
+Implementers subclass :class:`Function` and write three batched kernels that always see
+three-dimensional vector batches:
+
+- ``forward_batch(x)``: x (B, n) -> y (B, m)
+- ``vjp_batch(x, v)``: v (B, K, m) -> (y (B, m), xbar (B, K, n)), xbar[b, k] = v[b, k] @ J(x[b])
+- ``jvp_batch(x, t)``: t (B, K, n) -> (y (B, m), ydot (B, K, m)), ydot[b, k] = J(x[b]) @ t[b, k]
+
+The vector batch may be a read-only broadcast view (shared vectors), so kernels must not write
+into it. One forward pass serves all K vectors. The public ``forward``, ``vjp``, ``jvp`` and
+``jacobian`` methods validate shapes, cast to the compute dtype and accept two-dimensional
+vectors (K = 1, squeezed), as ``y.backward(v)`` does in PyTorch.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+Mode = Literal["vjp", "jvp", "jacobian"]
+Strategy = Literal["rev", "fwd", "auto"]
+
+
+class FunctionSpec(BaseModel):
+    """Config of a function: ``kind`` picks the implementation, the rest are its parameters."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    kind: str
+    dtype: Literal["float32", "float64"] = "float64"
+
+
+class Function(ABC):
+    """A differentiable map applied independently to every row of a batch."""
+
+    kind: ClassVar[str] = ""
+    """Registry name, the ``kind`` of the config."""
+    description: ClassVar[str] = ""
+    """One line for ``jacrun functions``."""
+    spec_model: ClassVar[type[FunctionSpec]] = FunctionSpec
+    """Pydantic model of the config section; its field descriptions document the parameters."""
+
+    n_in: int
+    n_out: int
+    dtype: np.dtype
+
+    @classmethod
+    def from_spec(cls, spec: FunctionSpec) -> Function:
+        """Build from a validated spec. Built-ins override this."""
+        raise NotImplementedError(f"{cls.__name__} cannot be built from a config")
+
+    # ---- kernels: implementers write these -------------------------------------------------
+
+    @abstractmethod
+    def forward_batch(self, x: np.ndarray) -> np.ndarray:
+        """x (B, n) -> y (B, m)."""
+
+    @abstractmethod
+    def vjp_batch(self, x: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """x (B, n), v (B, K, m) -> (y (B, m), xbar (B, K, n))."""
+
+    @abstractmethod
+    def jvp_batch(self, x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """x (B, n), t (B, K, n) -> (y (B, m), ydot (B, K, m))."""
+
+    # ---- cost model for the planner --------------------------------------------------------
+
+    def work_bytes(self, batch: int, k: int, mode: Mode) -> int:
+        """Peak temporary memory of one kernel call on ``batch`` rows and ``k`` vectors.
+
+        Excludes the inputs and the returned arrays (the planner counts those). The default
+        assumes a few arrays of the widest intermediate; built-ins give exact models.
+        """
+        width = max(self.n_in, self.n_out)
+        return 4 * batch * (k + 1) * width * self.dtype.itemsize
+
+    def flops(self, batch: int, k: int, mode: Mode) -> float:
+        """Floating-point operations of one kernel call; NaN when unknown."""
+        return float("nan")
+
+    # ---- public API ------------------------------------------------------------------------
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Evaluate f on a batch: x (B, n) -> y (B, m)."""
+        return self.forward_batch(self._rows(x))
+
+    def vjp(self, x: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Vector-Jacobian products: v (B, K, m) -> (y, xbar (B, K, n)); v (B, m) -> (y, xbar (B, n))."""
+        x = self._rows(x)
+        v3, squeeze = self._vectors(v, x.shape[0], self.n_out, "v")
+        y, xbar = self.vjp_batch(x, v3)
+        return y, (xbar[:, 0] if squeeze else xbar)
+
+    def jvp(self, x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Jacobian-vector products: t (B, K, n) -> (y, ydot (B, K, m)); t (B, n) -> (y, ydot (B, m))."""
+        x = self._rows(x)
+        t3, squeeze = self._vectors(t, x.shape[0], self.n_in, "t")
+        y, ydot = self.jvp_batch(x, t3)
+        return y, (ydot[:, 0] if squeeze else ydot)
+
+    def jacobian(self, x: np.ndarray, strategy: Strategy = "auto") -> tuple[np.ndarray, np.ndarray]:
+        """Per-sample Jacobians: x (B, n) -> (y (B, m), J (B, m, n))."""
+        x = self._rows(x)
+        strategy = resolve_strategy(strategy, self.n_in, self.n_out)
+        if strategy == "rev":
+            basis = basis_vectors(self.n_out, 0, self.n_out, self.dtype)
+            return self.vjp_batch(x, np.broadcast_to(basis, (x.shape[0], *basis.shape)))
+        basis = basis_vectors(self.n_in, 0, self.n_in, self.dtype)
+        y, ydot = self.jvp_batch(x, np.broadcast_to(basis, (x.shape[0], *basis.shape)))
+        return y, np.ascontiguousarray(ydot.transpose(0, 2, 1))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(n_in={self.n_in}, n_out={self.n_out}, dtype={self.dtype})"
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _rows(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=self.dtype)
+        if x.ndim != 2 or x.shape[1] != self.n_in:
+            raise ValueError(f"x must have shape (batch, {self.n_in}), got {x.shape}")
+        return x
+
+    def _vectors(self, v: np.ndarray, batch: int, width: int, name: str) -> tuple[np.ndarray, bool]:
+        v = np.asarray(v, dtype=self.dtype)
+        if v.ndim == 2 and v.shape == (batch, width):
+            return v[:, None, :], True
+        if v.ndim == 3 and v.shape[0] == batch and v.shape[2] == width:
+            return v, False
+        raise ValueError(f"{name} must have shape ({batch}, K, {width}) or ({batch}, {width}), got {v.shape}")
+
+
+def resolve_strategy(strategy: Strategy, n_in: int, n_out: int) -> Literal["rev", "fwd"]:
+    """``auto`` picks reverse mode when there are fewer outputs than inputs (m passes < n passes)."""
+    if strategy == "auto":
+        return "rev" if n_out <= n_in else "fwd"
+    return strategy
+
+
+def basis_vectors(dim: int, start: int, stop: int, dtype: np.dtype) -> np.ndarray:
+    """Rows ``start:stop`` of the identity of size ``dim``: unit vectors e_start .. e_{stop-1}."""
+    out = np.zeros((stop - start, dim), dtype=dtype)
+    out[np.arange(stop - start), np.arange(start, stop)] = 1
+    return out
