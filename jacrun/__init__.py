@@ -1,0 +1,37 @@
+"""jacrun: distributed batch Jacobian products (VJPs, JVPs, per-sample Jacobians) on Dask.
+
+The public API::
+
+    cfg  = jacrun.load_config("job.yaml", overrides={"chunks.samples": 1024})
+    plan = jacrun.plan(cfg)            # frozen Plan, no side effects
+    res  = jacrun.submit(cfg)          # runs the job; returns a Summary
+    ds   = jacrun.load("results/job.zarr")
+    f    = jacrun.build_function({"kind": "mlp", "sizes": [4, 8, 2], "seed": 0})
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from jacrun.api import load, plan, submit
+from jacrun.config import JobConfig, config_from_dict, load_config
+from jacrun.errors import ConfigError, JacrunError, JobFailed
+from jacrun.functions import Function, FunctionSpec, build_function, register
+from jacrun.plan import Plan
+
+__all__ = [
+    "ConfigError",
+    "Function",
+    "FunctionSpec",
+    "JacrunError",
+    "JobConfig",
+    "JobFailed",
+    "Plan",
+    "build_function",
+    "config_from_dict",
+    "load",
+    "load_config",
+    "plan",
+    "register",
+    "submit",
+]

@@ -1,0 +1,110 @@
+"""One block end to end, on a worker: read inputs -> kernel -> finiteness -> write -> marker."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from jacrun.config import JobConfig
+from jacrun.functions import Function
+from jacrun.plan import Plan
+from jacrun.sources import ArrayRows, RandomRows, VectorSource
+
+_FUNCTIONS: dict[str, Function] = {}
+
+
+class NonFiniteError(ValueError):
+    """A non-finite input or result under ``nan_policy: raise``."""
+
+
+@dataclass(frozen=True)
+class BlockJob:
+    """What every block of a job needs: small and picklable (the function is rebuilt per worker)."""
+
+    config: JobConfig
+    config_hash: str
+    plan: Plan
+    inputs: RandomRows | ArrayRows
+    vectors: VectorSource
+    store: str
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    i: int
+    j: int
+    rows: int
+    products: int
+    seconds: float
+    nonfinite: dict[str, int]
+
+
+def worker_function(job: BlockJob) -> Function:
+    """The job's function, built once per worker process and config."""
+    function = _FUNCTIONS.get(job.config_hash)
+    if function is None:
+        from jacrun.prepare import build
+
+        function = _FUNCTIONS[job.config_hash] = build(job.config)
+    return function
+
+
+def compute_block(
+    job: BlockJob, function: Function, i: int, j: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x, y, result (rows, k, width)) of block (i, j), in the compute dtype."""
+    plan = job.plan
+    a, b = plan.block_rows(i)
+    k0, k1 = plan.block_vectors(j)
+    x = job.inputs.read(a, b, function.dtype)
+    vectors = job.vectors.read(a, b, k0, k1, function.dtype)
+    reverse = plan.mode == "vjp" or (plan.mode == "jacobian" and plan.strategy == "rev")
+    if reverse:
+        y, result = function.vjp_batch(x, vectors)
+    else:
+        y, result = function.jvp_batch(x, vectors)
+    return x, y, result
+
+
+def run_block(job: BlockJob, i: int, j: int) -> BlockResult:
+    """Compute and store block (i, j); idempotent (same bytes, same marker when run twice)."""
+    from jacrun.store import write_block
+
+    start = time.perf_counter()
+    function = worker_function(job)
+    x, y, result = compute_block(job, function, i, j)
+    nonfinite = _finiteness(job, i, j, x, y, result)
+    dtype = np.dtype(job.config.output_dtype)
+    write_block(
+        job.store, job.plan, i, j, y.astype(dtype, copy=False), result.astype(dtype, copy=False)
+    )
+    return BlockResult(
+        i,
+        j,
+        rows=x.shape[0],
+        products=result.shape[0] * result.shape[1],
+        seconds=time.perf_counter() - start,
+        nonfinite=nonfinite,
+    )
+
+
+def _finiteness(
+    job: BlockJob, i: int, j: int, x: np.ndarray, y: np.ndarray, result: np.ndarray
+) -> dict[str, int]:
+    """Count non-finite values; under ``nan_policy: raise`` name the first bad sample instead."""
+    a, _ = job.plan.block_rows(i)
+    counts = {}
+    for name, values in (("x", x), ("y", y), (job.plan.result_name, result)):
+        bad = ~np.isfinite(values)
+        count = int(bad.sum())
+        counts[name] = count
+        if count and job.config.nan_policy == "raise":
+            row = int(np.argwhere(bad)[0][0]) + a
+            what = "input" if name == "x" else "output" if name == "y" else "result"
+            raise NonFiniteError(
+                f"block ({i}, {j}): non-finite {what} ({name}) at sample {row} "
+                f"({count} non-finite values in this block); set nan_policy: propagate to keep them"
+            )
+    return counts

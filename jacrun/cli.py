@@ -1,0 +1,272 @@
+"""The ``jacrun`` command: thin Typer commands over the library.
+
+Exit codes: 0 success, 1 job failure (or failed checks, or an incomplete store for
+``status``), 2 bad input. User errors print one message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from jacrun.errors import ConfigError
+
+app = typer.Typer(
+    name="jacrun",
+    help="Distributed batch Jacobian products: VJPs, JVPs and per-sample Jacobians of "
+    "f: R^n -> R^m for huge batches, run as resumable Dask jobs into Zarr stores.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ConfigArg = Annotated[Path, typer.Argument(help="The job's YAML config file.", show_default=False)]
+StoreArg = Annotated[
+    Path, typer.Argument(help="A store written by `jacrun submit`.", show_default=False)
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", "-s", metavar="KEY=VALUE", help="Override a config key, e.g. chunks.samples=4096."
+    ),
+]
+
+
+def user_errors(command: F) -> F:
+    """Turn ConfigError into one message on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ConfigError as exc:
+            err.print(f"[red]error:[/] {exc}", markup=True, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _load(config: Path, overrides: list[str] | None, scheduler: str | None = None):
+    from jacrun.config import load_config, with_scheduler
+
+    cfg = load_config(config, overrides)
+    return with_scheduler(cfg, scheduler) if scheduler else cfg
+
+
+@app.command()
+@user_errors
+def submit(
+    config: ConfigArg,
+    overrides: SetOpt = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            help="Run on this Dask scheduler (tcp://host:8786) instead of the config's cluster."
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(help="Replace an existing store written by jacrun (never other folders)."),
+    ] = False,
+    performance_report: Annotated[
+        Path | None, typer.Option(help="Write Dask's HTML performance report here.")
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No plan, progress or summary.")
+    ] = False,
+) -> None:
+    """Run a job: plan, start or join the cluster, compute the missing blocks, write the store.
+
+    Rerunning the same command after an interruption computes only the blocks not yet done.
+    """
+    from jacrun.runner import submit as run
+
+    cfg = _load(config, overrides, scheduler)
+    summary = run(
+        cfg,
+        overwrite=overwrite,
+        progress=not quiet,
+        console=out,
+        performance_report=performance_report,
+    )
+    if not quiet:
+        _print_summary(summary)
+    if not summary.ok:
+        if summary.failures:
+            err.print(
+                f"[red]job failed:[/] {len(summary.failures)} block(s) failed; first: {summary.failures[0]}"
+            )
+        err.print("Finished blocks are kept: rerun the same command to compute the rest.")
+        raise typer.Exit(1)
+
+
+def _print_summary(summary) -> None:
+    out.print(
+        f"[bold]{summary.status}[/]: {summary.blocks_done}/{summary.blocks_total} blocks "
+        f"({summary.blocks_run} this run) in {summary.seconds:.1f} s, "
+        f"{summary.samples_per_second:,.0f} samples/s, {summary.products_per_second:,.0f} products/s"
+    )
+    out.print(f"store: {summary.store}   open with: jacrun.load({summary.store!r})")
+
+
+@app.command()
+@user_errors
+def validate(config: ConfigArg, overrides: SetOpt = None) -> None:
+    """Check a config, its files and shapes, and its plan, without starting a cluster or writing."""
+    from jacrun.prepare import prepare
+
+    job = prepare(_load(config, overrides))
+    out.print(
+        f"[green]ok[/]: {config} — {job.config.mode} of {job.config.function.kind} "
+        f"({job.function.n_in} -> {job.function.n_out}), {job.plan.samples} samples, "
+        f"{job.plan.n_blocks} blocks"
+    )
+
+
+@app.command()
+@user_errors
+def plan(config: ConfigArg, overrides: SetOpt = None) -> None:
+    """Print the block grid, projected memory and FLOPs per block, task count and output size."""
+    from jacrun.prepare import prepare
+
+    job = prepare(_load(config, overrides))
+    out.print(plan_table(job))
+    for warning in job.plan.warnings:
+        err.print(f"[yellow]warning:[/] {warning}")
+
+
+def plan_table(job) -> Table:
+    from jacrun.plan import fmt_bytes
+
+    p = job.plan
+    table = Table(title=f"plan: {job.config.name}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    flops = (
+        "unknown"
+        if p.flops_per_block != p.flops_per_block
+        else f"{p.flops_per_block / 1e9:.3g} GFLOP"
+    )
+    rows = [
+        ("mode", p.mode + (f" ({p.strategy})" if p.strategy else "")),
+        (
+            "function",
+            f"{job.config.function.kind}: {p.n_in} -> {p.n_out}, {job.config.compute_dtype}",
+        ),
+        ("samples x vectors", f"{p.samples} x {p.vectors}"),
+        ("result", f"{p.result_name} {p.result_shape} dims {p.result_dims}"),
+        ("block", f"{p.samples_per_block} samples x {p.vectors_per_block} vectors"),
+        ("grid", f"{p.grid[0]} x {p.grid[1]} = {p.n_blocks} tasks"),
+        (
+            "memory per block",
+            f"{fmt_bytes(p.memory_per_block)} (budget {fmt_bytes(p.task_memory)})",
+        ),
+        ("FLOPs per block", flops),
+        ("output size", f"{fmt_bytes(p.output_bytes)} uncompressed"),
+        ("store", str(job.config.output.store)),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+@app.command()
+@user_errors
+def status(store_path: StoreArg) -> None:
+    """Blocks done of a store's job. Exit 0 when complete, 1 when not."""
+    from jacrun import store
+
+    attrs = store.read_attrs(store_path)
+    marks = store.read_markers(store_path)
+    done, total = int(marks.sum()), marks.size
+    state = "complete" if done == total else attrs.get("status", "unknown")
+    if state == "running" or (state == "complete" and done != total):
+        state = "incomplete"
+    out.print(f"{store_path}: {state}, {done}/{total} blocks ({100 * done / max(total, 1):.1f}%)")
+    if done != total:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def show(store_path: StoreArg) -> None:
+    """Summarize a store: job, function, arrays, runs and throughput."""
+    from jacrun import store
+
+    attrs = store.read_attrs(store_path)
+    marks = store.read_markers(store_path)
+    fn = attrs.get("function", {})
+    table = Table(title=f"{store_path}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("job", f"{attrs.get('name')} ({attrs.get('mode')})")
+    table.add_row(
+        "function", f"{fn.get('kind')}: {fn.get('n_in')} -> {fn.get('n_out')}, {fn.get('dtype')}"
+    )
+    table.add_row("status", f"{attrs.get('status')}, {int(marks.sum())}/{marks.size} blocks")
+    table.add_row("config hash", str(attrs.get("config_hash", ""))[:16])
+    for name, info in store.describe_arrays(store_path).items():
+        table.add_row(f"array {name}", info)
+    for n, run in enumerate(attrs.get("runs", []), 1):
+        table.add_row(
+            f"run {n}",
+            f"{run.get('started')}: {run.get('blocks_computed')} blocks, "
+            f"{run.get('blocks_failed', 0)} failed, {run.get('seconds', '?')} s",
+        )
+    throughput = attrs.get("throughput") or {}
+    if throughput:
+        table.add_row("throughput", f"{throughput.get('samples_per_second', 0):,.0f} samples/s")
+    out.print(table)
+
+
+@app.command()
+def functions() -> None:
+    """List the built-in functions and their parameters."""
+    from jacrun.functions import kinds
+
+    for kind, cls in kinds().items():
+        table = Table(title=f"[bold]{kind}[/]: {cls.description}", title_justify="left", box=None)
+        table.add_column("parameter", style="bold")
+        table.add_column("type")
+        table.add_column("default")
+        table.add_column("meaning")
+        for name, info in cls.spec_model.model_fields.items():
+            if name == "kind":
+                continue
+            default = (
+                "required"
+                if info.is_required()
+                else repr(info.get_default(call_default_factory=True))
+            )
+            table.add_row(name, _type_name(info.annotation), default, info.description or "")
+        out.print(table)
+        out.print()
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) or str(annotation)
+    return (
+        text.replace("typing.", "")
+        .replace("pathlib.", "")
+        .replace("Annotated[Path, AfterValidator", "Path[")
+    )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted: finished blocks are kept; rerun the same command to resume")
+        sys.exit(130)

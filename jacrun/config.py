@@ -1,0 +1,494 @@
+"""Job configs: pydantic models of design section 2 and the only YAML reader.
+
+Every problem found while loading becomes one :class:`ConfigError` whose lines read
+``job.yaml:12: chunks.samples: Input should be greater than 0``: the file, the YAML line,
+the dotted key and the message. YAML is parsed with the safe loader only (no tags are ever
+constructed) and duplicate keys are refused.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from jacrun.errors import ConfigError
+from jacrun.functions import FunctionSpec, kinds, parse_spec
+from jacrun.paths import InputPath, OutputPath
+
+Dtype = Literal["float32", "float64"]
+
+
+class Strict(BaseModel):
+    """Base of every config section: unknown keys and NaN/Inf numbers are errors."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+
+
+class RandomInputs(Strict):
+    """X drawn from a counter-based generator: a pure function of (seed, sample index)."""
+
+    kind: Literal["random"]
+    samples: PositiveInt = Field(description="N, the number of rows of X")
+    distribution: Literal["normal", "uniform"] = "normal"
+    seed: NonNegativeInt = 1
+
+
+class ZarrInputs(Strict):
+    """X read from a Zarr array of shape (N, n)."""
+
+    kind: Literal["zarr"]
+    path: InputPath
+    array: str | None = Field(None, description="array name inside a group store")
+
+
+class NpyInputs(Strict):
+    """X read (memory-mapped) from a .npy file of shape (N, n)."""
+
+    kind: Literal["npy"]
+    path: InputPath
+
+
+Inputs = Annotated[RandomInputs | ZarrInputs | NpyInputs, Field(discriminator="kind")]
+
+
+# ---- vectors ---------------------------------------------------------------------------------
+
+
+class RandomVectors(Strict):
+    """K random cotangents/tangents per sample (or K shared ones), a pure function of the seed."""
+
+    kind: Literal["random"]
+    distribution: Literal["normal", "rademacher"] = "normal"
+    count: PositiveInt = 1
+    shared: bool = False
+    seed: NonNegativeInt = 2
+
+
+class BasisVectors(Strict):
+    """The unit basis of the vector space: K = m (vjp) or n (jvp), shared by all samples."""
+
+    kind: Literal["basis"]
+
+
+class OnesVectors(Strict):
+    """The all-ones vector, one per sample: the ``y.sum().backward()`` case."""
+
+    kind: Literal["ones"]
+
+
+class ZarrVectors(Strict):
+    """Vectors from a Zarr array: (N, K, d) or (N, d) per sample, (K, d) when shared."""
+
+    kind: Literal["zarr"]
+    path: InputPath
+    array: str | None = None
+    shared: bool = False
+
+
+class NpyVectors(Strict):
+    """Vectors from a .npy file: (N, K, d) or (N, d) per sample, (K, d) when shared."""
+
+    kind: Literal["npy"]
+    path: InputPath
+    shared: bool = False
+
+
+Vectors = Annotated[
+    RandomVectors | BasisVectors | OnesVectors | ZarrVectors | NpyVectors,
+    Field(discriminator="kind"),
+]
+
+
+# ---- output, chunks, cluster -----------------------------------------------------------------
+
+
+class OutputConfig(Strict):
+    store: OutputPath
+    save_outputs: bool = True
+    dtype: Dtype | None = Field(None, description="cast on write; default: the compute dtype")
+    compression: Literal["zstd", "blosc", "none"] = "zstd"
+    overwrite: bool = False
+
+
+class ChunksConfig(Strict):
+    samples: PositiveInt | Literal["auto"] = "auto"
+    vectors: PositiveInt | Literal["auto"] = "auto"
+    task_memory: ByteSize = ByteSize(256 * 2**20)
+
+    @field_validator("task_memory")
+    @classmethod
+    def _positive(cls, value: ByteSize) -> ByteSize:
+        if value <= 0:
+            raise ValueError("must be positive, e.g. 256MiB")
+        return value
+
+
+def _is_loopback(host: str) -> bool:
+    return host in {"localhost", "::1", "[::1]"} or host.startswith("127.")
+
+
+class LocalClusterConfig(Strict):
+    kind: Literal["local"] = "local"
+    workers: PositiveInt = 2
+    threads_per_worker: PositiveInt = 1
+    memory_limit: ByteSize = ByteSize(4 * 2**30)
+    dashboard: str | None = Field(
+        "127.0.0.1:8787", description="host:port on loopback, or null for no dashboard"
+    )
+
+    @field_validator("dashboard")
+    @classmethod
+    def _loopback(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, _, port = value.rpartition(":")
+        if not port.isdigit():
+            raise ValueError(f"expected host:port, got {value!r}")
+        if host and not _is_loopback(host):
+            raise ValueError(f"local clusters listen on loopback only; got host {host!r}")
+        return f"{host or '127.0.0.1'}:{port}"
+
+
+class TLSConfig(Strict):
+    ca_file: InputPath
+    cert_file: InputPath
+    key_file: InputPath
+
+
+class AddressClusterConfig(Strict):
+    kind: Literal["address"]
+    address: str = Field(pattern=r"^(tcp|tls|ucx|inproc)://\S+$")
+    tls: TLSConfig | None = None
+
+
+Cluster = Annotated[LocalClusterConfig | AddressClusterConfig, Field(discriminator="kind")]
+
+
+# ---- the job ---------------------------------------------------------------------------------
+
+
+class JobConfig(Strict):
+    """A whole job: what to compute, on what, into which store, where."""
+
+    name: str = Field("job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
+    mode: Literal["vjp", "jvp", "jacobian"]
+    function: SerializeAsAny[FunctionSpec]
+    inputs: Inputs
+    vectors: Vectors | None = None
+    strategy: Literal["rev", "fwd", "auto"] = Field(
+        "auto", description="jacobian only: rev (m VJPs), fwd (n JVPs) or auto (the fewer)"
+    )
+    output: OutputConfig
+    chunks: ChunksConfig = ChunksConfig()
+    cluster: Cluster = LocalClusterConfig()
+    nan_policy: Literal["raise", "propagate"] = "raise"
+    retries: NonNegativeInt = Field(2, description="times a failed block is retried")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _local_by_default(cls, data: Any) -> Any:
+        cluster = data.get("cluster") if isinstance(data, dict) else None
+        if isinstance(cluster, dict) and "kind" not in cluster:
+            data = {**data, "cluster": {"kind": "local", **cluster}}
+        return data
+
+    @model_validator(mode="after")
+    def _vectors_match_mode(self) -> JobConfig:
+        if self.mode == "jacobian" and self.vectors is not None:
+            raise ValueError("vectors: not used in mode jacobian (the basis is implied); remove it")
+        if self.mode != "jacobian" and self.vectors is None:
+            raise ValueError(f"vectors: required in mode {self.mode} (e.g. kind: random)")
+        return self
+
+    @property
+    def compute_dtype(self) -> str:
+        return self.function.dtype
+
+    @property
+    def output_dtype(self) -> str:
+        return self.output.dtype or self.function.dtype
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain JSON types (absolute paths, defaults filled in)."""
+        return self.model_dump(mode="json")
+
+    def content_hash(self) -> str:
+        """sha256 of everything that determines the stored numbers.
+
+        Excludes where and how the job runs (cluster, retries, chunking, the store's own path,
+        overwrite, name), so a job can resume on another cluster or with other chunk sizes
+        that match the store's chunking.
+        """
+        data = self.to_dict()
+        for key in ("cluster", "retries", "chunks", "name"):
+            data.pop(key, None)
+        for key in ("store", "overwrite"):
+            data["output"].pop(key, None)
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+Loc = tuple[Any, ...]
+
+
+def load_config(
+    path: str | Path,
+    overrides: Mapping[str, Any] | Iterable[str] | None = None,
+) -> JobConfig:
+    """Read, override and validate a YAML job config.
+
+    ``overrides`` are ``{"chunks.samples": 1024}`` or ``["chunks.samples=1024"]`` (values
+    parsed as YAML scalars). Raises :class:`ConfigError` listing every problem found.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config: {exc.strerror or exc}") from None
+    data, lines = parse_yaml(text, str(path))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}:1: the config must be a mapping of keys, got {type(data).__name__}"
+        )
+    overridden = apply_overrides(data, overrides, str(path))
+    data.setdefault("name", _default_name(path))
+    return validate(data, path.parent.resolve(), str(path), lines, overridden)
+
+
+def config_from_dict(data: Mapping[str, Any], base_dir: str | Path | None = None) -> JobConfig:
+    """Validate an in-memory config (relative paths resolve against ``base_dir``)."""
+    base = Path(base_dir or Path.cwd()).resolve()
+    return validate(json.loads(json.dumps(dict(data), default=str)), base, "<config>", {}, set())
+
+
+def with_scheduler(config: JobConfig, address: str) -> JobConfig:
+    """The config with its cluster section replaced by a scheduler address (``--scheduler``)."""
+    try:
+        cluster = AddressClusterConfig(kind="address", address=address)
+    except ValidationError:
+        raise ConfigError(
+            f"--scheduler: {address!r} is not a scheduler address like tcp://host:8786"
+        ) from None
+    return config.model_copy(update={"cluster": cluster})
+
+
+def _default_name(path: Path) -> str:
+    stem = "".join(c if c.isalnum() or c in "_.-" else "-" for c in path.stem).lstrip("_.-")
+    return stem[:64] or "job"
+
+
+class _LineLoader(yaml.SafeLoader):
+    """The safe loader; composes nodes so we can record lines and refuse duplicate keys."""
+
+
+def parse_yaml(text: str, filename: str) -> tuple[Any, dict[Loc, int]]:
+    """Parse YAML safely; return the data and a map from key paths to 1-based line numbers."""
+    try:
+        node = yaml.compose(text, Loader=_LineLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_message(exc, filename)) from None
+    if node is None:
+        return None, {}
+    lines: dict[Loc, int] = {}
+    _walk(node, (), lines, filename)
+    try:
+        data = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_message(exc, filename)) from None
+    return data, lines
+
+
+def _yaml_message(exc: yaml.YAMLError, filename: str) -> str:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    line = f":{mark.line + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    if isinstance(exc, yaml.constructor.ConstructorError) and "tag" in str(problem):
+        problem = f"{problem} (YAML tags are not allowed in job configs)"
+    return f"{filename}{line}: invalid YAML: {problem}"
+
+
+def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int], filename: str) -> None:
+    lines.setdefault(loc, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                where = ".".join(map(str, (*loc, key)))
+                raise ConfigError(
+                    f"{filename}:{line}: {where}: duplicate key (first set on line {seen[key]})"
+                )
+            seen[key] = line
+            lines[(*loc, key)] = line
+            _walk(value_node, (*loc, key), lines, filename)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _walk(item, (*loc, index), lines, filename)
+
+
+def apply_overrides(
+    data: dict[str, Any], overrides: Mapping[str, Any] | Iterable[str] | None, filename: str
+) -> set[Loc]:
+    """Set dotted keys in ``data`` in place; return the overridden key paths."""
+    if not overrides:
+        return set()
+    if isinstance(overrides, Mapping):
+        items = list(overrides.items())
+    else:
+        items = []
+        for item in overrides:
+            key, sep, raw = str(item).partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. chunks.samples=1024")
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError:
+                value = raw
+            items.append((key.strip(), value))
+    done: set[Loc] = set()
+    for key, value in items:
+        parts = key.split(".")
+        target = data
+        for depth, part in enumerate(parts[:-1]):
+            child = target.get(part)
+            if child is None:
+                child = target[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(f"--set {key}: {where} is not a section")
+            target = child
+        target[parts[-1]] = value
+        done.add(tuple(parts))
+    return done
+
+
+def validate(
+    data: dict[str, Any], base_dir: Path, filename: str, lines: dict[Loc, int], overridden: set[Loc]
+) -> JobConfig:
+    """Validate raw config data; raise one ConfigError listing every problem with its line."""
+    context = {"base_dir": base_dir}
+    problems: list[tuple[Loc, str]] = []
+    raw_function = data.get("function")
+    if isinstance(raw_function, Mapping):
+        try:
+            data = {**data, "function": parse_spec(raw_function, base_dir)}
+        except ValidationError as exc:
+            problems += [_problem(data, ("function",), e) for e in exc.errors()]
+        except ValueError as exc:
+            problems.append((("function", "kind"), str(exc)))
+    elif raw_function is not None:
+        problems.append((("function",), "must be a mapping with `kind` (see `jacrun functions`)"))
+    try:
+        config = JobConfig.model_validate(data, context=context)
+    except ValidationError as exc:
+        for error in exc.errors():
+            if problems and error["loc"][:1] == ("function",):
+                continue  # already reported in detail above
+            problems.append(_problem(data, (), error))
+    if problems:
+        raise ConfigError(
+            "\n".join(_format(filename, loc, msg, lines, overridden) for loc, msg in problems)
+        )
+    return config
+
+
+def _problem(root: Mapping[str, Any], prefix: Loc, error: Mapping[str, Any]) -> tuple[Loc, str]:
+    """One pydantic error as (key path from the top of the config, readable message)."""
+    section: Any = root
+    for part in prefix:
+        section = section[part]
+    loc = (*prefix, *_clean_loc(section, tuple(error["loc"])))
+    message = error["msg"]
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        message = "unknown key" + _suggestion(root, loc)
+    elif kind == "missing":
+        message = "required key is missing"
+    elif kind == "value_error":
+        message = message.removeprefix("Value error, ")
+    elif kind == "union_tag_invalid":
+        expected = error.get("ctx", {}).get("expected_tags", "")
+        message = f"unknown kind {error['input'].get('kind')!r}; expected one of {expected}"
+    return loc, message
+
+
+def _clean_loc(data: Any, loc: Loc) -> Loc:
+    """Drop the discriminator tags pydantic inserts into locations (``inputs.random.samples``)."""
+    clean: list[Any] = []
+    node = data
+    for part in loc:
+        if isinstance(node, Mapping):
+            if part in node:
+                clean.append(part)
+                node = node[part]
+                continue
+            if node.get("kind") == part or part in {"function-after", "model-fields"}:
+                continue
+            clean.append(part)
+            node = None
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            clean.append(part)
+            node = node[part]
+        else:
+            clean.append(part)
+            node = None
+    return tuple(clean)
+
+
+_SECTION_FIELDS: dict[Loc, Iterable[str]] = {
+    (): JobConfig.model_fields,
+    ("output",): OutputConfig.model_fields,
+    ("chunks",): ChunksConfig.model_fields,
+}
+
+
+def _suggestion(data: Any, loc: Loc) -> str:
+    """``; did you mean 'samples'?`` for a misspelt key of a known section."""
+    fields = _SECTION_FIELDS.get(loc[:-1])
+    if fields is None and loc[:1] == ("function",) and len(loc) == 2:
+        fn = data.get("function") if isinstance(data, Mapping) else None
+        kind = fn.get("kind") if isinstance(fn, Mapping) else None
+        if kind in kinds():
+            fields = kinds()[kind].spec_model.model_fields
+    if not fields or not loc:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(fields), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _format(
+    filename: str, loc: Loc, message: str, lines: dict[Loc, int], overridden: set[Loc]
+) -> str:
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    for depth in range(len(loc), 0, -1):
+        if loc[:depth] in overridden:
+            return f"--set {'.'.join(map(str, loc[:depth]))}: {key}: {message}"
+    line = next((lines[loc[:d]] for d in range(len(loc), -1, -1) if loc[:d] in lines), None)
+    where = f"{filename}:{line}" if line else filename
+    return f"{where}: {key}: {message}"

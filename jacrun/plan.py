@@ -1,0 +1,289 @@
+"""The planner: pure arithmetic from shapes and a memory budget to a frozen block grid.
+
+A block is a rectangle of (samples x vectors). The store's chunk grid equals the block grid,
+so every block owns whole chunks and blocks never share one. The planner never touches a
+cluster, a store or a file: it can be tested with tables of expected plans.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from jacrun.errors import ConfigError
+
+Mode = Literal["vjp", "jvp", "jacobian"]
+
+MIN_AUTO_ROWS = 256
+"""``auto`` keeps at least this many rows per block (when N allows) before splitting vectors."""
+BLOCKS_PER_WORKER = 4
+"""``auto`` aims for at least this many blocks per worker, for balance and progress."""
+
+
+class PlanError(ConfigError):
+    """A plan that cannot run: a block larger than the budget or a worker's memory."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The block grid of a job and what each block costs."""
+
+    mode: Mode
+    samples: int
+    n_in: int
+    n_out: int
+    vectors: int
+    """K: vectors per sample (the basis size in jacobian mode)."""
+    strategy: Literal["rev", "fwd"] | None
+    vector_dim: bool
+    """Whether the result has a ``vector`` dimension."""
+    samples_per_block: int
+    vectors_per_block: int
+    compute_itemsize: int
+    output_itemsize: int
+    save_outputs: bool
+    memory_per_block: int
+    flops_per_block: float
+    task_memory: int
+    worker_memory: int | None
+    warnings: tuple[str, ...] = field(default=())
+
+    # ---- derived -----------------------------------------------------------------------------
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (
+            math.ceil(self.samples / self.samples_per_block),
+            math.ceil(self.vectors / self.vectors_per_block),
+        )
+
+    @property
+    def n_blocks(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def result_name(self) -> str:
+        return self.mode
+
+    @property
+    def result_width(self) -> int:
+        """Length of the trailing axis of a vjp/jvp result."""
+        return self.n_in if self.mode == "vjp" else self.n_out
+
+    @property
+    def result_dims(self) -> tuple[str, ...]:
+        if self.mode == "jacobian":
+            return ("sample", "output", "input")
+        last = "input" if self.mode == "vjp" else "output"
+        return ("sample", "vector", last) if self.vector_dim else ("sample", last)
+
+    @property
+    def result_shape(self) -> tuple[int, ...]:
+        if self.mode == "jacobian":
+            return (self.samples, self.n_out, self.n_in)
+        if self.vector_dim:
+            return (self.samples, self.vectors, self.result_width)
+        return (self.samples, self.result_width)
+
+    @property
+    def result_chunks(self) -> tuple[int, ...]:
+        s, k = self.samples_per_block, self.vectors_per_block
+        if self.mode == "jacobian":
+            return (s, k, self.n_in) if self.strategy == "rev" else (s, self.n_out, k)
+        return (s, k, self.result_width) if self.vector_dim else (s, self.result_width)
+
+    @property
+    def output_bytes(self) -> int:
+        """Uncompressed bytes of every array the job writes."""
+        total = math.prod(self.result_shape)
+        if self.save_outputs:
+            total += self.samples * self.n_out
+        return total * self.output_itemsize
+
+    @property
+    def total_flops(self) -> float:
+        return self.flops_per_block * self.n_blocks
+
+    def block_rows(self, i: int) -> tuple[int, int]:
+        """Sample range [start, stop) of sample-block ``i``."""
+        start = i * self.samples_per_block
+        return start, min(start + self.samples_per_block, self.samples)
+
+    def block_vectors(self, j: int) -> tuple[int, int]:
+        """Vector range [start, stop) of vector-block ``j``."""
+        start = j * self.vectors_per_block
+        return start, min(start + self.vectors_per_block, self.vectors)
+
+    def to_dict(self) -> dict:
+        """JSON-able summary for the store's attributes."""
+        data = asdict(self)
+        data.update(
+            grid=list(self.grid),
+            n_blocks=self.n_blocks,
+            result_shape=list(self.result_shape),
+            result_chunks=list(self.result_chunks),
+            result_dims=list(self.result_dims),
+            output_bytes=self.output_bytes,
+            warnings=list(self.warnings),
+        )
+        if math.isnan(data["flops_per_block"]):
+            data["flops_per_block"] = None
+        return data
+
+
+WorkModel = Callable[[int, int], float]
+"""(rows, vectors) -> bytes or FLOPs of one kernel call."""
+
+
+def block_memory(
+    rows: int,
+    k: int,
+    *,
+    mode: Mode,
+    n_in: int,
+    n_out: int,
+    strategy: str | None,
+    shared_vectors: bool,
+    compute_itemsize: int,
+    output_itemsize: int,
+    save_outputs: bool,
+    work_bytes: WorkModel,
+) -> int:
+    """Projected peak bytes of one block: inputs, vectors, kernel work, results, casts, encoding."""
+    if mode == "vjp":
+        vec_width, res_width = n_out, n_in
+    elif mode == "jvp":
+        vec_width, res_width = n_in, n_out
+    else:
+        vec_width, res_width = (n_out, n_in) if strategy == "rev" else (n_in, n_out)
+    c, o = compute_itemsize, output_itemsize
+    vectors = (k if shared_vectors else rows * k) * vec_width * c
+    result = rows * k * res_width
+    memory = rows * n_in * c + vectors + rows * n_out * c + result * c
+    memory += int(work_bytes(rows, k))
+    if mode == "jacobian" and strategy == "fwd":
+        memory += result * c  # the transposed copy written to the store
+    memory += result * o * 2 + (rows * n_out * o * 2 if save_outputs else 0)  # cast + encoded chunk
+    memory += result  # the finiteness mask
+    return memory
+
+
+def make_plan(
+    *,
+    mode: Mode,
+    samples: int,
+    n_in: int,
+    n_out: int,
+    vectors: int,
+    vector_dim: bool,
+    shared_vectors: bool,
+    strategy: Literal["rev", "fwd"] | None,
+    compute_itemsize: int,
+    output_itemsize: int,
+    save_outputs: bool,
+    chunk_samples: int | Literal["auto"],
+    chunk_vectors: int | Literal["auto"],
+    task_memory: int,
+    worker_memory: int | None,
+    workers: int,
+    work_bytes: WorkModel,
+    flops: WorkModel,
+) -> Plan:
+    """Choose the block shape and project its cost; raise PlanError when it cannot fit."""
+    if samples <= 0 or vectors <= 0 or n_in <= 0 or n_out <= 0:
+        raise PlanError(
+            f"empty job: samples={samples}, vectors={vectors}, n_in={n_in}, n_out={n_out}"
+        )
+
+    def memory(rows: int, k: int) -> int:
+        return block_memory(
+            rows,
+            k,
+            mode=mode,
+            n_in=n_in,
+            n_out=n_out,
+            strategy=strategy,
+            shared_vectors=shared_vectors,
+            compute_itemsize=compute_itemsize,
+            output_itemsize=output_itemsize,
+            save_outputs=save_outputs,
+            work_bytes=work_bytes,
+        )
+
+    budget = task_memory
+    k = vectors if chunk_vectors == "auto" else min(chunk_vectors, vectors)
+    if chunk_vectors == "auto":
+        floor_rows = (
+            min(samples, MIN_AUTO_ROWS) if chunk_samples == "auto" else min(chunk_samples, samples)
+        )
+        while k > 1 and memory(floor_rows, k) > budget:
+            k = math.ceil(k / 2)
+    if chunk_samples == "auto":
+        rows = _rows_within(memory, k, budget, samples)
+        if rows == 0:
+            raise PlanError(
+                f"chunks.task_memory: {fmt_bytes(budget)} is too small: one sample with "
+                f"{k} vector(s) needs {fmt_bytes(memory(1, k))}"
+            )
+        balanced = max(MIN_AUTO_ROWS, math.ceil(samples / (BLOCKS_PER_WORKER * max(workers, 1))))
+        rows = min(rows, balanced, samples)
+        if rows >= 128:
+            rows = rows // 64 * 64
+    else:
+        rows = min(chunk_samples, samples)
+    projected = memory(rows, k)
+    warnings: list[str] = []
+    if worker_memory is not None and projected > 0.8 * worker_memory:
+        raise PlanError(
+            f"chunks: a block of {rows} samples x {k} vectors needs about {fmt_bytes(projected)}, "
+            f"more than 80% of a worker's memory limit ({fmt_bytes(worker_memory)}); "
+            "use smaller chunks.samples / chunks.vectors or a larger cluster.memory_limit"
+        )
+    if projected > budget:
+        warnings.append(
+            f"a block needs about {fmt_bytes(projected)}, over chunks.task_memory "
+            f"({fmt_bytes(budget)})"
+        )
+    return Plan(
+        mode=mode,
+        samples=samples,
+        n_in=n_in,
+        n_out=n_out,
+        vectors=vectors,
+        strategy=strategy,
+        vector_dim=vector_dim,
+        samples_per_block=rows,
+        vectors_per_block=k,
+        compute_itemsize=compute_itemsize,
+        output_itemsize=output_itemsize,
+        save_outputs=save_outputs,
+        memory_per_block=projected,
+        flops_per_block=float(flops(rows, k)),
+        task_memory=budget,
+        worker_memory=worker_memory,
+        warnings=tuple(warnings),
+    )
+
+
+def _rows_within(memory: Callable[[int, int], int], k: int, budget: int, samples: int) -> int:
+    """Largest row count in [0, samples] whose block fits ``budget`` (memory grows with rows)."""
+    if memory(1, k) > budget:
+        return 0
+    lo, hi = 1, samples
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if memory(mid, k) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -1,0 +1,295 @@
+"""submit(): config -> plan -> store -> cluster -> pending blocks -> progress -> finalize.
+
+Everything that can be refused is refused before a cluster starts: the config, the shapes,
+the plan, and the output store (a foreign folder, another job's store). Markers, not
+chunks, say which blocks are done, so rerunning the same job computes only the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from jacrun import store
+from jacrun.block import BlockJob, BlockResult, run_block
+from jacrun.cluster import connect
+from jacrun.config import JobConfig
+from jacrun.errors import ConfigError
+from jacrun.prepare import PreparedJob, prepare
+from jacrun.progress import BlockProgress
+
+ATTR_UPDATE_SECONDS = 2.0
+
+
+@dataclass
+class Summary:
+    """What a run did. ``status`` is ``complete`` only when every block of the job is done."""
+
+    store: str
+    status: str
+    blocks_total: int
+    blocks_done: int
+    blocks_run: int
+    seconds: float
+    products_per_second: float
+    samples_per_second: float
+    dashboard: str | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "complete"
+
+
+def library_versions() -> dict[str, str]:
+    import dask
+    import distributed
+    import numpy
+    import xarray
+    import zarr
+
+    from jacrun import __version__
+
+    return {
+        "jacrun": __version__,
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "dask": dask.__version__,
+        "distributed": distributed.__version__,
+        "zarr": zarr.__version__,
+        "xarray": xarray.__version__,
+    }
+
+
+def open_output(job: PreparedJob, overwrite: bool = False) -> PreparedJob:
+    """Create the store, or reopen it for resuming; refuse anything that would lose data.
+
+    Returns the job, re-planned to the store's block shape when resuming with ``auto`` chunks.
+    """
+    config = job.config
+    path = Path(config.output.store)
+    state = store.store_state(path)
+    if state == "foreign":
+        raise ConfigError(
+            f"output.store: {path} exists and is not a jacrun store; choose another path "
+            "(jacrun never deletes files it did not write, with or without --overwrite)"
+        )
+    if state == "jacrun":
+        attrs = store.read_attrs(path)
+        if overwrite:
+            store.remove_store(path)
+        elif attrs.get("config_hash") != job.config_hash:
+            raise ConfigError(
+                f"output.store: {path} holds another job (config {attrs.get('config_hash', '?')[:12]}, "
+                f"this one {job.config_hash[:12]}); pass --overwrite to replace it, or choose "
+                "another output.store"
+            )
+        else:
+            return _match_store_chunks(job, path)
+    _create(job, path)
+    return job
+
+
+def _match_store_chunks(job: PreparedJob, path: Path) -> PreparedJob:
+    """Resume with the store's block shape; explicit chunk sizes must agree with it."""
+    chunks = store.store_chunks(path, job.plan)
+    if chunks is None:
+        raise ConfigError(
+            f"output.store: {path} lacks its {job.plan.result_name} array; use --overwrite"
+        )
+    current = (job.plan.samples_per_block, job.plan.vectors_per_block)
+    if chunks == current:
+        return job
+    requested = job.config.chunks
+    for key, want, have in (
+        ("samples", requested.samples, chunks[0]),
+        ("vectors", requested.vectors, chunks[1]),
+    ):
+        if want != "auto" and want != have:
+            raise ConfigError(
+                f"chunks.{key}: {want} does not match the existing store's chunking ({have}); "
+                f"use {have} or auto to resume, or --overwrite to start again"
+            )
+    resized = job.config.model_copy(
+        update={
+            "chunks": job.config.chunks.model_copy(
+                update={"samples": chunks[0], "vectors": chunks[1]}
+            )
+        }
+    )
+    again = prepare(resized, job.function)
+    return replace(again, config=job.config)
+
+
+def _create(job: PreparedJob, path: Path) -> None:
+    from jacrun import __version__
+
+    fn = job.function
+    attrs = {
+        "version": __version__,
+        "name": job.config.name,
+        "mode": job.config.mode,
+        "config": job.config.to_dict(),
+        "config_hash": job.config_hash,
+        "function": {
+            "kind": job.config.function.kind,
+            "n_in": fn.n_in,
+            "n_out": fn.n_out,
+            "dtype": str(fn.dtype),
+        },
+        "plan": job.plan.to_dict(),
+        "status": "created",
+        "blocks_total": job.plan.n_blocks,
+        "blocks_done": 0,
+        "runs": [],
+        "libraries": library_versions(),
+    }
+    store.create_store(
+        path,
+        job.plan,
+        attrs,
+        dtype=job.config.output_dtype,
+        compression=job.config.output.compression,
+    )
+    store.consolidate(path)
+
+
+def submit(
+    config: JobConfig,
+    *,
+    overwrite: bool = False,
+    scheduler: str | None = None,
+    progress: bool = True,
+    console: Console | None = None,
+    performance_report: str | Path | None = None,
+) -> Summary:
+    """Run a job to completion (or failure) and return what happened."""
+    console = console or Console(stderr=False)
+    job = prepare(config)
+    job = open_output(job, overwrite or config.output.overwrite)
+    plan = job.plan
+    path = str(config.output.store)
+    done = store.read_markers(path)
+    pending = [(i, j) for i in range(plan.grid[0]) for j in range(plan.grid[1]) if not done[i, j]]
+    started = time.perf_counter()
+    run: dict[str, Any] = {"started": store.now(), "blocks_computed": 0, "blocks_failed": 0}
+    attrs = store.update_attrs(path, status="running")
+    if not pending:
+        if progress:
+            console.print(f"All {plan.n_blocks} blocks already done in {path}.")
+        return _finalize(path, plan.n_blocks, run, [], [], started, None, attrs)
+    if progress:
+        console.print(
+            f"[bold]{config.name}[/]: {config.mode} of {config.function.kind} "
+            f"({plan.n_in} -> {plan.n_out}), {plan.samples} samples x {plan.vectors} vectors; "
+            f"{len(pending)} of {plan.n_blocks} blocks to run "
+            f"({plan.samples_per_block} x {plan.vectors_per_block} each)"
+        )
+    block_job = BlockJob(config, job.config_hash, plan, job.inputs, job.vectors, path)
+    results: list[BlockResult] = []
+    failures: list[str] = []
+    dashboard = None
+    with connect(config.cluster, scheduler) as client:
+        dashboard = client.dashboard_link if _has_dashboard(client) else None
+        if progress:
+            console.print(f"Dashboard: {dashboard}" if dashboard else "Dashboard: not available")
+        report = contextlib.nullcontext()
+        if performance_report:
+            from distributed import performance_report as dask_report
+
+            report = dask_report(filename=str(performance_report))
+        with report:
+            results, failures = _run_blocks(
+                client, block_job, pending, config, console, progress, path, done
+            )
+    run["blocks_computed"] = len(results)
+    run["blocks_failed"] = len(failures)
+    return _finalize(path, plan.n_blocks, run, results, failures, started, dashboard, attrs)
+
+
+def _has_dashboard(client) -> bool:
+    try:
+        return bool(client.scheduler_info().get("services", {}).get("dashboard"))
+    except Exception:  # noqa: BLE001 - a missing dashboard is not an error
+        return False
+
+
+def _run_blocks(client, block_job, pending, config, console, progress, path, done):
+    """Submit one task per pending block; collect results and failures as they finish."""
+    from distributed import as_completed
+
+    plan = block_job.plan
+    shared = client.scatter(block_job, broadcast=True, hash=False)
+    prefix = f"jacrun-{config.name}-{block_job.config_hash[:10]}"
+    futures = {
+        client.submit(
+            run_block, shared, i, j, key=(prefix, i, j), retries=config.retries, pure=False
+        ): (i, j)
+        for i, j in pending
+    }
+    results: list[BlockResult] = []
+    failures: list[str] = []
+    already = int(done.sum())
+    last_update = time.monotonic()
+    with BlockProgress(console, total=plan.n_blocks, done=already, enabled=progress) as bar:
+        for future in as_completed(futures):
+            i, j = futures[future]
+            if future.status == "finished":
+                result = future.result()
+                results.append(result)
+                bar.advance(result.rows if j == 0 else 0, result.products)
+            else:
+                a, b = plan.block_rows(i)
+                error = future.exception()
+                failures.append(
+                    f"block ({i}, {j}) samples {a}:{b}: {type(error).__name__}: {error}"
+                )
+                bar.fail(failures[-1])
+            if time.monotonic() - last_update > ATTR_UPDATE_SECONDS:
+                store.update_attrs(path, blocks_done=already + len(results))
+                last_update = time.monotonic()
+    return results, failures
+
+
+def _finalize(path, total, run, results, failures, started, dashboard, attrs) -> Summary:
+    """Count markers (the truth), record the run and the status in the store's attributes."""
+    seconds = time.perf_counter() - started
+    done = int(store.read_markers(path).sum())
+    status = "complete" if done == total else "failed" if failures else "incomplete"
+    rows = sum(r.rows for r in results if r.j == 0)
+    products = sum(r.products for r in results)
+    run.update(finished=store.now(), seconds=round(seconds, 3), failures=failures[:20])
+    nonfinite = dict(attrs.get("nonfinite") or {})
+    for result in results:
+        for name, count in result.nonfinite.items():
+            nonfinite[name] = nonfinite.get(name, 0) + count
+    throughput = {
+        "products_per_second": products / seconds if seconds > 0 else 0.0,
+        "samples_per_second": rows / seconds if seconds > 0 else 0.0,
+    }
+    store.update_attrs(
+        path,
+        status=status,
+        blocks_done=done,
+        runs=[*attrs.get("runs", []), run],
+        nonfinite=nonfinite,
+        throughput=throughput,
+    )
+    return Summary(
+        store=path,
+        status=status,
+        blocks_total=total,
+        blocks_done=done,
+        blocks_run=len(results),
+        seconds=seconds,
+        products_per_second=throughput["products_per_second"],
+        samples_per_second=throughput["samples_per_second"],
+        dashboard=dashboard,
+        failures=failures,
+    )

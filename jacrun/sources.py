@@ -1,0 +1,232 @@
+"""Where X and the vectors come from: small picklable readers that a block calls on a worker.
+
+Random numbers come from NumPy's counter-based Philox generator keyed by (seed, stream):
+row r of a stream always starts at the same counter, so a block of rows [a, b) draws exactly
+the numbers those rows would get in any other chunking, on any worker, in any order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from jacrun.errors import ConfigError
+from jacrun.functions import basis_vectors
+
+_INPUTS_STREAM = 1 << 32
+_VECTORS_STREAM = 2 << 32
+
+
+def philox_uniform(seed: int, stream: int, start: int, stop: int, width: int) -> np.ndarray:
+    """Uniform [0, 1) float64 of shape (stop - start, width); row r depends only on (seed, stream, r)."""
+    per_row = -(-width // 4)  # Philox-4x64 yields 4 words per counter step
+    gen = np.random.Philox(key=[seed, stream], counter=start * per_row)
+    raw = gen.random_raw((stop - start) * per_row * 4).reshape(stop - start, per_row * 4)
+    return (raw[:, :width] >> np.uint64(11)) * (1.0 / 2**53)
+
+
+def philox_draw(
+    distribution: str, seed: int, stream: int, start: int, stop: int, width: int
+) -> np.ndarray:
+    """Rows [start, stop) of a (seed, stream) random table of ``width`` columns, float64."""
+    if distribution == "rademacher":
+        u = philox_uniform(seed, stream, start, stop, width)
+        return np.where(u < 0.5, -1.0, 1.0)
+    if distribution == "uniform":
+        return 2.0 * philox_uniform(seed, stream, start, stop, width) - 1.0
+    if distribution == "normal":  # Box-Muller on pairs of uniforms: a fixed count per row
+        pairs = -(-width // 2)
+        u = philox_uniform(seed, stream, start, stop, 2 * pairs)
+        radius = np.sqrt(-2.0 * np.log1p(-u[:, 0::2]))
+        angle = 2.0 * np.pi * u[:, 1::2]
+        out = np.empty((stop - start, 2 * pairs))
+        out[:, 0::2] = radius * np.cos(angle)
+        out[:, 1::2] = radius * np.sin(angle)
+        return out[:, :width]
+    raise ValueError(f"unknown distribution {distribution!r}")
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RandomRows:
+    """X with i.i.d. normal or uniform[-1, 1) entries, row r a pure function of (seed, r)."""
+
+    samples: int
+    width: int
+    distribution: str
+    seed: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.samples, self.width)
+
+    def read(self, start: int, stop: int, dtype: np.dtype) -> np.ndarray:
+        draw = philox_draw(self.distribution, self.seed, _INPUTS_STREAM, start, stop, self.width)
+        return draw.astype(dtype, copy=False)
+
+
+@dataclass(frozen=True)
+class ArrayRows:
+    """X read from a .npy file (memory-mapped) or a Zarr array, one slice per block."""
+
+    path: str
+    array: str | None
+    format: Literal["npy", "zarr"]
+    shape: tuple[int, ...]
+
+    def read(self, start: int, stop: int, dtype: np.dtype) -> np.ndarray:
+        data = _open_array(self.path, self.array, self.format)
+        return np.asarray(data[start:stop], dtype=dtype)
+
+
+def _open_array(path: str, array: str | None, fmt: str):
+    if fmt == "npy":
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    import zarr
+
+    return zarr.open_array(store=path, path=array or "", mode="r")
+
+
+def open_array_checked(
+    path: Path, array: str | None, fmt: str, key: str
+) -> tuple[tuple[int, ...], str]:
+    """Shape and dtype of an input array; a readable ConfigError naming ``key`` otherwise."""
+    try:
+        data = _open_array(str(path), array, fmt)
+    except Exception as exc:  # noqa: BLE001 - any failure to open is the user's file
+        what = f"{path}" + (f" (array {array!r})" if array else "")
+        raise ConfigError(f"{key}: cannot open {fmt} array {what}: {exc}") from None
+    dtype = np.dtype(data.dtype)
+    if dtype.kind not in "fiu":
+        raise ConfigError(f"{key}: {path} has dtype {dtype}; expected a real numeric dtype")
+    return tuple(int(s) for s in data.shape), str(dtype)
+
+
+def open_inputs(spec, n_in: int) -> RandomRows | ArrayRows:
+    """A reader for the ``inputs`` section, its shape checked against the function's n_in."""
+    if spec.kind == "random":
+        return RandomRows(spec.samples, n_in, spec.distribution, spec.seed)
+    array = getattr(spec, "array", None)
+    shape, _ = open_array_checked(spec.path, array, spec.kind, "inputs.path")
+    if len(shape) != 2 or shape[1] != n_in:
+        raise ConfigError(
+            f"inputs.path: {spec.path} has shape {shape}; the function needs (samples, {n_in})"
+        )
+    if shape[0] == 0:
+        raise ConfigError(f"inputs.path: {spec.path} has no rows")
+    return ArrayRows(str(spec.path), array, spec.kind, shape)
+
+
+# ---- vectors ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VectorSource:
+    """K vectors of width d per sample (or shared by all samples), read by block.
+
+    ``squeeze`` marks per-sample vectors with K = 1 given without a vector axis: the result
+    then has no ``vector`` dimension, like ``y.backward(v)``.
+    """
+
+    kind: str
+    width: int
+    count: int
+    shared: bool
+    squeeze: bool
+    distribution: str = "normal"
+    seed: int = 0
+    path: str | None = None
+    array: str | None = None
+    format: Literal["npy", "zarr"] = "npy"
+
+    def read(self, start: int, stop: int, k0: int, k1: int, dtype: np.dtype) -> np.ndarray:
+        """Vectors k0:k1 of samples start:stop, shape (stop - start, k1 - k0, width).
+
+        Shared vectors come back as a read-only broadcast view.
+        """
+        rows = stop - start
+        if self.kind == "basis":
+            block = basis_vectors(self.width, k0, k1, dtype)
+        elif self.kind == "ones":
+            block = np.ones((k1 - k0, self.width), dtype=dtype)
+        elif self.kind == "random":
+            first, last = (0, 1) if self.shared else (start, stop)
+            draws = [
+                philox_draw(
+                    self.distribution, self.seed, _VECTORS_STREAM | k, first, last, self.width
+                )
+                for k in range(k0, k1)
+            ]
+            block = np.stack(draws, axis=1).astype(dtype, copy=False)
+            if not self.shared:
+                return block
+            block = block[0]
+        else:
+            data = _open_array(self.path, self.array, self.format)
+            if self.shared:
+                block = np.asarray(data[k0:k1] if data.ndim == 2 else data[None, :], dtype=dtype)
+            elif self.squeeze:
+                return np.asarray(data[start:stop], dtype=dtype)[:, None, :]
+            else:
+                return np.asarray(data[start:stop, k0:k1], dtype=dtype)
+        return np.broadcast_to(block, (rows, *block.shape))
+
+
+def open_vectors(spec, width: int, samples: int) -> VectorSource:
+    """A reader for the ``vectors`` section; ``width`` is m (vjp) or n (jvp)."""
+    if spec.kind == "basis":
+        return VectorSource("basis", width, width, shared=True, squeeze=False)
+    if spec.kind == "ones":
+        return VectorSource("ones", width, 1, shared=True, squeeze=True)
+    if spec.kind == "random":
+        return VectorSource(
+            "random",
+            width,
+            spec.count,
+            shared=spec.shared,
+            squeeze=not spec.shared and spec.count == 1,
+            distribution=spec.distribution,
+            seed=spec.seed,
+        )
+    array = getattr(spec, "array", None)
+    shape, _ = open_array_checked(spec.path, array, spec.kind, "vectors.path")
+    where = f"vectors.path: {spec.path} has shape {shape}"
+    if shape[-1] != width:
+        raise ConfigError(f"{where}; its last axis must be the vector width {width}")
+    if spec.shared:
+        if len(shape) not in (1, 2):
+            raise ConfigError(f"{where}; shared vectors are (K, {width}) or ({width},)")
+        count = shape[0] if len(shape) == 2 else 1
+        squeeze = False
+    else:
+        if len(shape) not in (2, 3):
+            raise ConfigError(
+                f"{where}; per-sample vectors are ({samples}, K, {width}) or ({samples}, {width})"
+                " (set vectors.shared: true for (K, width) shared by all samples)"
+            )
+        if shape[0] != samples:
+            raise ConfigError(f"{where}; its first axis must match the {samples} input samples")
+        count = shape[1] if len(shape) == 3 else 1
+        squeeze = len(shape) == 2
+    if count == 0:
+        raise ConfigError(f"{where}; it holds no vectors")
+    return VectorSource(
+        spec.kind,
+        width,
+        count,
+        shared=spec.shared,
+        squeeze=squeeze,
+        path=str(spec.path),
+        array=array,
+        format=spec.kind,
+    )
+
+
+def basis_source(width: int) -> VectorSource:
+    """The implied basis of ``jacobian`` mode (output basis for rev, input basis for fwd)."""
+    return VectorSource("basis", width, width, shared=True, squeeze=False)

@@ -1,0 +1,201 @@
+"""The only Zarr code: create or reopen a job's output store, write blocks, markers, load().
+
+Layout (design section 3): the result array (``vjp``, ``jvp`` or ``jacobian``), ``y`` when
+outputs are saved, and ``_blocks``, one uint8 marker chunk per block, set to 1 after the
+block's data is written. Each block owns whole chunks, so blocks need no locks; writing a
+block twice writes the same bytes. Job metadata lives in the group attribute ``jacrun``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import zarr
+import zarr.codecs
+
+from jacrun.errors import ConfigError
+from jacrun.plan import Plan
+
+ATTR = "jacrun"
+MARKERS = "_blocks"
+OUTPUTS = "y"
+
+StoreState = Literal["absent", "empty", "jacrun", "foreign"]
+
+
+class IncompleteWarning(UserWarning):
+    """The store's job has not finished every block."""
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def store_state(path: Path) -> StoreState:
+    """What is at ``path``: nothing, an empty folder, a jacrun store, or something else."""
+    if not path.exists():
+        return "absent"
+    if path.is_dir() and not any(path.iterdir()):
+        return "empty"
+    if path.is_dir() and (path / "zarr.json").is_file():
+        try:
+            attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
+        except Exception:  # noqa: BLE001 - unreadable metadata means: not ours
+            return "foreign"
+        if isinstance(attrs.get(ATTR), dict) and "config_hash" in attrs[ATTR]:
+            return "jacrun"
+    return "foreign"
+
+
+def read_attrs(path: str | Path) -> dict[str, Any]:
+    """The ``jacrun`` attributes of a store (ConfigError if it is not a jacrun store)."""
+    path = Path(path)
+    if store_state(path) != "jacrun":
+        raise ConfigError(f"{path}: not a jacrun store")
+    return dict(zarr.open_group(str(path), mode="r").attrs[ATTR])
+
+
+def update_attrs(path: str | Path, **changes: Any) -> dict[str, Any]:
+    """Merge ``changes`` into the ``jacrun`` attributes (called from the client only)."""
+    group = zarr.open_group(str(path), mode="r+")
+    attrs = dict(group.attrs[ATTR])
+    attrs.update(changes)
+    attrs["updated"] = now()
+    group.attrs[ATTR] = attrs
+    return attrs
+
+
+def remove_store(path: Path) -> None:
+    """Delete a store, but only one jacrun wrote."""
+    if store_state(path) != "jacrun":
+        raise ConfigError(f"{path}: refusing to delete: not a store written by jacrun")
+    shutil.rmtree(path)
+
+
+def _compressors(name: str) -> Any:
+    if name == "zstd":
+        return zarr.codecs.ZstdCodec(level=3)
+    if name == "blosc":
+        return zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+    return None
+
+
+def create_store(
+    path: Path, plan: Plan, attrs: dict[str, Any], *, dtype: str, compression: str
+) -> None:
+    """Create the group, the arrays and the empty marker grid."""
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    compressors = _compressors(compression)
+    group.create_array(
+        plan.result_name,
+        shape=plan.result_shape,
+        chunks=plan.result_chunks,
+        dtype=dtype,
+        fill_value=np.nan,
+        compressors=compressors,
+        dimension_names=plan.result_dims,
+    )
+    if plan.save_outputs:
+        group.create_array(
+            OUTPUTS,
+            shape=(plan.samples, plan.n_out),
+            chunks=(plan.samples_per_block, plan.n_out),
+            dtype=dtype,
+            fill_value=np.nan,
+            compressors=compressors,
+            dimension_names=("sample", "output"),
+        )
+    group.create_array(
+        MARKERS,
+        shape=plan.grid,
+        chunks=(1, 1),
+        dtype="uint8",
+        fill_value=0,
+        compressors=None,
+        dimension_names=("sample_block", "vector_block"),
+    )
+    group.attrs[ATTR] = {**attrs, "created": now(), "updated": now()}
+
+
+def store_chunks(path: Path, plan: Plan) -> tuple[int, int] | None:
+    """(samples, vectors) per block of an existing store's result array, or None if absent."""
+    group = zarr.open_group(str(path), mode="r")
+    if plan.result_name not in group:
+        return None
+    chunks = group[plan.result_name].chunks
+    if plan.mode == "jacobian":
+        return chunks[0], (chunks[1] if plan.strategy == "rev" else chunks[2])
+    return chunks[0], (chunks[1] if plan.vector_dim else 1)
+
+
+def write_block(
+    path: str, plan: Plan, i: int, j: int, y: np.ndarray | None, result: np.ndarray
+) -> None:
+    """Write block (i, j)'s chunks, then its marker. ``result`` is (rows, k, width)."""
+    a, b = plan.block_rows(i)
+    k0, k1 = plan.block_vectors(j)
+    group = zarr.open_group(path, mode="r+")
+    array = group[plan.result_name]
+    if plan.mode == "jacobian":
+        if plan.strategy == "rev":
+            array[a:b, k0:k1, :] = result
+        else:
+            array[a:b, :, k0:k1] = result.transpose(0, 2, 1)
+    elif plan.vector_dim:
+        array[a:b, k0:k1, :] = result
+    else:
+        array[a:b, :] = result[:, 0, :]
+    if y is not None and j == 0 and plan.save_outputs:
+        group[OUTPUTS][a:b, :] = y
+    group[MARKERS][i, j] = 1
+
+
+def describe_arrays(path: str | Path) -> dict[str, str]:
+    """One line per array: dims, shape, dtype, chunks (for ``jacrun show``)."""
+    group = zarr.open_group(str(path), mode="r")
+    lines = {}
+    for name, array in sorted(group.arrays()):
+        dims = ", ".join(array.metadata.dimension_names or ())
+        lines[name] = f"({dims}) {array.shape} {array.dtype}, chunks {array.chunks}"
+    return lines
+
+
+def read_markers(path: str | Path) -> np.ndarray:
+    """Boolean grid of finished blocks."""
+    return zarr.open_group(str(path), mode="r")[MARKERS][...].astype(bool)
+
+
+def consolidate(path: str | Path) -> None:
+    """Write consolidated metadata so ``xarray.open_zarr`` opens the store in one read."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "not part of the v3 spec yet": we know
+        zarr.consolidate_metadata(str(path))
+
+
+def load(path: str | Path, *, markers: bool = False):
+    """Open a store as a lazy, dask-backed ``xarray.Dataset`` with named dimensions.
+
+    Warns (IncompleteWarning) when the job has not finished every block: missing blocks
+    read as NaN.
+    """
+    import xarray as xr
+
+    path = Path(path)
+    attrs = read_attrs(path)
+    drop = [] if markers else [MARKERS]
+    ds = xr.open_zarr(str(path), consolidated=False, drop_variables=drop, zarr_format=3)
+    marks = read_markers(path)
+    done, total = int(marks.sum()), marks.size
+    if done != total:
+        warnings.warn(
+            f"{path}: job incomplete ({done}/{total} blocks, status {attrs.get('status')}); "
+            "missing blocks read as NaN. Rerun `jacrun submit` with the same config to finish it.",
+            IncompleteWarning,
+            stacklevel=2,
+        )
+    return ds
