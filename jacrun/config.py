@@ -435,6 +435,7 @@ def _problem(root: Mapping[str, Any], prefix: Loc, error: Mapping[str, Any]) -> 
     elif kind == "union_tag_invalid":
         expected = error.get("ctx", {}).get("expected_tags", "")
         message = f"unknown kind {error['input'].get('kind')!r}; expected one of {expected}"
+        loc = (*loc, "kind")
     return loc, message
 
 

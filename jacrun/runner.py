@@ -100,9 +100,7 @@ def _match_store_chunks(job: PreparedJob, path: Path) -> PreparedJob:
     """Resume with the store's block shape; explicit chunk sizes must agree with it."""
     chunks = store.store_chunks(path, job.plan)
     if chunks is None:
-        raise ConfigError(
-            f"output.store: {path} lacks its {job.plan.result_name} array; use --overwrite"
-        )
+        raise ConfigError(f"output.store: {path} lacks its {job.plan.result_name} array; use --overwrite")
     current = (job.plan.samples_per_block, job.plan.vectors_per_block)
     if chunks == current:
         return job
@@ -117,11 +115,7 @@ def _match_store_chunks(job: PreparedJob, path: Path) -> PreparedJob:
                 f"use {have} or auto to resume, or --overwrite to start again"
             )
     resized = job.config.model_copy(
-        update={
-            "chunks": job.config.chunks.model_copy(
-                update={"samples": chunks[0], "vectors": chunks[1]}
-            )
-        }
+        update={"chunks": job.config.chunks.model_copy(update={"samples": chunks[0], "vectors": chunks[1]})}
     )
     again = prepare(resized, job.function)
     return replace(again, config=job.config)
@@ -170,31 +164,22 @@ def submit(
     performance_report: str | Path | None = None,
 ) -> Summary:
     """Run a job to completion (or failure) and return what happened."""
-    console = console or Console(stderr=False)
+    console = console or Console()
     job = prepare(config)
     job = open_output(job, overwrite or config.output.overwrite)
-    plan = job.plan
-    path = str(config.output.store)
-    done = store.read_markers(path)
-    pending = [(i, j) for i in range(plan.grid[0]) for j in range(plan.grid[1]) if not done[i, j]]
-    started = time.perf_counter()
-    run: dict[str, Any] = {"started": store.now(), "blocks_computed": 0, "blocks_failed": 0}
-    attrs = store.update_attrs(path, status="running")
-    if not pending:
+    run = Run(job, console, progress)
+    if not run.pending:
         if progress:
-            console.print(f"All {plan.n_blocks} blocks already done in {path}.")
-        return _finalize(path, plan.n_blocks, run, [], [], started, None, attrs)
+            console.print(f"All {job.plan.n_blocks} blocks already done in {run.path}.")
+        return run.finalize(dashboard=None)
     if progress:
+        plan = job.plan
         console.print(
             f"[bold]{config.name}[/]: {config.mode} of {config.function.kind} "
             f"({plan.n_in} -> {plan.n_out}), {plan.samples} samples x {plan.vectors} vectors; "
-            f"{len(pending)} of {plan.n_blocks} blocks to run "
+            f"{len(run.pending)} of {plan.n_blocks} blocks to run "
             f"({plan.samples_per_block} x {plan.vectors_per_block} each)"
         )
-    block_job = BlockJob(config, job.config_hash, plan, job.inputs, job.vectors, path)
-    results: list[BlockResult] = []
-    failures: list[str] = []
-    dashboard = None
     with connect(config.cluster, scheduler) as client:
         dashboard = client.dashboard_link if _has_dashboard(client) else None
         if progress:
@@ -205,12 +190,8 @@ def submit(
 
             report = dask_report(filename=str(performance_report))
         with report:
-            results, failures = _run_blocks(
-                client, block_job, pending, config, console, progress, path, done
-            )
-    run["blocks_computed"] = len(results)
-    run["blocks_failed"] = len(failures)
-    return _finalize(path, plan.n_blocks, run, results, failures, started, dashboard, attrs)
+            run.execute(client)
+    return run.finalize(dashboard)
 
 
 def _has_dashboard(client) -> bool:
@@ -220,76 +201,100 @@ def _has_dashboard(client) -> bool:
         return False
 
 
-def _run_blocks(client, block_job, pending, config, console, progress, path, done):
-    """Submit one task per pending block; collect results and failures as they finish."""
-    from distributed import as_completed
+class Run:
+    """One invocation of a job: the pending blocks, their results, and the run's record in the store."""
 
-    plan = block_job.plan
-    shared = client.scatter(block_job, broadcast=True, hash=False)
-    prefix = f"jacrun-{config.name}-{block_job.config_hash[:10]}"
-    futures = {
-        client.submit(
-            run_block, shared, i, j, key=(prefix, i, j), retries=config.retries, pure=False
-        ): (i, j)
-        for i, j in pending
-    }
-    results: list[BlockResult] = []
-    failures: list[str] = []
-    already = int(done.sum())
-    last_update = time.monotonic()
-    with BlockProgress(console, total=plan.n_blocks, done=already, enabled=progress) as bar:
-        for future in as_completed(futures):
-            i, j = futures[future]
-            if future.status == "finished":
-                result = future.result()
-                results.append(result)
-                bar.advance(result.rows if j == 0 else 0, result.products)
-            else:
-                a, b = plan.block_rows(i)
-                error = future.exception()
-                failures.append(
-                    f"block ({i}, {j}) samples {a}:{b}: {type(error).__name__}: {error}"
-                )
-                bar.fail(failures[-1])
-            if time.monotonic() - last_update > ATTR_UPDATE_SECONDS:
-                store.update_attrs(path, blocks_done=already + len(results))
-                last_update = time.monotonic()
-    return results, failures
+    def __init__(self, job: PreparedJob, console: Console, progress: bool) -> None:
+        self.job = job
+        self.plan = job.plan
+        self.path = str(job.config.output.store)
+        self.console = console
+        self.progress = progress
+        self.started = time.perf_counter()
+        done = store.read_markers(self.path)
+        self.already = int(done.sum())
+        grid = self.plan.grid
+        self.pending = [(i, j) for i in range(grid[0]) for j in range(grid[1]) if not done[i, j]]
+        self.results: list[BlockResult] = []
+        self.failures: list[str] = []
+        self.attrs = store.read_attrs(self.path)
+        self.previous_runs = [  # a run still "running" here was killed before it could say so
+            {**r, "status": "interrupted"} if r.get("status") == "running" else r
+            for r in self.attrs.get("runs", [])
+        ]
+        self.record: dict[str, Any] = {"started": store.now(), "status": "running", "blocks_computed": 0}
+        self._save_progress()
 
+    def _save_progress(self, **extra: Any) -> None:
+        self.record["blocks_computed"] = len(self.results)
+        self.record["blocks_failed"] = len(self.failures)
+        store.update_attrs(self.path, runs=[*self.previous_runs, self.record], **extra)
 
-def _finalize(path, total, run, results, failures, started, dashboard, attrs) -> Summary:
-    """Count markers (the truth), record the run and the status in the store's attributes."""
-    seconds = time.perf_counter() - started
-    done = int(store.read_markers(path).sum())
-    status = "complete" if done == total else "failed" if failures else "incomplete"
-    rows = sum(r.rows for r in results if r.j == 0)
-    products = sum(r.products for r in results)
-    run.update(finished=store.now(), seconds=round(seconds, 3), failures=failures[:20])
-    nonfinite = dict(attrs.get("nonfinite") or {})
-    for result in results:
-        for name, count in result.nonfinite.items():
-            nonfinite[name] = nonfinite.get(name, 0) + count
-    throughput = {
-        "products_per_second": products / seconds if seconds > 0 else 0.0,
-        "samples_per_second": rows / seconds if seconds > 0 else 0.0,
-    }
-    store.update_attrs(
-        path,
-        status=status,
-        blocks_done=done,
-        runs=[*attrs.get("runs", []), run],
-        nonfinite=nonfinite,
-        throughput=throughput,
-    )
-    return Summary(
-        store=path,
-        status=status,
-        blocks_total=total,
-        blocks_done=done,
-        blocks_run=len(results),
-        seconds=seconds,
-        products_per_second=throughput["products_per_second"],
-        samples_per_second=throughput["samples_per_second"],
-        dashboard=dashboard,
-        failures=failures,
-    )
+    def execute(self, client) -> None:
+        """Submit one task per pending block; collect results and failures as they finish."""
+        from distributed import as_completed
+
+        config = self.job.config
+        block_job = BlockJob(
+            config, self.job.config_hash, self.plan, self.job.inputs, self.job.vectors, self.path
+        )
+        shared = client.scatter(block_job, broadcast=True, hash=False)
+        prefix = f"jacrun-{config.name}-{self.job.config_hash[:10]}"
+        futures = {
+            client.submit(run_block, shared, i, j, key=(prefix, i, j), retries=config.retries, pure=False): (
+                i,
+                j,
+            )
+            for i, j in self.pending
+        }
+        self._save_progress(status="running")
+        last_save = time.monotonic()
+        total = self.plan.n_blocks
+        with BlockProgress(self.console, total=total, done=self.already, enabled=self.progress) as bar:
+            for future in as_completed(futures):
+                i, j = futures[future]
+                if future.status == "finished":
+                    result = future.result()
+                    self.results.append(result)
+                    bar.advance(result.rows if j == 0 else 0, result.products)
+                else:
+                    a, b = self.plan.block_rows(i)
+                    error = future.exception()
+                    self.failures.append(f"block ({i}, {j}) samples {a}:{b}: {type(error).__name__}: {error}")
+                    bar.fail(self.failures[-1])
+                if time.monotonic() - last_save > ATTR_UPDATE_SECONDS:
+                    self._save_progress(blocks_done=self.already + len(self.results))
+                    last_save = time.monotonic()
+
+    def finalize(self, dashboard: str | None) -> Summary:
+        """Count markers (the truth); record the run, status, throughput and non-finite counts."""
+        seconds = time.perf_counter() - self.started
+        total = self.plan.n_blocks
+        done = int(store.read_markers(self.path).sum())
+        status = "complete" if done == total else "failed" if self.failures else "incomplete"
+        rows = sum(r.rows for r in self.results if r.j == 0)
+        products = sum(r.products for r in self.results)
+        nonfinite = dict(self.attrs.get("nonfinite") or {})
+        for result in self.results:
+            for name, count in result.nonfinite.items():
+                nonfinite[name] = nonfinite.get(name, 0) + count
+        throughput = {
+            "products_per_second": products / seconds if seconds > 0 else 0.0,
+            "samples_per_second": rows / seconds if seconds > 0 else 0.0,
+        }
+        self.record.update(
+            status=status, finished=store.now(), seconds=round(seconds, 3), failures=self.failures[:20]
+        )
+        self._save_progress(status=status, blocks_done=done, nonfinite=nonfinite, throughput=throughput)
+        return Summary(
+            store=self.path,
+            status=status,
+            blocks_total=total,
+            blocks_done=done,
+            blocks_run=len(self.results),
+            seconds=seconds,
+            products_per_second=throughput["products_per_second"],
+            samples_per_second=throughput["samples_per_second"],
+            dashboard=dashboard,
+            failures=self.failures,
+        )

@@ -1,0 +1,490 @@
+"""Gradient checks of a Function on a small batch, as one report.
+
+The tests that PyTorch's ``gradcheck``, JAX's ``check_grads`` and the adjoint test of 4D-Var
+perform, each a small function in the flat table :data:`CHECKS`:
+
+==================  ===================================================================
+shapes              forward/vjp/jvp return the documented shapes, the function's dtype,
+                    finite values, and never write into their (read-only) inputs
+consistency         the y of vjp and jvp equals forward(x); shared vectors given as a
+                    read-only broadcast view give the results of a contiguous copy
+finite_differences  central differences of forward against jvp on random tangents
+dot_product         <v, J t> = <J^T v, t> per sample, random v and t (the adjoint test)
+basis               J from vjp of the output basis against J from jvp of the input basis
+row_independence    perturbing sample i of x changes only row i of forward(x)
+==================  ===================================================================
+
+Every check reports a relative error against a dtype-dependent tolerance (:data:`TOLERANCES`).
+Errors are relative to the size of the compared quantity, or to its typical size over the
+batch when that is larger, so that a sample whose Jacobian is nearly zero is judged against
+the batch's scale rather than its own rounding noise. A deliberate 1 % error in a VJP or JVP
+shows as a relative error of about 1e-2.
+
+This module imports neither dask nor zarr.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.table import Table
+from rich.text import Text
+
+from jacrun.functions import Function, FunctionSpec, build_function, parse_spec
+
+TOLERANCES: dict[str, dict[str, float]] = {
+    "float64": {
+        "shapes": 0.0,
+        "consistency": 1e-10,
+        "finite_differences": 1e-6,
+        "dot_product": 1e-10,
+        "basis": 1e-10,
+        "row_independence": 1e-10,
+    },
+    "float32": {
+        "shapes": 0.0,
+        "consistency": 1e-4,
+        "finite_differences": 1e-2,
+        "dot_product": 1e-4,
+        "basis": 1e-4,
+        "row_independence": 1e-4,
+    },
+}
+"""Default tolerance of each check per compute dtype; ``shapes`` counts problems (none allowed)."""
+
+MAX_BASIS = 64
+"""At most this many output rows and input columns of J are compared by ``basis``."""
+MAX_ROWS = 8
+"""At most this many samples are perturbed by ``row_independence``."""
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One row of a report: a check's relative error against its tolerance."""
+
+    name: str
+    error: float
+    tolerance: float
+    passed: bool
+    detail: str = ""
+
+    @property
+    def ratio(self) -> float:
+        """error / tolerance: above 1 fails."""
+        if self.tolerance > 0:
+            return self.error / self.tolerance if np.isfinite(self.error) else float("inf")
+        return 0.0 if self.error == 0 else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "error": _json_float(self.error),
+            "tolerance": self.tolerance,
+            "passed": self.passed,
+            "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """The results of :func:`check` on one function in one dtype."""
+
+    function: str
+    dtype: str
+    samples: int
+    vectors: int
+    seed: int
+    rows: tuple[CheckResult, ...]
+    label: str = ""
+    """What was checked, e.g. ``float32`` or ``float64 recheck``; defaults to the dtype."""
+    note: str = ""
+    """Why a report has no rows (a recheck that could not be built)."""
+
+    @property
+    def passed(self) -> bool:
+        return all(row.passed for row in self.rows)
+
+    @property
+    def worst(self) -> float:
+        """The largest error / tolerance over the rows (0 without rows); above 1 fails."""
+        return max((row.ratio for row in self.rows), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types (non-finite numbers become None), for the store's attributes."""
+        return {
+            "label": self.label or self.dtype,
+            "function": self.function,
+            "dtype": self.dtype,
+            "samples": self.samples,
+            "vectors": self.vectors,
+            "seed": self.seed,
+            "passed": self.passed,
+            "worst": _json_float(self.worst),
+            "note": self.note,
+            "checks": [row.to_dict() for row in self.rows],
+        }
+
+    def table(self) -> Table:
+        """A rich table: check, relative error, tolerance, pass/FAIL, detail."""
+        verdict = "[green]passed[/]" if self.passed else "[bold red]FAILED[/]"
+        table = Table(
+            title=f"{self.label or self.dtype}: {self.function} {verdict}",
+            caption=(
+                f"{self.samples} samples, {self.vectors} vectors, seed {self.seed}"
+                + (f"; {self.note}" if self.note else "")
+            ),
+        )
+        table.add_column("check")
+        table.add_column("relative error", justify="right")
+        table.add_column("tolerance", justify="right")
+        table.add_column("result")
+        table.add_column("detail", overflow="fold")
+        for row in self.rows:
+            shown = _format(row.error, count=row.tolerance == 0)
+            result = Text("pass", style="green") if row.passed else Text("FAIL", style="bold red")
+            table.add_row(
+                row.name, shown, _format(row.tolerance, count=row.tolerance == 0), result,
+                Text(row.detail),
+            )
+        return table
+
+
+# ---- the checks: (function, x (B, n) read-only, K, rng) -> (error, detail) ------------------
+
+CheckFn = Callable[[Function, np.ndarray, int, np.random.Generator], tuple[float, str]]
+
+
+def _shapes(f: Function, x: np.ndarray, k: int, rng: np.random.Generator) -> tuple[float, str]:
+    """forward/vjp/jvp shapes and dtype, finite values, no writes into read-only inputs."""
+    b, n, m = x.shape[0], f.n_in, f.n_out
+    problems: list[str] = []
+    v = _readonly(rng.standard_normal((b, k, m)), f.dtype)
+    t = _readonly(rng.standard_normal((b, k, n)), f.dtype)
+    calls: dict[str, Callable[[], Any]] = {
+        "forward": lambda: (f.forward_batch(x),),
+        "vjp": lambda: f.vjp_batch(x, v),
+        "jvp": lambda: f.jvp_batch(x, t),
+    }
+    expected = {
+        "forward": [(b, m)],
+        "vjp": [(b, m), (b, k, n)],
+        "jvp": [(b, m), (b, k, m)],
+    }
+    for name, call in calls.items():
+        try:
+            out = call()
+        except Exception as exc:
+            problems.append(f"{name} raised {type(exc).__name__}: {exc}")
+            continue
+        if not isinstance(out, tuple) or len(out) != len(expected[name]):
+            problems.append(f"{name} returned {type(out).__name__}, expected {len(expected[name])} arrays")
+            continue
+        for i, (arr, shape) in enumerate(zip(out, expected[name])):
+            what = f"{name}[{i}]" if len(out) > 1 else name
+            if not isinstance(arr, np.ndarray):
+                problems.append(f"{what} is {type(arr).__name__}, not an ndarray")
+            elif arr.shape != shape:
+                problems.append(f"{what} has shape {arr.shape}, expected {shape}")
+            elif arr.dtype != f.dtype:
+                problems.append(f"{what} has dtype {arr.dtype}, expected {f.dtype}")
+            elif not np.isfinite(arr).all():
+                problems.append(f"{what} has non-finite values")
+    detail = "; ".join(problems) or (
+        f"forward ({b}, {m}), vjp ({b}, {k}, {n}), jvp ({b}, {k}, {m}), {f.dtype}"
+    )
+    return float(len(problems)), detail
+
+
+def _consistency(f: Function, x: np.ndarray, k: int, rng: np.random.Generator) -> tuple[float, str]:
+    """The y of vjp/jvp equals forward(x); broadcast shared vectors equal contiguous copies."""
+    b, n, m = x.shape[0], f.n_in, f.n_out
+    y = _f64(f.forward(x))
+    v_shared = _readonly(rng.standard_normal((k, m)), f.dtype)
+    t_shared = _readonly(rng.standard_normal((k, n)), f.dtype)
+    y_v, xbar_view = f.vjp(x, np.broadcast_to(v_shared, (b, k, m)))
+    _, xbar_copy = f.vjp(x, _readonly(np.broadcast_to(v_shared, (b, k, m)), f.dtype))
+    y_t, ydot_view = f.jvp(x, np.broadcast_to(t_shared, (b, k, n)))
+    _, ydot_copy = f.jvp(x, _readonly(np.broadcast_to(t_shared, (b, k, n)), f.dtype))
+    errors = {
+        "vjp y vs forward": _relative(_f64(y_v) - y, y),
+        "jvp y vs forward": _relative(_f64(y_t) - y, y),
+        "vjp broadcast vs copy": _relative(_f64(xbar_view) - _f64(xbar_copy), _f64(xbar_copy)),
+        "jvp broadcast vs copy": _relative(_f64(ydot_view) - _f64(ydot_copy), _f64(ydot_copy)),
+    }
+    worst = max(errors, key=lambda key: _nan_last(errors[key]))
+    return errors[worst], f"worst: {worst}"
+
+
+def _finite_differences(
+    f: Function, x: np.ndarray, k: int, rng: np.random.Generator
+) -> tuple[float, str]:
+    """Central differences (f(x + h t) - f(x - h t)) / 2h against J t, per sample and tangent.
+
+    h = eps**(1/3) * (max|x_b| + 1) balances truncation (h^2) and rounding (eps / h) errors.
+    The tangent compared is the one actually applied after rounding x +- h t to the dtype.
+    """
+    b, n, m = x.shape[0], f.n_in, f.n_out
+    h = np.finfo(f.dtype).eps ** (1 / 3) * (np.abs(_f64(x)).max(axis=1) + 1)
+    step = h[:, None, None] * rng.standard_normal((b, k, n))
+    x_plus = (_f64(x)[:, None, :] + step).astype(f.dtype)
+    x_minus = (_f64(x)[:, None, :] - step).astype(f.dtype)
+    tangent = (_f64(x_plus) - _f64(x_minus)) / (2 * h[:, None, None])
+    y_plus = _f64(f.forward(x_plus.reshape(b * k, n))).reshape(b, k, m)
+    y_minus = _f64(f.forward(x_minus.reshape(b * k, n))).reshape(b, k, m)
+    fd = (y_plus - y_minus) / (2 * h[:, None, None])
+    _, jt = f.jvp(x, _readonly(tangent, f.dtype))
+    jt = _f64(jt)
+    error = _pairwise(_norm(fd - jt), np.maximum(_norm(fd), _norm(jt)))
+    i, j = np.unravel_index(_argmax(error), error.shape)
+    return float(error[i, j]), (
+        f"h {h.min():.1e}..{h.max():.1e}; worst sample {i}, tangent {j}"
+    )
+
+
+def _dot_product(f: Function, x: np.ndarray, k: int, rng: np.random.Generator) -> tuple[float, str]:
+    """<v, J t> against <J^T v, t> per sample and vector pair.
+
+    Relative to the larger of the two, or to the typical size of a random inner product
+    (|v| |J t| / sqrt(m)) when that is larger, since a single pair may cancel to near zero.
+    """
+    b, n, m = x.shape[0], f.n_in, f.n_out
+    v = _readonly(rng.standard_normal((b, k, m)), f.dtype)
+    t = _readonly(rng.standard_normal((b, k, n)), f.dtype)
+    _, jt = f.jvp(x, t)
+    _, vj = f.vjp(x, v)
+    jt, vj = _f64(jt), _f64(vj)
+    left = np.einsum("bkm,bkm->bk", _f64(v), jt)
+    right = np.einsum("bkn,bkn->bk", vj, _f64(t))
+    typical = np.maximum(
+        _norm(_f64(v)) * _norm(jt) / np.sqrt(m), _norm(vj) * _norm(_f64(t)) / np.sqrt(n)
+    )
+    scale = np.maximum(np.maximum(np.abs(left), np.abs(right)), typical)
+    error = _ratio(np.abs(left - right), scale)
+    i, j = np.unravel_index(_argmax(error), error.shape)
+    return float(error[i, j]), (
+        f"worst sample {i}, vector {j}: <v, Jt> = {left[i, j]:.6g}, <J^T v, t> = {right[i, j]:.6g}"
+    )
+
+
+def _basis(f: Function, x: np.ndarray, k: int, rng: np.random.Generator) -> tuple[float, str]:
+    """Dense J from vjp of output unit vectors against dense J from jvp of input unit vectors.
+
+    At most :data:`MAX_BASIS` random rows and columns, so wide functions stay cheap.
+    """
+    b, n, m = x.shape[0], f.n_in, f.n_out
+    rows = _subset(m, MAX_BASIS, rng)
+    cols = _subset(n, MAX_BASIS, rng)
+    out_basis = _readonly(np.eye(m)[rows], f.dtype)
+    in_basis = _readonly(np.eye(n)[cols], f.dtype)
+    _, j_rev = f.vjp(x, np.broadcast_to(out_basis, (b, *out_basis.shape)))  # (B, r, n) = J[rows]
+    _, j_fwd = f.jvp(x, np.broadcast_to(in_basis, (b, *in_basis.shape)))  # (B, c, m) = J[:, cols].T
+    rev = _f64(j_rev)[:, :, cols]
+    fwd = _f64(j_fwd)[:, :, rows].transpose(0, 2, 1)
+    own = np.maximum(_norm(rev, (1, 2)), _norm(fwd, (1, 2)))
+    error = _pairwise(_norm(rev - fwd, (1, 2)), own)
+    i = _argmax(error)
+    size = f"J[{len(rows)} of {m} outputs, {len(cols)} of {n} inputs]"
+    return float(error[i]), f"{size}; worst sample {i}"
+
+
+def _row_independence(
+    f: Function, x: np.ndarray, k: int, rng: np.random.Generator
+) -> tuple[float, str]:
+    """Perturb sample i by about 1 % and measure the change leaked into the other rows."""
+    b = x.shape[0]
+    y = _f64(f.forward(x))
+    samples = _subset(b, MAX_ROWS, rng)
+    own = np.zeros(len(samples))
+    leak = np.zeros(len(samples))
+    where = np.zeros(len(samples), dtype=int)
+    for s, i in enumerate(samples):
+        perturbed = x.copy()
+        row = _f64(x[i])
+        perturbed[i] = row + 1e-2 * (np.abs(row) + 1) * rng.uniform(-1, 1, row.shape)
+        change = _norm(_f64(f.forward(perturbed)) - y)
+        own[s] = change[i]
+        change[i] = 0
+        where[s] = int(np.argmax(change))
+        leak[s] = change[where[s]]
+    error = _pairwise(leak, own)
+    s = _argmax(error)
+    return float(error[s]), (
+        f"{len(samples)} of {b} samples perturbed; worst: sample {samples[s]} moved row "
+        f"{where[s]} by {leak[s]:.2g} (its own row by {own[s]:.2g})"
+    )
+
+
+CHECKS: dict[str, CheckFn] = {
+    "shapes": _shapes,
+    "consistency": _consistency,
+    "finite_differences": _finite_differences,
+    "dot_product": _dot_product,
+    "basis": _basis,
+    "row_independence": _row_independence,
+}
+"""Every check, in the order they run and appear in a report."""
+
+
+# ---- running -------------------------------------------------------------------------------
+
+
+def check(
+    function: Function,
+    x: np.ndarray,
+    *,
+    vectors: int = 2,
+    seed: int = 0,
+    tolerances: Mapping[str, float] | None = None,
+) -> CheckReport:
+    """Run every check of :data:`CHECKS` on a small batch ``x`` (B >= 2, n) and report.
+
+    ``vectors`` random vectors per sample (K), drawn from ``seed``; ``tolerances`` overrides
+    defaults by check name. A check whose kernel raises fails with the exception as detail.
+    """
+    dtype = np.dtype(function.dtype)
+    if dtype.name not in TOLERANCES:
+        raise ValueError(f"checks support float32 and float64 functions, not {dtype}")
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] != function.n_in:
+        raise ValueError(f"x must have shape (batch, {function.n_in}), got {x.shape}")
+    if x.shape[0] < 2:
+        raise ValueError("checks need at least 2 samples (row_independence compares rows)")
+    if not np.isfinite(x).all():
+        raise ValueError("x has non-finite values")
+    if vectors < 1:
+        raise ValueError(f"vectors must be at least 1, got {vectors}")
+    unknown = set(tolerances or {}) - set(CHECKS)
+    if unknown:
+        raise ValueError(f"unknown checks in tolerances: {sorted(unknown)}; known: {list(CHECKS)}")
+    limits = {**TOLERANCES[dtype.name], **(tolerances or {})}
+    x = _readonly(x, dtype)
+    rows = []
+    for index, (name, run) in enumerate(CHECKS.items()):
+        rng = np.random.default_rng([seed, index])
+        try:
+            error, detail = run(function, x, vectors, rng)
+        except Exception as exc:
+            error, detail = float("inf"), f"raised {type(exc).__name__}: {exc}"
+        rows.append(CheckResult(name, error, limits[name], bool(error <= limits[name]), detail))
+    return CheckReport(
+        function=repr(function),
+        dtype=dtype.name,
+        samples=x.shape[0],
+        vectors=vectors,
+        seed=seed,
+        rows=tuple(rows),
+        label=dtype.name,
+    )
+
+
+def check_spec(
+    spec: Mapping[str, Any] | FunctionSpec,
+    x: np.ndarray,
+    *,
+    vectors: int = 2,
+    seed: int = 0,
+    tolerances: Mapping[str, float] | None = None,
+    base_dir: Path | None = None,
+) -> list[CheckReport]:
+    """Build the function of a config section and :func:`check` it.
+
+    A float32 function is also rechecked in float64 (the same spec with ``dtype: float64``):
+    float32 finite differences are coarse, so the recheck tells a real bug from rounding.
+    A recheck that cannot be built (a python target without a ``dtype`` parameter) is an
+    empty report with a note, not a failure.
+    """
+    spec = parse_spec(spec, base_dir)
+    reports = [check(build_function(spec), x, vectors=vectors, seed=seed, tolerances=tolerances)]
+    if spec.dtype == "float32":
+        label = "float64 recheck"
+        spec64 = spec.model_copy(update={"dtype": "float64"})
+        try:
+            f64 = build_function(spec64)
+        except (ValueError, TypeError, NotImplementedError) as exc:
+            reports.append(
+                CheckReport(
+                    function=reports[0].function,
+                    dtype="float64",
+                    samples=int(np.shape(x)[0]),
+                    vectors=vectors,
+                    seed=seed,
+                    rows=(),
+                    label=label,
+                    note=f"skipped, cannot build in float64: {exc}",
+                )
+            )
+        else:
+            report = check(f64, x, vectors=vectors, seed=seed)
+            reports.append(replace(report, label=label))
+    return reports
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+def _readonly(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A read-only contiguous copy, so a kernel that writes into its inputs raises."""
+    out = np.array(a, dtype=dtype, copy=True, order="C")
+    out.setflags(write=False)
+    return out
+
+
+def _f64(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64)
+
+
+def _norm(a: np.ndarray, axis: int | tuple[int, ...] = -1) -> np.ndarray:
+    return np.sqrt(np.sum(np.square(a), axis=axis))
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den with 0 / 0 = 0 and x / 0 = inf; NaN stays NaN."""
+    num, den = np.broadcast_arrays(np.asarray(num, float), np.asarray(den, float))
+    out = np.full(num.shape, np.inf)
+    np.divide(num, den, out=out, where=den > 0)
+    out[(den == 0) & (num == 0)] = 0.0
+    out[np.isnan(num) | np.isnan(den)] = np.nan
+    return out
+
+
+def _pairwise(diff: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """diff relative to ``own``, or to the batch's median of ``own`` when that is larger."""
+    finite = own[np.isfinite(own)]
+    typical = float(np.median(finite)) if finite.size else 0.0
+    return _ratio(diff, np.maximum(own, typical))
+
+
+def _relative(diff: np.ndarray, ref: np.ndarray) -> float:
+    """max |diff| per row relative to the batch's largest |ref| row norm (one number)."""
+    return float(_ratio(np.max(_norm(diff)), np.max(_norm(ref))))
+
+
+def _argmax(error: np.ndarray) -> int:
+    """Flat index of the largest error, NaN counted as the largest."""
+    flat = np.where(np.isnan(error), np.inf, error).ravel()
+    return int(np.argmax(flat))
+
+
+def _nan_last(value: float) -> float:
+    return float("inf") if np.isnan(value) else value
+
+
+def _subset(size: int, limit: int, rng: np.random.Generator) -> np.ndarray:
+    """All of ``range(size)``, or ``limit`` of them at random (sorted)."""
+    if size <= limit:
+        return np.arange(size)
+    return np.sort(rng.choice(size, limit, replace=False))
+
+
+def _json_float(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def _format(value: float, *, count: bool = False) -> str:
+    if not np.isfinite(value):
+        return str(value)
+    return str(int(value)) if count else f"{value:.1e}"

@@ -1,0 +1,176 @@
+"""The jacrun command: Typer's CliRunner for the quick commands, real subprocesses for jobs."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+from typer.testing import CliRunner
+
+import jacrun
+from jacrun.cli import app
+from tests.helpers import REPO, job_config, run_cli, write_config
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_functions_lists_every_builtin_with_parameters():
+    result = invoke("functions")
+    assert result.exit_code == 0
+    for kind in ("mlp", "linear", "lorenz96", "rosenbrock", "python"):
+        assert kind in result.output
+    assert "activation" in result.output and "sizes" in result.output
+
+
+def test_validate_and_plan(tmp_path):
+    path = write_config(tmp_path, job_config())
+    result = invoke("validate", str(path))
+    assert result.exit_code == 0 and "ok" in result.output
+    result = invoke("plan", str(path), "--set", "chunks.samples=25")
+    assert result.exit_code == 0, result.output
+    assert "4 x 1 = 4 tasks" in result.output and "memory per block" in result.output
+    assert not (tmp_path / "out.zarr").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"inputs": {"kind": "random", "samples": 10, "sampels": 3}}, "inputs.sampels: unknown key"),
+        ({"inputs": {"kind": "random", "samples": "many"}}, "inputs.samples: Input should be a valid integer"),
+        ({"inputs": {"kind": "random", "samples": -5}}, "inputs.samples: Input should be greater than 0"),
+        ({"function": {"kind": "mlp", "sizes": [4, -8, 2]}}, "function.sizes.1"),
+        ({"inputs": {"kind": "npy", "path": "missing.npy"}}, "inputs.path: no such file"),
+        ({"inputs": {"kind": "npy", "path": "x7.npy"}}, "inputs.path: .* has shape \\(10, 7\\); the function needs"),
+        ({"vectors": {"kind": "npy", "path": "v9.npy"}}, "vectors.path: .* must match the 100 input samples"),
+    ],
+)
+@pytest.mark.parametrize("command", ["validate", "submit"])
+def test_bad_configs_exit_2_with_one_message_and_no_store(tmp_path, change, message, command):
+    np.save(tmp_path / "x7.npy", np.ones((10, 7)))
+    np.save(tmp_path / "v9.npy", np.ones((9, 3)))
+    raw = job_config(**change)
+    path = write_config(tmp_path, raw)
+    result = invoke(command, str(path))
+    assert result.exit_code == 2, result.output
+    assert re.search(message, result.output), result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_status_and_show(tmp_path, scheduler_address):
+    path = write_config(tmp_path, job_config())
+    cfg = jacrun.load_config(path)
+    assert jacrun.submit(cfg, scheduler=scheduler_address, progress=False).ok
+    result = invoke("status", str(cfg.output.store))
+    assert result.exit_code == 0 and "complete, 4/4 blocks" in result.output
+    result = invoke("show", str(cfg.output.store))
+    assert result.exit_code == 0
+    assert "vjp" in result.output and "(sample, vector, input)" in result.output
+    zarr.open_group(str(cfg.output.store), mode="r+")["_blocks"][0, 0] = 0
+    result = invoke("status", str(cfg.output.store))
+    assert result.exit_code == 1 and "3/4 blocks" in result.output
+    result = invoke("status", str(tmp_path))
+    assert result.exit_code == 2 and "not a jacrun store" in result.output
+
+
+def test_quickstart_through_the_real_command(tmp_path):
+    store = tmp_path / "quickstart.zarr"
+    result = run_cli("submit", str(REPO / "configs" / "quickstart.yaml"), "--set", f"output.store={store}")
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert re.search(r"Dashboard: http://127\.0\.0\.1:\d+/status", result.stdout)
+    assert "blocks" in result.stdout and "samples/s" in result.stdout
+    assert "complete" in result.stdout
+    ds = xr.open_zarr(store)
+    assert ds.vjp.shape == (100_000, 4, 64) and ds.vjp.dtype == np.float32
+    assert np.isfinite(ds.vjp[:100].values).all()
+    rerun = run_cli("submit", str(REPO / "configs" / "quickstart.yaml"), "--set", f"output.store={store}")
+    assert rerun.returncode == 0 and "already done" in rerun.stdout
+
+
+LONG_JOB = {
+    "name": "long",
+    "mode": "vjp",
+    "function": {"kind": "mlp", "sizes": [64, 512, 512, 64], "seed": 0},
+    "inputs": {"kind": "random", "samples": 80_000, "seed": 1},
+    "vectors": {"kind": "random", "count": 4, "seed": 2},
+    "output": {"store": "long.zarr", "dtype": "float32"},
+    "chunks": {"samples": 1000},
+    "cluster": {"kind": "local", "workers": 2, "memory_limit": "2GiB", "dashboard": "127.0.0.1:0"},
+}
+
+
+def start_submit(config_path, *extra):
+    return subprocess.Popen(
+        [sys.executable, "-m", "jacrun", "submit", str(config_path), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def markers_done(store) -> int:
+    try:
+        return int(zarr.open_group(str(store), mode="r")["_blocks"][...].sum())
+    except Exception:  # noqa: BLE001 - not created yet
+        return 0
+
+
+def test_dashboard_serves_a_real_bokeh_page_while_a_job_runs(tmp_path):
+    path = write_config(tmp_path, LONG_JOB)
+    proc = start_submit(path)
+    try:
+        link = None
+        deadline = time.monotonic() + 120
+        while link is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            match = re.search(r"Dashboard: (http://127\.0\.0\.1:\d+/status)", line)
+            link = match.group(1) if match else None
+            assert line or proc.poll() is None, "submit ended before printing the dashboard link"
+        assert link, "no dashboard link"
+        with urllib.request.urlopen(link, timeout=30) as response:
+            page = response.read().decode()
+        assert response.status == 200 and "Bokeh" in page
+        assert proc.poll() is None, "the job should still be running"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_killed_submit_resumes_with_only_the_missing_blocks(tmp_path, scheduler_address):
+    path = write_config(tmp_path, LONG_JOB)
+    store = tmp_path / "long.zarr"
+    proc = start_submit(path)
+    deadline = time.monotonic() + 120
+    while markers_done(store) < 3 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = markers_done(store)
+    assert 3 <= before < 80, f"kill the job mid-run (markers: {before})"
+
+    result = run_cli("submit", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    attrs = jacrun.load(store).attrs["jacrun"]
+    assert attrs["status"] == "complete" and attrs["blocks_done"] == 80
+    assert attrs["runs"][-1]["blocks_computed"] == 80 - before
+
+    reference = jacrun.load_config(path, {"output.store": str(tmp_path / "ref.zarr")})
+    assert jacrun.submit(reference, scheduler=scheduler_address, progress=False).ok
+    resumed, clean = jacrun.load(store), jacrun.load(reference.output.store)
+    np.testing.assert_array_equal(resumed.vjp.values, clean.vjp.values)
+    np.testing.assert_array_equal(resumed.y.values, clean.y.values)

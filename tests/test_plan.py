@@ -1,0 +1,97 @@
+"""The planner: tables of expected plans, pure arithmetic, refusals before anything runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from jacrun.plan import PlanError, block_memory, make_plan
+
+MiB = 2**20
+
+
+def plan(**overrides):
+    args = dict(
+        mode="vjp", samples=10_000, n_in=64, n_out=10, vectors=4, vector_dim=True,
+        shared_vectors=False, strategy=None, compute_itemsize=8, output_itemsize=4,
+        save_outputs=True, chunk_samples="auto", chunk_vectors="auto", task_memory=256 * MiB,
+        worker_memory=4 * 2**30, workers=2, work_bytes=lambda rows, k: 0, flops=lambda rows, k: 10.0 * rows * k,
+    )
+    args.update(overrides)
+    return make_plan(**args)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "block", "grid", "result_shape", "result_chunks", "dims"),
+    [
+        ({"chunk_samples": 1000}, (1000, 4), (10, 1), (10_000, 4, 64), (1000, 4, 64), ("sample", "vector", "input")),
+        ({"chunk_samples": 3000, "chunk_vectors": 3}, (3000, 3), (4, 2), (10_000, 4, 64), (3000, 3, 64), None),
+        ({"chunk_samples": 20_000}, (10_000, 4), (1, 1), None, None, None),
+        ({"mode": "jvp", "chunk_samples": 500}, (500, 4), (20, 1), (10_000, 4, 10), (500, 4, 10),
+         ("sample", "vector", "output")),
+        ({"vectors": 1, "vector_dim": False, "chunk_samples": 500}, (500, 1), (20, 1), (10_000, 64), (500, 64),
+         ("sample", "input")),
+        ({"mode": "jacobian", "strategy": "rev", "vectors": 10, "chunk_samples": 100, "chunk_vectors": 5},
+         (100, 5), (100, 2), (10_000, 10, 64), (100, 5, 64), ("sample", "output", "input")),
+        ({"mode": "jacobian", "strategy": "fwd", "vectors": 64, "chunk_samples": 100, "chunk_vectors": 16},
+         (100, 16), (100, 4), (10_000, 10, 64), (100, 10, 16), ("sample", "output", "input")),
+    ],
+)
+def test_expected_plans(overrides, block, grid, result_shape, result_chunks, dims):
+    p = plan(**overrides)
+    assert (p.samples_per_block, p.vectors_per_block) == block
+    assert p.grid == grid and p.n_blocks == grid[0] * grid[1]
+    if result_shape:
+        assert p.result_shape == result_shape and p.result_chunks == result_chunks
+    if dims:
+        assert p.result_dims == dims
+    assert p.flops_per_block == 10.0 * block[0] * block[1]
+
+
+def test_last_blocks_are_ragged():
+    p = plan(chunk_samples=3000, chunk_vectors=3)
+    assert p.block_rows(3) == (9000, 10_000) and p.block_vectors(1) == (3, 4)
+
+
+def test_auto_fits_the_budget_and_balances_workers():
+    p = plan(samples=1_000_000, task_memory=8 * MiB, work_bytes=lambda rows, k: rows * k * 1000)
+    assert p.memory_per_block <= 8 * MiB
+    assert p.samples_per_block % 64 == 0 and p.vectors_per_block == 4
+    small = plan(samples=10_000)
+    assert small.n_blocks >= 2 * 2  # at least a few blocks per worker when rows allow
+
+
+def test_auto_splits_vectors_when_rows_would_be_too_few():
+    p = plan(vectors=4096, task_memory=64 * MiB, work_bytes=lambda rows, k: rows * k * 512)
+    assert p.vectors_per_block < 4096 and p.memory_per_block <= 64 * MiB
+    assert p.samples_per_block >= 256
+
+
+def test_memory_grows_with_rows_vectors_and_shared_vectors_cost_less():
+    kw = dict(mode="vjp", n_in=64, n_out=10, strategy=None, compute_itemsize=8, output_itemsize=8,
+              save_outputs=True, work_bytes=lambda r, k: 0)
+    per_sample = block_memory(100, 4, shared_vectors=False, **kw)
+    assert block_memory(200, 4, shared_vectors=False, **kw) > per_sample
+    assert block_memory(100, 8, shared_vectors=False, **kw) > per_sample
+    assert block_memory(100, 4, shared_vectors=True, **kw) < per_sample
+
+
+def test_too_small_budget_is_refused():
+    with pytest.raises(PlanError, match="chunks.task_memory: .* is too small"):
+        plan(task_memory=1000, work_bytes=lambda rows, k: rows * 10_000)
+
+
+def test_block_over_worker_memory_is_refused():
+    with pytest.raises(PlanError, match="memory limit"):
+        plan(chunk_samples=10_000, worker_memory=1 * MiB)
+
+
+def test_explicit_block_over_budget_warns():
+    p = plan(chunk_samples=10_000, task_memory=1 * MiB)
+    assert p.warnings and "over chunks.task_memory" in p.warnings[0]
+
+
+def test_plan_to_dict_is_json():
+    import json
+
+    data = json.loads(json.dumps(plan(chunk_samples=1000).to_dict()))
+    assert data["grid"] == [10, 1] and data["result_dims"] == ["sample", "vector", "input"]

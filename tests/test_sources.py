@@ -1,0 +1,97 @@
+"""Readers of X and vectors: random numbers independent of chunking; array files checked."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jacrun.config import NpyVectors, RandomVectors
+from jacrun.errors import ConfigError
+from jacrun.sources import RandomRows, basis_source, open_vectors, philox_draw
+
+F64 = np.dtype("float64")
+
+
+@pytest.mark.parametrize("distribution", ["normal", "uniform", "rademacher"])
+@pytest.mark.parametrize("width", [1, 3, 4, 7])
+def test_random_rows_do_not_depend_on_chunking(distribution, width):
+    whole = philox_draw(distribution, 5, 1, 0, 100, width)
+    parts = [philox_draw(distribution, 5, 1, a, b, width) for a, b in [(0, 1), (1, 37), (37, 100)]]
+    np.testing.assert_array_equal(whole, np.concatenate(parts))
+    assert not np.array_equal(whole, philox_draw(distribution, 6, 1, 0, 100, width))
+
+
+def test_distributions_have_the_right_moments():
+    normal = philox_draw("normal", 0, 1, 0, 20000, 10)
+    assert abs(normal.mean()) < 0.02 and abs(normal.std() - 1) < 0.02
+    uniform = philox_draw("uniform", 0, 1, 0, 20000, 10)
+    assert uniform.min() >= -1 and uniform.max() < 1 and abs(uniform.mean()) < 0.02
+    signs = philox_draw("rademacher", 0, 1, 0, 20000, 10)
+    assert set(np.unique(signs)) == {-1.0, 1.0} and abs(signs.mean()) < 0.02
+
+
+def test_random_inputs_cast_to_compute_dtype():
+    rows = RandomRows(50, 4, "normal", 1)
+    x32 = rows.read(10, 20, np.dtype("float32"))
+    assert x32.dtype == np.float32
+    np.testing.assert_array_equal(x32, rows.read(0, 50, F64)[10:20].astype(np.float32))
+
+
+def test_random_vectors_do_not_depend_on_row_or_vector_blocks():
+    source = open_vectors(RandomVectors(kind="random", count=5, seed=3), width=4, samples=60)
+    whole = source.read(0, 60, 0, 5, F64)
+    assert whole.shape == (60, 5, 4)
+    np.testing.assert_array_equal(whole[20:45, 2:4], source.read(20, 45, 2, 4, F64))
+    assert not source.squeeze
+
+
+def test_shared_vectors_are_the_same_for_every_sample():
+    source = open_vectors(RandomVectors(kind="random", count=3, shared=True), width=4, samples=60)
+    block = source.read(5, 25, 0, 3, F64)
+    assert block.shape == (20, 3, 4) and not block.flags.writeable
+    np.testing.assert_array_equal(block[0], block[-1])
+    np.testing.assert_array_equal(block[0], source.read(40, 41, 0, 3, F64)[0])
+
+
+def test_single_per_sample_vector_is_squeezed():
+    source = open_vectors(RandomVectors(kind="random", count=1), width=4, samples=10)
+    assert source.squeeze and source.count == 1
+
+
+def test_basis_vectors():
+    block = basis_source(5).read(0, 3, 1, 4, F64)
+    np.testing.assert_array_equal(block[2], np.eye(5)[1:4])
+
+
+def test_npy_vectors_shapes(tmp_path):
+    np.save(tmp_path / "v3.npy", np.arange(10 * 2 * 4, dtype=float).reshape(10, 2, 4))
+    source = open_vectors(NpyVectors(kind="npy", path=tmp_path / "v3.npy"), width=4, samples=10)
+    assert (source.count, source.squeeze) == (2, False)
+    np.testing.assert_array_equal(source.read(3, 5, 1, 2, F64)[:, 0], np.load(tmp_path / "v3.npy")[3:5, 1])
+    np.save(tmp_path / "v2.npy", np.ones((10, 4)))
+    assert open_vectors(NpyVectors(kind="npy", path=tmp_path / "v2.npy"), 4, 10).squeeze
+    np.save(tmp_path / "shared.npy", np.ones((3, 4)))
+    shared = open_vectors(NpyVectors(kind="npy", path=tmp_path / "shared.npy", shared=True), 4, 10)
+    assert shared.count == 3 and shared.read(0, 7, 0, 3, F64).shape == (7, 3, 4)
+
+
+@pytest.mark.parametrize(
+    ("shape", "shared", "message"),
+    [
+        ((10, 2, 5), False, "last axis must be the vector width 4"),
+        ((9, 2, 4), False, "first axis must match the 10 input samples"),
+        ((2, 2, 2, 4), False, "per-sample vectors are (10, K, 4)"),
+        ((10, 2, 4), True, "shared vectors are (K, 4)"),
+    ],
+)
+def test_npy_vectors_of_the_wrong_shape_are_refused(tmp_path, shape, shared, message):
+    np.save(tmp_path / "v.npy", np.ones(shape))
+    with pytest.raises(ConfigError, match="vectors.path") as info:
+        open_vectors(NpyVectors(kind="npy", path=tmp_path / "v.npy", shared=shared), 4, 10)
+    assert message in str(info.value)
+
+
+def test_non_numeric_arrays_are_refused(tmp_path):
+    np.save(tmp_path / "s.npy", np.array([["a"] * 4] * 10))
+    with pytest.raises(ConfigError, match="expected a real numeric dtype"):
+        open_vectors(NpyVectors(kind="npy", path=tmp_path / "s.npy"), 4, 10)
