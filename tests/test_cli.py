@@ -104,10 +104,10 @@ LONG_JOB = {
     "name": "long",
     "mode": "vjp",
     "function": {"kind": "mlp", "sizes": [64, 512, 512, 64], "seed": 0},
-    "inputs": {"kind": "random", "samples": 80_000, "seed": 1},
+    "inputs": {"kind": "random", "samples": 40_000, "seed": 1},
     "vectors": {"kind": "random", "count": 4, "seed": 2},
     "output": {"store": "long.zarr", "dtype": "float32"},
-    "chunks": {"samples": 1000},
+    "chunks": {"samples": 500},
     "cluster": {"kind": "local", "workers": 2, "memory_limit": "2GiB", "dashboard": "127.0.0.1:0"},
 }
 
