@@ -77,9 +77,7 @@ def run_block(job: BlockJob, i: int, j: int) -> BlockResult:
     x, y, result = compute_block(job, function, i, j)
     nonfinite = _finiteness(job, i, j, x, y, result)
     dtype = np.dtype(job.config.output_dtype)
-    write_block(
-        job.store, job.plan, i, j, y.astype(dtype, copy=False), result.astype(dtype, copy=False)
-    )
+    write_block(job.store, job.plan, i, j, y.astype(dtype, copy=False), result.astype(dtype, copy=False))
     return BlockResult(
         i,
         j,

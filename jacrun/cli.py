@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from jacrun.errors import ConfigError
@@ -26,20 +27,16 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, emoji=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 ConfigArg = Annotated[Path, typer.Argument(help="The job's YAML config file.", show_default=False)]
-StoreArg = Annotated[
-    Path, typer.Argument(help="A store written by `jacrun submit`.", show_default=False)
-]
+StoreArg = Annotated[Path, typer.Argument(help="A store written by `jacrun submit`.", show_default=False)]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option(
-        "--set", "-s", metavar="KEY=VALUE", help="Override a config key, e.g. chunks.samples=4096."
-    ),
+    typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a config key, e.g. chunks.samples=4096."),
 ]
 
 
@@ -51,7 +48,7 @@ def user_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except ConfigError as exc:
-            err.print(f"[red]error:[/] {exc}", markup=True, soft_wrap=True)
+            err.print(f"[red]error:[/] {escape(str(exc))}")
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -71,9 +68,7 @@ def submit(
     overrides: SetOpt = None,
     scheduler: Annotated[
         str | None,
-        typer.Option(
-            help="Run on this Dask scheduler (tcp://host:8786) instead of the config's cluster."
-        ),
+        typer.Option(help="Run on this Dask scheduler (tcp://host:8786) instead of the config's cluster."),
     ] = None,
     overwrite: Annotated[
         bool,
@@ -82,17 +77,17 @@ def submit(
     performance_report: Annotated[
         Path | None, typer.Option(help="Write Dask's HTML performance report here.")
     ] = None,
-    quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No plan, progress or summary.")
-    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No plan, progress or summary.")] = False,
 ) -> None:
     """Run a job: plan, start or join the cluster, compute the missing blocks, write the store.
 
     Rerunning the same command after an interruption computes only the blocks not yet done.
     """
+    from jacrun.cluster import quiet_dask_logs
     from jacrun.runner import submit as run
 
     cfg = _load(config, overrides, scheduler)
+    quiet_dask_logs()
     summary = run(
         cfg,
         overwrite=overwrite,
@@ -103,10 +98,15 @@ def submit(
     if not quiet:
         _print_summary(summary)
     if not summary.ok:
-        if summary.failures:
+        if summary.lost:
             err.print(
-                f"[red]job failed:[/] {len(summary.failures)} block(s) failed; first: {summary.failures[0]}"
+                f"[red]lost the connection to the scheduler[/]: {summary.lost} block(s) unfinished. "
+                "Finished blocks are kept: start a scheduler and rerun the same command "
+                "(with --scheduler ADDRESS for a new one) to resume."
             )
+        if summary.failures:
+            first = escape(summary.failures[0])
+            err.print(f"[red]job failed:[/] {len(summary.failures)} block(s) failed; first: {first}")
         err.print("Finished blocks are kept: rerun the same command to compute the rest.")
         raise typer.Exit(1)
 
@@ -153,11 +153,7 @@ def plan_table(job) -> Table:
     table = Table(title=f"plan: {job.config.name}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
-    flops = (
-        "unknown"
-        if p.flops_per_block != p.flops_per_block
-        else f"{p.flops_per_block / 1e9:.3g} GFLOP"
-    )
+    flops = "unknown" if p.flops_per_block != p.flops_per_block else f"{p.flops_per_block / 1e9:.3g} GFLOP"
     rows = [
         ("mode", p.mode + (f" ({p.strategy})" if p.strategy else "")),
         (
@@ -211,9 +207,7 @@ def show(store_path: StoreArg) -> None:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("job", f"{attrs.get('name')} ({attrs.get('mode')})")
-    table.add_row(
-        "function", f"{fn.get('kind')}: {fn.get('n_in')} -> {fn.get('n_out')}, {fn.get('dtype')}"
-    )
+    table.add_row("function", f"{fn.get('kind')}: {fn.get('n_in')} -> {fn.get('n_out')}, {fn.get('dtype')}")
     table.add_row("status", f"{attrs.get('status')}, {int(marks.sum())}/{marks.size} blocks")
     table.add_row("config hash", str(attrs.get("config_hash", ""))[:16])
     for name, info in store.describe_arrays(store_path).items():
@@ -236,7 +230,7 @@ def functions() -> None:
     from jacrun.functions import kinds
 
     for kind, cls in kinds().items():
-        table = Table(title=f"[bold]{kind}[/]: {cls.description}", title_justify="left", box=None)
+        table = Table(title=f"[bold]{kind}[/]: {escape(cls.description)}", title_justify="left", box=None)
         table.add_column("parameter", style="bold")
         table.add_column("type")
         table.add_column("default")
@@ -244,12 +238,9 @@ def functions() -> None:
         for name, info in cls.spec_model.model_fields.items():
             if name == "kind":
                 continue
-            default = (
-                "required"
-                if info.is_required()
-                else repr(info.get_default(call_default_factory=True))
-            )
-            table.add_row(name, _type_name(info.annotation), default, info.description or "")
+            default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
+            cells = (name, _type_name(info.annotation), default, info.description or "")
+            table.add_row(*(escape(cell) for cell in cells))
         out.print(table)
         out.print()
 
@@ -257,9 +248,7 @@ def functions() -> None:
 def _type_name(annotation: Any) -> str:
     text = getattr(annotation, "__name__", None) or str(annotation)
     return (
-        text.replace("typing.", "")
-        .replace("pathlib.", "")
-        .replace("Annotated[Path, AfterValidator", "Path[")
+        text.replace("typing.", "").replace("pathlib.", "").replace("Annotated[Path, AfterValidator", "Path[")
     )
 
 

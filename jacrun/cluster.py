@@ -6,13 +6,11 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
-from jacrun.config import AddressClusterConfig, LocalClusterConfig
+from jacrun.config import AddressClusterConfig, JobqueueClusterConfig, LocalClusterConfig
 
 
 @contextlib.contextmanager
-def connect(
-    config: LocalClusterConfig | AddressClusterConfig, scheduler: str | None = None
-) -> Iterator:
+def connect(config: LocalClusterConfig | AddressClusterConfig, scheduler: str | None = None) -> Iterator:
     """Yield a ``distributed.Client``: to ``scheduler`` if given, else as the config says.
 
     Local clusters listen on 127.0.0.1 only (scheduler, workers and dashboard).
@@ -35,17 +33,72 @@ def connect(
         with Client(config.address, security=security, timeout="30s") as client:
             yield client
         return
-    dashboard = config.dashboard if config.dashboard is not None else None
+    if isinstance(config, JobqueueClusterConfig):
+        with jobqueue_cluster(config) as cluster, Client(cluster) as client:
+            cluster.scale(jobs=config.jobs)
+            yield client
+        return
     with (
         LocalCluster(
             n_workers=config.workers,
             threads_per_worker=config.threads_per_worker,
             memory_limit=int(config.memory_limit),
             host="127.0.0.1",
-            dashboard_address=dashboard if dashboard is not None else ":0",
+            dashboard_address=config.dashboard,
             processes=True,
-            silence_logs=logging.ERROR,
+            silence_logs=logging.CRITICAL,  # jacrun reports failed blocks itself
         ) as cluster,
         Client(cluster) as client,
     ):
         yield client
+
+
+def quiet_dask_logs() -> None:
+    """Silence distributed's own log records below CRITICAL (tracebacks on reconnect attempts).
+
+    jacrun reports lost schedulers and failed blocks itself, in one line each. Called by the
+    CLI; library users keep their logging as configured.
+    """
+    import distributed  # noqa: F401 - importing it configures its loggers: override after
+
+    for name in [*logging.root.manager.loggerDict, "distributed"]:
+        if name == "distributed" or name.startswith("distributed."):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def jobqueue_kwargs(config: JobqueueClusterConfig) -> dict:
+    """dask-jobqueue arguments for a SLURM or PBS cluster section."""
+    kwargs = {
+        "queue": config.queue,
+        "account": config.account,
+        "cores": config.cores,
+        "processes": config.processes,
+        "memory": f"{int(config.memory) // 2**20}MiB",
+        "walltime": config.walltime,
+        "interface": config.interface,
+        "local_directory": config.local_directory,
+        "job_extra_directives": list(config.job_extra_directives),
+        "job_script_prologue": list(config.job_script_prologue),
+        "silence_logs": "error",
+    }
+    return {key: value for key, value in kwargs.items() if value is not None}
+
+
+def jobqueue_cluster(config: JobqueueClusterConfig):
+    """An (unscaled) SLURMCluster or PBSCluster; ``job_script()`` shows what it would submit."""
+    from dask_jobqueue import PBSCluster, SLURMCluster
+
+    cls = SLURMCluster if config.kind == "slurm" else PBSCluster
+    return cls(**jobqueue_kwargs(config))
+
+
+def insecure_address_warning(address: str) -> str | None:
+    """A warning for plain TCP to a host that is not loopback: traffic would be unencrypted."""
+    scheme, _, rest = address.partition("://")
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    if scheme == "tcp" and not (host.startswith("127.") or host in {"localhost", "::1"}):
+        return (
+            f"{address}: plain TCP to a remote scheduler is unencrypted; use tls:// with "
+            "cluster.tls (ca_file, cert_file, key_file) on untrusted networks"
+        )
+    return None

@@ -182,7 +182,46 @@ class AddressClusterConfig(Strict):
     tls: TLSConfig | None = None
 
 
-Cluster = Annotated[LocalClusterConfig | AddressClusterConfig, Field(discriminator="kind")]
+class JobqueueClusterConfig(Strict):
+    """SLURM or PBS through dask-jobqueue (``pip install 'jacrun[hpc]'``): each batch job runs workers."""
+
+    kind: Literal["slurm", "pbs"]
+    queue: str | None = Field(None, description="partition (SLURM) or queue (PBS)")
+    account: str | None = Field(None, description="account / project charged")
+    cores: PositiveInt = Field(1, description="cores per batch job")
+    processes: PositiveInt = Field(1, description="worker processes per batch job")
+    memory: ByteSize = Field(ByteSize(4 * 2**30), description="memory per batch job")
+    walltime: str = Field("01:00:00", pattern=r"^(\d+-)?\d{1,3}:\d{2}(:\d{2})?$")
+    jobs: PositiveInt = Field(1, description="batch jobs to start")
+    interface: str | None = Field(None, description="network interface, e.g. ib0")
+    local_directory: str | None = None
+    job_extra_directives: list[str] = Field(default_factory=list)
+    job_script_prologue: list[str] = Field(
+        default_factory=list, description="shell lines run before the worker, e.g. module load"
+    )
+
+    @model_validator(mode="after")
+    def _installed(self) -> JobqueueClusterConfig:
+        import importlib.util
+
+        if importlib.util.find_spec("dask_jobqueue") is None:
+            raise ValueError(f"kind {self.kind} needs dask-jobqueue: pip install 'jacrun[hpc]'")
+        if self.processes > self.cores:
+            raise ValueError(f"processes ({self.processes}) cannot exceed cores ({self.cores})")
+        return self
+
+    @property
+    def workers(self) -> int:
+        return self.jobs * self.processes
+
+    @property
+    def memory_limit(self) -> int:
+        return int(self.memory) // self.processes
+
+
+Cluster = Annotated[
+    LocalClusterConfig | AddressClusterConfig | JobqueueClusterConfig, Field(discriminator="kind")
+]
 
 
 # ---- the job ---------------------------------------------------------------------------------
@@ -272,9 +311,7 @@ def load_config(
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path}:1: the config must be a mapping of keys, got {type(data).__name__}"
-        )
+        raise ConfigError(f"{path}:1: the config must be a mapping of keys, got {type(data).__name__}")
     overridden = apply_overrides(data, overrides, str(path))
     data.setdefault("name", _default_name(path))
     return validate(data, path.parent.resolve(), str(path), lines, overridden)
@@ -412,9 +449,7 @@ def validate(
                 continue  # already reported in detail above
             problems.append(_problem(data, (), error))
     if problems:
-        raise ConfigError(
-            "\n".join(_format(filename, loc, msg, lines, overridden) for loc, msg in problems)
-        )
+        raise ConfigError("\n".join(_format(filename, loc, msg, lines, overridden) for loc, msg in problems))
     return config
 
 
@@ -483,9 +518,7 @@ def _suggestion(data: Any, loc: Loc) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _format(
-    filename: str, loc: Loc, message: str, lines: dict[Loc, int], overridden: set[Loc]
-) -> str:
+def _format(filename: str, loc: Loc, message: str, lines: dict[Loc, int], overridden: set[Loc]) -> str:
     key = ".".join(str(p) for p in loc) or "(top level)"
     for depth in range(len(loc), 0, -1):
         if loc[:depth] in overridden:

@@ -193,9 +193,7 @@ def make_plan(
 ) -> Plan:
     """Choose the block shape and project its cost; raise PlanError when it cannot fit."""
     if samples <= 0 or vectors <= 0 or n_in <= 0 or n_out <= 0:
-        raise PlanError(
-            f"empty job: samples={samples}, vectors={vectors}, n_in={n_in}, n_out={n_out}"
-        )
+        raise PlanError(f"empty job: samples={samples}, vectors={vectors}, n_in={n_in}, n_out={n_out}")
 
     def memory(rows: int, k: int) -> int:
         return block_memory(
@@ -215,9 +213,7 @@ def make_plan(
     budget = task_memory
     k = vectors if chunk_vectors == "auto" else min(chunk_vectors, vectors)
     if chunk_vectors == "auto":
-        floor_rows = (
-            min(samples, MIN_AUTO_ROWS) if chunk_samples == "auto" else min(chunk_samples, samples)
-        )
+        floor_rows = min(samples, MIN_AUTO_ROWS) if chunk_samples == "auto" else min(chunk_samples, samples)
         while k > 1 and memory(floor_rows, k) > budget:
             k = math.ceil(k / 2)
     if chunk_samples == "auto":
@@ -243,8 +239,7 @@ def make_plan(
         )
     if projected > budget:
         warnings.append(
-            f"a block needs about {fmt_bytes(projected)}, over chunks.task_memory "
-            f"({fmt_bytes(budget)})"
+            f"a block needs about {fmt_bytes(projected)}, over chunks.task_memory ({fmt_bytes(budget)})"
         )
     return Plan(
         mode=mode,

@@ -62,9 +62,7 @@ def prepare(config: JobConfig, function: Function | None = None) -> PreparedJob:
     cluster = config.cluster
     workers = 1 if isinstance(cluster, AddressClusterConfig) else cluster.workers
     worker_memory = None if isinstance(cluster, AddressClusterConfig) else int(cluster.memory_limit)
-    kernel_mode = (
-        config.mode if config.mode != "jacobian" else ("vjp" if strategy == "rev" else "jvp")
-    )
+    kernel_mode = config.mode if config.mode != "jacobian" else ("vjp" if strategy == "rev" else "jvp")
     plan = make_plan(
         mode=config.mode,
         samples=samples,

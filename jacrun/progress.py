@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -60,14 +61,10 @@ class BlockProgress:
         self.rows += rows
         self.products += products
         self._progress.update(self._task, advance=1, rate=self.rate())
-        if (
-            self.enabled
-            and not self.live
-            and (self.done >= self._next_line or self.done == self.total)
-        ):
+        if self.enabled and not self.live and (self.done >= self._next_line or self.done == self.total):
             self._next_line = self.done + max(1, self.total // PLAIN_STEPS)
             self.console.print(f"blocks {self.done}/{self.total}  {self.rate()}", highlight=False)
 
     def fail(self, message: str) -> None:
         if self.enabled:
-            self.console.print(f"[red]failed[/]: {message}", highlight=False)
+            self.console.print(f"[red]failed[/]: {escape(message)}", highlight=False, emoji=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import platform
 import time
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from rich.console import Console
 
 from jacrun import store
 from jacrun.block import BlockJob, BlockResult, run_block
-from jacrun.cluster import connect
+from jacrun.cluster import connect, insecure_address_warning
 from jacrun.config import JobConfig
 from jacrun.errors import ConfigError
 from jacrun.prepare import PreparedJob, prepare
@@ -41,6 +42,8 @@ class Summary:
     samples_per_second: float
     dashboard: str | None = None
     failures: list[str] = field(default_factory=list)
+    lost: int = 0
+    """Blocks left unfinished because the connection to the scheduler was lost."""
 
     @property
     def ok(self) -> bool:
@@ -180,6 +183,10 @@ def submit(
             f"{len(run.pending)} of {plan.n_blocks} blocks to run "
             f"({plan.samples_per_block} x {plan.vectors_per_block} each)"
         )
+    address = scheduler or getattr(config.cluster, "address", None)
+    warning = insecure_address_warning(address) if address else None
+    if warning and progress:
+        console.print(f"[yellow]warning:[/] {warning}")
     with connect(config.cluster, scheduler) as client:
         dashboard = client.dashboard_link if _has_dashboard(client) else None
         if progress:
@@ -216,7 +223,9 @@ class Run:
         grid = self.plan.grid
         self.pending = [(i, j) for i in range(grid[0]) for j in range(grid[1]) if not done[i, j]]
         self.results: list[BlockResult] = []
-        self.failures: list[str] = []
+        self.failed: dict[tuple[int, int], str] = {}
+        self.lost = 0
+        self.disconnected = False
         self.attrs = store.read_attrs(self.path)
         self.previous_runs = [  # a run still "running" here was killed before it could say so
             {**r, "status": "interrupted"} if r.get("status") == "running" else r
@@ -225,9 +234,13 @@ class Run:
         self.record: dict[str, Any] = {"started": store.now(), "status": "running", "blocks_computed": 0}
         self._save_progress()
 
-    def _save_progress(self, **extra: Any) -> None:
-        self.record["blocks_computed"] = len(self.results)
-        self.record["blocks_failed"] = len(self.failures)
+    @property
+    def failures(self) -> list[str]:
+        return list(self.failed.values())
+
+    def _save_progress(self, computed: int | None = None, **extra: Any) -> None:
+        self.record["blocks_computed"] = len(self.results) if computed is None else computed
+        self.record["blocks_failed"] = len(self.failed)
         store.update_attrs(self.path, runs=[*self.previous_runs, self.record], **extra)
 
     def execute(self, client) -> None:
@@ -251,27 +264,51 @@ class Run:
         last_save = time.monotonic()
         total = self.plan.n_blocks
         with BlockProgress(self.console, total=total, done=self.already, enabled=self.progress) as bar:
-            for future in as_completed(futures):
-                i, j = futures[future]
-                if future.status == "finished":
-                    result = future.result()
-                    self.results.append(result)
-                    bar.advance(result.rows if j == 0 else 0, result.products)
-                else:
-                    a, b = self.plan.block_rows(i)
-                    error = future.exception()
-                    self.failures.append(f"block ({i}, {j}) samples {a}:{b}: {type(error).__name__}: {error}")
-                    bar.fail(self.failures[-1])
-                if time.monotonic() - last_save > ATTR_UPDATE_SECONDS:
-                    self._save_progress(blocks_done=self.already + len(self.results))
-                    last_save = time.monotonic()
+            try:
+                for future in as_completed(futures):
+                    self._collect(future, futures[future], bar)
+                    if time.monotonic() - last_save > ATTR_UPDATE_SECONDS:
+                        self._save_progress(blocks_done=self.already + len(self.results))
+                        last_save = time.monotonic()
+            except OSError:  # the scheduler went away while we waited (CommClosedError is one)
+                self.disconnected = True
+        self.disconnected = self.disconnected or client.status != "running"
+
+    def _collect(self, future, block: tuple[int, int], bar: BlockProgress) -> None:
+        """Record one finished task: a result, a failure naming the block, or nothing if lost."""
+        i, j = block
+        if future.status == "cancelled":  # the scheduler went away, or gave up on it
+            return
+        try:
+            if future.status == "finished":
+                result = future.result()
+                self.results.append(result)
+                bar.advance(result.rows if j == 0 else 0, result.products)
+                return
+            error = future.exception()
+        except (OSError, CancelledError):  # finished, but the scheduler is gone: recomputed next run
+            return
+        a, b = self.plan.block_rows(i)
+        self.failed[i, j] = f"block ({i}, {j}) samples {a}:{b}: {type(error).__name__}: {error}"
+        bar.fail(self.failed[i, j])
 
     def finalize(self, dashboard: str | None) -> Summary:
         """Count markers (the truth); record the run, status, throughput and non-finite counts."""
         seconds = time.perf_counter() - self.started
         total = self.plan.n_blocks
-        done = int(store.read_markers(self.path).sum())
-        status = "complete" if done == total else "failed" if self.failures else "incomplete"
+        marks = store.read_markers(self.path)
+        done = int(marks.sum())
+        # markers are the truth: a task reported failed (say, its worker died after it wrote its
+        # marker) whose block is done is no failure
+        self.failed = {block: message for block, message in self.failed.items() if not marks[block]}
+        unfinished = [b for b in self.pending if not marks[b] and b not in self.failed]
+        if self.disconnected:
+            self.lost = len(unfinished)
+        else:
+            for i, j in unfinished:
+                a, b = self.plan.block_rows(i)
+                self.failed[i, j] = f"block ({i}, {j}) samples {a}:{b}: did not finish (its result was lost)"
+        status = "complete" if done == total else "failed" if self.failed or self.lost else "incomplete"
         rows = sum(r.rows for r in self.results if r.j == 0)
         products = sum(r.products for r in self.results)
         nonfinite = dict(self.attrs.get("nonfinite") or {})
@@ -283,18 +320,25 @@ class Run:
             "samples_per_second": rows / seconds if seconds > 0 else 0.0,
         }
         self.record.update(
-            status=status, finished=store.now(), seconds=round(seconds, 3), failures=self.failures[:20]
+            status=status,
+            finished=store.now(),
+            seconds=round(seconds, 3),
+            failures=self.failures[:20],
+            blocks_lost=self.lost,
         )
-        self._save_progress(status=status, blocks_done=done, nonfinite=nonfinite, throughput=throughput)
+        self._save_progress(
+            done - self.already, status=status, blocks_done=done, nonfinite=nonfinite, throughput=throughput
+        )
         return Summary(
             store=self.path,
             status=status,
             blocks_total=total,
             blocks_done=done,
-            blocks_run=len(self.results),
+            blocks_run=done - self.already,
             seconds=seconds,
             products_per_second=throughput["products_per_second"],
             samples_per_second=throughput["samples_per_second"],
             dashboard=dashboard,
             failures=self.failures,
+            lost=self.lost,
         )

@@ -28,9 +28,7 @@ def philox_uniform(seed: int, stream: int, start: int, stop: int, width: int) ->
     return (raw[:, :width] >> np.uint64(11)) * (1.0 / 2**53)
 
 
-def philox_draw(
-    distribution: str, seed: int, stream: int, start: int, stop: int, width: int
-) -> np.ndarray:
+def philox_draw(distribution: str, seed: int, stream: int, start: int, stop: int, width: int) -> np.ndarray:
     """Rows [start, stop) of a (seed, stream) random table of ``width`` columns, float64."""
     if distribution == "rademacher":
         u = philox_uniform(seed, stream, start, stop, width)
@@ -92,9 +90,7 @@ def _open_array(path: str, array: str | None, fmt: str):
     return zarr.open_array(store=path, path=array or "", mode="r")
 
 
-def open_array_checked(
-    path: Path, array: str | None, fmt: str, key: str
-) -> tuple[tuple[int, ...], str]:
+def open_array_checked(path: Path, array: str | None, fmt: str, key: str) -> tuple[tuple[int, ...], str]:
     """Shape and dtype of an input array; a readable ConfigError naming ``key`` otherwise."""
     try:
         data = _open_array(str(path), array, fmt)
@@ -114,9 +110,7 @@ def open_inputs(spec, n_in: int) -> RandomRows | ArrayRows:
     array = getattr(spec, "array", None)
     shape, _ = open_array_checked(spec.path, array, spec.kind, "inputs.path")
     if len(shape) != 2 or shape[1] != n_in:
-        raise ConfigError(
-            f"inputs.path: {spec.path} has shape {shape}; the function needs (samples, {n_in})"
-        )
+        raise ConfigError(f"inputs.path: {spec.path} has shape {shape}; the function needs (samples, {n_in})")
     if shape[0] == 0:
         raise ConfigError(f"inputs.path: {spec.path} has no rows")
     return ArrayRows(str(spec.path), array, spec.kind, shape)
@@ -157,9 +151,7 @@ class VectorSource:
         elif self.kind == "random":
             first, last = (0, 1) if self.shared else (start, stop)
             draws = [
-                philox_draw(
-                    self.distribution, self.seed, _VECTORS_STREAM | k, first, last, self.width
-                )
+                philox_draw(self.distribution, self.seed, _VECTORS_STREAM | k, first, last, self.width)
                 for k in range(k0, k1)
             ]
             block = np.stack(draws, axis=1).astype(dtype, copy=False)
@@ -173,7 +165,7 @@ class VectorSource:
             elif self.squeeze:
                 return np.asarray(data[start:stop], dtype=dtype)[:, None, :]
             else:
-                return np.asarray(data[start:stop, k0:k1], dtype=dtype)
+                return np.ascontiguousarray(data[start:stop, k0:k1], dtype=dtype)
         return np.broadcast_to(block, (rows, *block.shape))
 
 

@@ -85,9 +85,7 @@ def _compressors(name: str) -> Any:
     return None
 
 
-def create_store(
-    path: Path, plan: Plan, attrs: dict[str, Any], *, dtype: str, compression: str
-) -> None:
+def create_store(path: Path, plan: Plan, attrs: dict[str, Any], *, dtype: str, compression: str) -> None:
     """Create the group, the arrays and the empty marker grid."""
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     compressors = _compressors(compression)
@@ -133,9 +131,7 @@ def store_chunks(path: Path, plan: Plan) -> tuple[int, int] | None:
     return chunks[0], (chunks[1] if plan.vector_dim else 1)
 
 
-def write_block(
-    path: str, plan: Plan, i: int, j: int, y: np.ndarray | None, result: np.ndarray
-) -> None:
+def write_block(path: str, plan: Plan, i: int, j: int, y: np.ndarray | None, result: np.ndarray) -> None:
     """Write block (i, j)'s chunks, then its marker. ``result`` is (rows, k, width)."""
     a, b = plan.block_rows(i)
     k0, k1 = plan.block_vectors(j)

@@ -49,11 +49,17 @@ def test_validate_and_plan(tmp_path):
     ("change", "message"),
     [
         ({"inputs": {"kind": "random", "samples": 10, "sampels": 3}}, "inputs.sampels: unknown key"),
-        ({"inputs": {"kind": "random", "samples": "many"}}, "inputs.samples: Input should be a valid integer"),
+        (
+            {"inputs": {"kind": "random", "samples": "many"}},
+            "inputs.samples: Input should be a valid integer",
+        ),
         ({"inputs": {"kind": "random", "samples": -5}}, "inputs.samples: Input should be greater than 0"),
         ({"function": {"kind": "mlp", "sizes": [4, -8, 2]}}, "function.sizes.1"),
         ({"inputs": {"kind": "npy", "path": "missing.npy"}}, "inputs.path: no such file"),
-        ({"inputs": {"kind": "npy", "path": "x7.npy"}}, "inputs.path: .* has shape \\(10, 7\\); the function needs"),
+        (
+            {"inputs": {"kind": "npy", "path": "x7.npy"}},
+            "inputs.path: .* has shape \\(10, 7\\); the function needs",
+        ),
         ({"vectors": {"kind": "npy", "path": "v9.npy"}}, "vectors.path: .* must match the 100 input samples"),
     ],
 )

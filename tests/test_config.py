@@ -8,7 +8,6 @@ import pytest
 
 from jacrun.config import config_from_dict, load_config
 from jacrun.errors import ConfigError
-
 from tests.helpers import REPO, job_config, write_config
 
 
@@ -90,8 +89,14 @@ def test_good_text_is_good(tmp_path):
         (("  samples: 10", "  samples: -4"), "bad.yaml:8: inputs.samples: Input should be greater than 0"),
         (("  n_in: 5", "  n_in: 5\n  bogus: 1"), "bad.yaml:5: function.bogus: unknown key"),
         (("mode: vjp", "mode: hessian"), "bad.yaml:1: mode: Input should be 'vjp', 'jvp' or 'jacobian'"),
-        (("  kind: random\n  samples", "  kind: rand\n  samples"), "bad.yaml:7: inputs.kind: unknown kind 'rand'"),
-        (("  store: out.zarr", "  store: out.zarr\n  store: again.zarr"), "bad.yaml:13: output.store: duplicate key (first set on line 12)"),
+        (
+            ("  kind: random\n  samples", "  kind: rand\n  samples"),
+            "bad.yaml:7: inputs.kind: unknown kind 'rand'",
+        ),
+        (
+            ("  store: out.zarr", "  store: out.zarr\n  store: again.zarr"),
+            "bad.yaml:13: output.store: duplicate key (first set on line 12)",
+        ),
         (("  samples: 10", "  samples: !!python/object:os.system {}"), "bad.yaml:8: invalid YAML"),
         (("  kind: linear", "  kind: nonesuch"), "function.kind: unknown function kind 'nonesuch'"),
         (("output:", "chunks:\n  task_memory: .nan\noutput:"), "chunks.task_memory"),
@@ -117,7 +122,9 @@ def test_every_problem_is_reported(tmp_path):
 
 def test_missing_input_file(tmp_path):
     text = GOOD.replace("  kind: random\n  samples: 10", "  kind: npy\n  path: nothere.npy")
-    assert f"bad.yaml:8: inputs.path: no such file or folder: {tmp_path / 'nothere.npy'}" in bad(tmp_path, text)
+    assert f"bad.yaml:8: inputs.path: no such file or folder: {tmp_path / 'nothere.npy'}" in bad(
+        tmp_path, text
+    )
 
 
 def test_vectors_must_match_mode(tmp_path):

@@ -78,7 +78,9 @@ def test_linear_jvp_shared_vectors_is_exact(tmp_path, data, scheduler_address):
 
 @pytest.mark.parametrize("strategy", ["rev", "fwd"])
 def test_linear_jacobian_is_the_matrix(tmp_path, data, scheduler_address, strategy):
-    cfg = linear_job(tmp_path, mode="jacobian", vectors=None, strategy=strategy, chunks={"samples": 25, "vectors": 2})
+    cfg = linear_job(
+        tmp_path, mode="jacobian", vectors=None, strategy=strategy, chunks={"samples": 25, "vectors": 2}
+    )
     ds = run(cfg, scheduler_address)
     assert ds.jacobian.dims == ("sample", "output", "input")
     np.testing.assert_array_equal(ds.jacobian.values, np.broadcast_to(data["A"], (N, m, n)))
@@ -121,24 +123,43 @@ def test_mlp_vjp_matches_central_finite_differences(tmp_path, scheduler_address)
 
 
 def test_mlp_jacobian_rev_equals_fwd(tmp_path, scheduler_address):
-    rev = run(mlp_job(tmp_path, mode="jacobian", vectors=None, strategy="rev",
-                      output={"store": "rev.zarr"}), scheduler_address)
-    fwd = run(mlp_job(tmp_path, mode="jacobian", vectors=None, strategy="fwd",
-                      output={"store": "fwd.zarr"}, chunks={"samples": 25, "vectors": 4}), scheduler_address)
+    rev = run(
+        mlp_job(tmp_path, mode="jacobian", vectors=None, strategy="rev", output={"store": "rev.zarr"}),
+        scheduler_address,
+    )
+    fwd = run(
+        mlp_job(
+            tmp_path,
+            mode="jacobian",
+            vectors=None,
+            strategy="fwd",
+            output={"store": "fwd.zarr"},
+            chunks={"samples": 25, "vectors": 4},
+        ),
+        scheduler_address,
+    )
     assert rel_err(rev.jacobian.values, fwd.jacobian.values) < 1e-12
-    basis_vjp = run(mlp_job(tmp_path, vectors={"kind": "basis"}, output={"store": "bv.zarr"}), scheduler_address)
-    basis_jvp = run(mlp_job(tmp_path, mode="jvp", vectors={"kind": "basis"}, output={"store": "bj.zarr"}),
-                    scheduler_address)
+    basis_vjp = run(
+        mlp_job(tmp_path, vectors={"kind": "basis"}, output={"store": "bv.zarr"}), scheduler_address
+    )
+    basis_jvp = run(
+        mlp_job(tmp_path, mode="jvp", vectors={"kind": "basis"}, output={"store": "bj.zarr"}),
+        scheduler_address,
+    )
     # vjp of the output basis is J; jvp of the input basis is J^T
     assert rel_err(basis_vjp.vjp.values, basis_jvp.jvp.values.transpose(0, 2, 1)) < 1e-12
 
 
 def test_two_chunkings_agree(tmp_path, scheduler_address):
     vectors = {"kind": "random", "count": 5, "distribution": "normal", "seed": 8}
-    a = run(mlp_job(tmp_path, vectors=vectors, chunks={"samples": 7, "vectors": 2},
-                    output={"store": "a.zarr"}), scheduler_address)
-    b = run(mlp_job(tmp_path, vectors=vectors, chunks={"samples": 60, "vectors": 5},
-                    output={"store": "b.zarr"}), scheduler_address)
+    a = run(
+        mlp_job(tmp_path, vectors=vectors, chunks={"samples": 7, "vectors": 2}, output={"store": "a.zarr"}),
+        scheduler_address,
+    )
+    b = run(
+        mlp_job(tmp_path, vectors=vectors, chunks={"samples": 60, "vectors": 5}, output={"store": "b.zarr"}),
+        scheduler_address,
+    )
     assert rel_err(a.vjp.values, b.vjp.values) < 1e-12
     assert rel_err(a.y.values, b.y.values) < 1e-12
 
@@ -203,8 +224,11 @@ def test_resume_with_different_explicit_chunks_is_refused(tmp_path, scheduler_ad
     cfg = mlp_job(tmp_path, vectors={"kind": "random", "count": 2}, chunks={"samples": 10})
     run(cfg, scheduler_address)
     with pytest.raises(ConfigError, match="chunks.samples: 20 does not match the existing store's chunking"):
-        jacrun.submit(mlp_job(tmp_path, vectors={"kind": "random", "count": 2}, chunks={"samples": 20}),
-                      scheduler=scheduler_address, progress=False)
+        jacrun.submit(
+            mlp_job(tmp_path, vectors={"kind": "random", "count": 2}, chunks={"samples": 20}),
+            scheduler=scheduler_address,
+            progress=False,
+        )
     auto = mlp_job(tmp_path, vectors={"kind": "random", "count": 2}, chunks={"samples": "auto"})
     assert jacrun.submit(auto, scheduler=scheduler_address, progress=False).ok
 
@@ -225,13 +249,20 @@ def test_nan_policy(tmp_path, data, scheduler_address):
     x = data["X"].copy()
     x[47, 2] = np.nan
     np.save(tmp_path / "Xnan.npy", x)
-    cfg = linear_job(tmp_path, inputs={"kind": "npy", "path": "Xnan.npy"}, vectors={"kind": "ones"}, retries=0)
+    cfg = linear_job(
+        tmp_path, inputs={"kind": "npy", "path": "Xnan.npy"}, vectors={"kind": "ones"}, retries=0
+    )
     summary = jacrun.submit(cfg, scheduler=scheduler_address, progress=False)
     assert summary.status == "failed" and len(summary.failures) == 1
     assert "samples 32:64" in summary.failures[0] and "sample 47" in summary.failures[0]
     assert summary.blocks_done == summary.blocks_total - 1
-    cfg = linear_job(tmp_path, inputs={"kind": "npy", "path": "Xnan.npy"}, vectors={"kind": "ones"},
-                     nan_policy="propagate", output={"store": "p.zarr"})
+    cfg = linear_job(
+        tmp_path,
+        inputs={"kind": "npy", "path": "Xnan.npy"},
+        vectors={"kind": "ones"},
+        nan_policy="propagate",
+        output={"store": "p.zarr"},
+    )
     ds = run(cfg, scheduler_address)
     assert ds.attrs["jacrun"]["nonfinite"] == {"x": 1, "y": m, "vjp": 0}
 
@@ -240,7 +271,10 @@ def test_nan_policy(tmp_path, data, scheduler_address):
     ("sections", "message"),
     [
         ({"inputs": {"kind": "npy", "path": "V.npy"}}, "inputs.path: .* has shape \\(90, 4, 3\\)"),
-        ({"vectors": {"kind": "npy", "path": "X.npy"}}, "vectors.path: .* last axis must be the vector width 3"),
+        (
+            {"vectors": {"kind": "npy", "path": "X.npy"}},
+            "vectors.path: .* last axis must be the vector width 3",
+        ),
         ({"function": {"kind": "linear", "matrix": "V.npy"}}, "function: .*matrix"),
     ],
 )

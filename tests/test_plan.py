@@ -11,10 +11,24 @@ MiB = 2**20
 
 def plan(**overrides):
     args = dict(
-        mode="vjp", samples=10_000, n_in=64, n_out=10, vectors=4, vector_dim=True,
-        shared_vectors=False, strategy=None, compute_itemsize=8, output_itemsize=4,
-        save_outputs=True, chunk_samples="auto", chunk_vectors="auto", task_memory=256 * MiB,
-        worker_memory=4 * 2**30, workers=2, work_bytes=lambda rows, k: 0, flops=lambda rows, k: 10.0 * rows * k,
+        mode="vjp",
+        samples=10_000,
+        n_in=64,
+        n_out=10,
+        vectors=4,
+        vector_dim=True,
+        shared_vectors=False,
+        strategy=None,
+        compute_itemsize=8,
+        output_itemsize=4,
+        save_outputs=True,
+        chunk_samples="auto",
+        chunk_vectors="auto",
+        task_memory=256 * MiB,
+        worker_memory=4 * 2**30,
+        workers=2,
+        work_bytes=lambda rows, k: 0,
+        flops=lambda rows, k: 10.0 * rows * k,
     )
     args.update(overrides)
     return make_plan(**args)
@@ -23,17 +37,55 @@ def plan(**overrides):
 @pytest.mark.parametrize(
     ("overrides", "block", "grid", "result_shape", "result_chunks", "dims"),
     [
-        ({"chunk_samples": 1000}, (1000, 4), (10, 1), (10_000, 4, 64), (1000, 4, 64), ("sample", "vector", "input")),
-        ({"chunk_samples": 3000, "chunk_vectors": 3}, (3000, 3), (4, 2), (10_000, 4, 64), (3000, 3, 64), None),
+        (
+            {"chunk_samples": 1000},
+            (1000, 4),
+            (10, 1),
+            (10_000, 4, 64),
+            (1000, 4, 64),
+            ("sample", "vector", "input"),
+        ),
+        (
+            {"chunk_samples": 3000, "chunk_vectors": 3},
+            (3000, 3),
+            (4, 2),
+            (10_000, 4, 64),
+            (3000, 3, 64),
+            None,
+        ),
         ({"chunk_samples": 20_000}, (10_000, 4), (1, 1), None, None, None),
-        ({"mode": "jvp", "chunk_samples": 500}, (500, 4), (20, 1), (10_000, 4, 10), (500, 4, 10),
-         ("sample", "vector", "output")),
-        ({"vectors": 1, "vector_dim": False, "chunk_samples": 500}, (500, 1), (20, 1), (10_000, 64), (500, 64),
-         ("sample", "input")),
-        ({"mode": "jacobian", "strategy": "rev", "vectors": 10, "chunk_samples": 100, "chunk_vectors": 5},
-         (100, 5), (100, 2), (10_000, 10, 64), (100, 5, 64), ("sample", "output", "input")),
-        ({"mode": "jacobian", "strategy": "fwd", "vectors": 64, "chunk_samples": 100, "chunk_vectors": 16},
-         (100, 16), (100, 4), (10_000, 10, 64), (100, 10, 16), ("sample", "output", "input")),
+        (
+            {"mode": "jvp", "chunk_samples": 500},
+            (500, 4),
+            (20, 1),
+            (10_000, 4, 10),
+            (500, 4, 10),
+            ("sample", "vector", "output"),
+        ),
+        (
+            {"vectors": 1, "vector_dim": False, "chunk_samples": 500},
+            (500, 1),
+            (20, 1),
+            (10_000, 64),
+            (500, 64),
+            ("sample", "input"),
+        ),
+        (
+            {"mode": "jacobian", "strategy": "rev", "vectors": 10, "chunk_samples": 100, "chunk_vectors": 5},
+            (100, 5),
+            (100, 2),
+            (10_000, 10, 64),
+            (100, 5, 64),
+            ("sample", "output", "input"),
+        ),
+        (
+            {"mode": "jacobian", "strategy": "fwd", "vectors": 64, "chunk_samples": 100, "chunk_vectors": 16},
+            (100, 16),
+            (100, 4),
+            (10_000, 10, 64),
+            (100, 10, 16),
+            ("sample", "output", "input"),
+        ),
     ],
 )
 def test_expected_plans(overrides, block, grid, result_shape, result_chunks, dims):
@@ -67,8 +119,16 @@ def test_auto_splits_vectors_when_rows_would_be_too_few():
 
 
 def test_memory_grows_with_rows_vectors_and_shared_vectors_cost_less():
-    kw = dict(mode="vjp", n_in=64, n_out=10, strategy=None, compute_itemsize=8, output_itemsize=8,
-              save_outputs=True, work_bytes=lambda r, k: 0)
+    kw = dict(
+        mode="vjp",
+        n_in=64,
+        n_out=10,
+        strategy=None,
+        compute_itemsize=8,
+        output_itemsize=8,
+        save_outputs=True,
+        work_bytes=lambda r, k: 0,
+    )
     per_sample = block_memory(100, 4, shared_vectors=False, **kw)
     assert block_memory(200, 4, shared_vectors=False, **kw) > per_sample
     assert block_memory(100, 8, shared_vectors=False, **kw) > per_sample

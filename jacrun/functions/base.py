@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from typing import ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 Mode = Literal["vjp", "jvp", "jacobian"]
 Strategy = Literal["rev", "fwd", "auto"]
@@ -31,7 +31,7 @@ class FunctionSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     kind: str
-    dtype: Literal["float32", "float64"] = "float64"
+    dtype: Literal["float32", "float64"] = Field("float64", description="compute dtype")
 
 
 class Function(ABC):

@@ -1,1 +1,304 @@
-"""Placeholder: being written."""
+"""``kind: python``: a user's Function, imported from ``package.module:attr``.
+
+Only two kinds of target are ever called: a subclass of :class:`jacrun.functions.Function`
+(instantiated as ``cls(**params)``) or a factory function whose return annotation is such a
+subclass (called as ``factory(**params)``). Anything else at the target, such as ``numpy:sin``,
+``os:system``, a module or a constant, is refused before anything is called, so a config can
+name a function but cannot make jacrun call an arbitrary callable. Importing the module does
+run its top-level code, as any ``import`` does: a config that names a module trusts it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import re
+import sys
+import threading
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from jacrun.errors import ConfigError
+from jacrun.functions.base import Function, FunctionSpec
+from jacrun.functions.registry import register
+from jacrun.paths import InputPath
+
+TARGET_PATTERN = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*"
+"""``package.module:attr``: a dotted module path, a colon, one attribute name."""
+
+ACCEPTED = (
+    "kind: python accepts only a jacrun.functions.Function subclass, or a factory function "
+    "whose return annotation is a Function subclass"
+)
+
+_PATH_LOCK = threading.Lock()
+
+
+class TargetError(ConfigError, ValueError):
+    """A ``kind: python`` target that cannot be imported, is not accepted, or fails to build.
+
+    A :class:`~jacrun.errors.ConfigError` (the CLI exits 2) and a ``ValueError``.
+    """
+
+
+class PythonSpec(FunctionSpec):
+    """Config of ``kind: python``."""
+
+    kind: Literal["python"] = "python"
+    target: str = Field(
+        description=(
+            "`package.module:attr` naming a jacrun Function subclass, or a factory function "
+            "whose return annotation is one."
+        ),
+        json_schema_extra={"pattern": f"^{TARGET_PATTERN}$"},
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "Keyword arguments of the class or factory, passed verbatim (paths in them are "
+            "not resolved). `dtype` is passed from the section's own `dtype` when accepted."
+        ),
+    )
+    path: InputPath | None = Field(
+        default=None,
+        description=(
+            "A folder put first on sys.path before importing, relative to the config file, "
+            "so every worker finds a package that lives next to the config."
+        ),
+    )
+
+    @field_validator("target")
+    @classmethod
+    def _target_shape(cls, value: str) -> str:
+        if not re.fullmatch(TARGET_PATTERN, value):
+            raise ValueError(
+                f"target {value!r} must look like 'package.module:attr' "
+                "(a dotted module path, a colon, one attribute name)"
+            )
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _no_dtype_param(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if "dtype" in value:
+            raise ValueError("set `dtype` on the function section, not in `params`")
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _path_is_folder(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"path must be a folder to import from, got the file {value}")
+        return value
+
+
+@register
+class PythonFunction(Function):
+    """The registry entry of ``kind: python``: abstract, ``from_spec`` builds the user's Function."""
+
+    kind = "python"
+    description = "Your own Function subclass or factory, imported from `package.module:attr`."
+    spec_model = PythonSpec
+
+    @classmethod
+    def from_spec(cls, spec: FunctionSpec) -> Function:
+        """Import ``spec.target``, check it is accepted, and call it with ``spec.params``."""
+        if not isinstance(spec, PythonSpec):
+            raise TypeError(f"expected a PythonSpec, got {type(spec).__name__}")
+        target = load_target(spec.target, spec.path)
+        kwargs = dict(spec.params)
+        signature = _signature(target)
+        takes_dtype = _accepts_dtype(signature)
+        if takes_dtype:
+            kwargs["dtype"] = np.dtype(spec.dtype)
+        if signature is not None:
+            try:
+                signature.bind(**kwargs)
+            except TypeError as exc:
+                raise TargetError(
+                    f"target {spec.target!r} does not accept params {spec.params!r}: {exc}; "
+                    f"its signature is {spec.target.partition(':')[2]}{signature}"
+                ) from None
+        try:
+            built = target(**kwargs)
+        except Exception as exc:
+            raise TargetError(
+                f"building target {spec.target!r} with params {spec.params!r} failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        return _validated(built, spec, takes_dtype)
+
+
+def load_target(
+    target: str, path: Path | str | None = None
+) -> type[Function] | typing.Callable[..., Function]:
+    """Import ``package.module:attr`` (``path`` first on sys.path) and return it if accepted.
+
+    Accepted targets are cached per (target, path), so each worker imports and inspects a
+    target once; failures are not cached. Raises :class:`TargetError` otherwise.
+    """
+    return _load_target(target, None if path is None else str(Path(path).resolve()))
+
+
+def clear_cache() -> None:
+    """Forget the resolved targets (modules stay in sys.modules, as with any import)."""
+    _load_target.cache_clear()
+
+
+@functools.lru_cache(maxsize=256)
+def _load_target(target: str, path: str | None) -> Any:
+    if not re.fullmatch(TARGET_PATTERN, target):
+        raise TargetError(f"target {target!r} must look like 'package.module:attr'")
+    module_name, _, attr = target.partition(":")
+    if path is not None:
+        _prepend_path(path)
+    module = _import(module_name, target, path)
+    if path is not None:
+        _check_origin(module_name, target, path)
+    try:
+        obj = getattr(module, attr)
+    except AttributeError:
+        raise TargetError(
+            f"target {target!r}: module {module_name!r} ({getattr(module, '__file__', '?')}) "
+            f"has no attribute {attr!r}"
+        ) from None
+    _check_accepted(obj, target)
+    return obj
+
+
+def _prepend_path(path: str) -> None:
+    with _PATH_LOCK:
+        if path not in sys.path:
+            sys.path.insert(0, path)
+
+
+def _import(module_name: str, target: str, path: str | None) -> Any:
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and (module_name == missing or module_name.startswith(missing + ".")):
+            where = f"in {path} or on sys.path" if path else "on sys.path"
+            hint = "" if path else "; set `path:` to the folder that holds the package"
+            raise TargetError(f"target {target!r}: no module named {missing!r} {where}{hint}") from None
+        raise TargetError(f"target {target!r}: importing {module_name!r} failed: {exc}") from exc
+    except Exception as exc:
+        raise TargetError(
+            f"target {target!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _check_origin(module_name: str, target: str, path: str) -> None:
+    """Refuse a module of the same name already imported from elsewhere than ``path``.
+
+    A long-lived worker keeps its modules: a second job whose ``path`` holds another package
+    of the same name would silently get the first one.
+    """
+    top = module_name.split(".")[0]
+    base = Path(path)
+    if not ((base / top).is_dir() or (base / f"{top}.py").is_file()):
+        return  # path does not provide this package; it was meant to come from elsewhere
+    module = sys.modules.get(top)
+    locations = list(getattr(module, "__path__", None) or [getattr(module, "__file__", None)])
+    found = [Path(loc).resolve() for loc in locations if loc]
+    if found and not any(loc.is_relative_to(base) for loc in found):
+        raise TargetError(
+            f"target {target!r}: module {top!r} is already imported from {found[0]}, not from "
+            f"{base}; a Python process holds one module of a name (rename the package, or "
+            "restart the workers)"
+        )
+
+
+def _check_accepted(obj: Any, target: str) -> None:
+    """Refuse everything but a concrete Function subclass or an annotated factory function."""
+    if inspect.ismodule(obj):
+        raise TargetError(f"target {target!r} is a module; {ACCEPTED}")
+    if isinstance(obj, type):
+        if not issubclass(obj, Function):
+            raise TargetError(
+                f"target {target!r} is the class {obj.__qualname__}, which is not a Function "
+                f"subclass; {ACCEPTED}"
+            )
+        if inspect.isabstract(obj):
+            missing = ", ".join(sorted(getattr(obj, "__abstractmethods__", ())))
+            raise TargetError(
+                f"target {target!r} is the abstract class {obj.__qualname__}: implement {missing}"
+            )
+        return
+    if inspect.isfunction(obj) or inspect.ismethod(obj):
+        try:
+            returns = typing.get_type_hints(obj).get("return")
+        except Exception as exc:
+            raise TargetError(
+                f"target {target!r}: the annotations of {obj.__qualname__} cannot be resolved "
+                f"({type(exc).__name__}: {exc}); {ACCEPTED}"
+            ) from exc
+        if isinstance(returns, type) and issubclass(returns, Function):
+            return
+        shown = "no return annotation" if returns is None else f"return annotation {returns!r}"
+        raise TargetError(f"target {target!r} is the function {obj.__qualname__} with {shown}; {ACCEPTED}")
+    raise TargetError(f"target {target!r} is {_describe(obj)}, not a class or factory; {ACCEPTED}")
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, Function):
+        return f"a Function instance ({type(obj).__name__}); name its class or a factory instead"
+    if inspect.isbuiltin(obj):
+        return f"the built-in function {getattr(obj, '__name__', obj)!r}"
+    if callable(obj):
+        return f"a callable {type(obj).__name__} object"
+    return f"a value of type {type(obj).__name__}"
+
+
+def _signature(target: Any) -> inspect.Signature | None:
+    try:
+        return inspect.signature(target)
+    except (TypeError, ValueError):
+        return None
+
+
+def _accepts_dtype(signature: inspect.Signature | None) -> bool:
+    if signature is None or "dtype" not in signature.parameters:
+        return False
+    kind = signature.parameters["dtype"].kind
+    return kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def _validated(built: Any, spec: PythonSpec, takes_dtype: bool) -> Function:
+    """Check what the target built: a Function with positive sizes in the config's dtype."""
+    target = spec.target
+    if not isinstance(built, Function):
+        raise TargetError(f"target {target!r} returned {type(built).__name__}, not a jacrun Function")
+    for name in ("n_in", "n_out"):
+        value = getattr(built, name, None)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise TargetError(
+                f"target {target!r} built {type(built).__name__} with {name} = {value!r}; "
+                "it must be a positive int"
+            )
+    raw = getattr(built, "dtype", None)
+    try:
+        dtype = None if raw is None else np.dtype(raw)
+    except TypeError:
+        dtype = None
+    if dtype is None:
+        raise TargetError(
+            f"target {target!r} built {type(built).__name__} with dtype {raw!r}; "
+            "set self.dtype to np.dtype('float32') or np.dtype('float64')"
+        )
+    if dtype != np.dtype(spec.dtype):
+        hint = (
+            ""
+            if takes_dtype
+            else "; accept a `dtype` parameter (jacrun passes the section's "
+            "dtype) or set the section's dtype to match"
+        )
+        raise TargetError(f"target {target!r} computes in {dtype} but the config asks for {spec.dtype}{hint}")
+    if not isinstance(raw, np.dtype):
+        built.dtype = dtype  # normalise np.float64 (a type) or "float64" to the np.dtype
+    return built

@@ -1,0 +1,55 @@
+"""Test-only functions that misbehave on purpose, imported by workers through ``kind: python``."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+
+from jacrun.functions import Function
+
+
+class Tripwire(Function):
+    """y = sin(x), exact VJP/JVP; a block whose first row starts at ``trigger`` trips.
+
+    ``action``: ``raise`` (every time), ``raise-once`` (the first time per trigger, recorded in
+    ``flag_dir``), ``kill`` (SIGKILL its own worker process while ``flag_dir/armed`` exists).
+    """
+
+    def __init__(
+        self,
+        n: int = 3,
+        trigger: float = 999.0,
+        action: str = "raise",
+        flag_dir: str | None = None,
+        dtype: str = "float64",
+    ) -> None:
+        self.n_in = self.n_out = n
+        self.dtype = np.dtype(dtype)
+        self.trigger, self.action, self.flag_dir = trigger, action, flag_dir
+
+    def _trip(self, x: np.ndarray) -> None:
+        if not np.any(x[:, 0] == self.trigger):
+            return
+        flags = Path(self.flag_dir or ".")
+        if self.action == "raise":
+            raise RuntimeError(f"tripwire at {self.trigger}")
+        if self.action == "raise-once":
+            flag = flags / f"tripped-{os.getpid()}-{self.trigger}"
+            if not any(flags.glob(f"tripped-*-{self.trigger}")):
+                flag.write_text("1")
+                raise RuntimeError(f"tripwire at {self.trigger} (first time)")
+        if self.action == "kill" and (flags / "armed").exists():
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def forward_batch(self, x: np.ndarray) -> np.ndarray:
+        self._trip(x)
+        return np.sin(x)
+
+    def vjp_batch(self, x: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.forward_batch(x), v * np.cos(x)[:, None, :]
+
+    def jvp_batch(self, x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.forward_batch(x), t * np.cos(x)[:, None, :]
