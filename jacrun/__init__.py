@@ -13,7 +13,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from jacrun.api import load, plan, submit
+from jacrun.api import check_job, load, plan, submit
+from jacrun.checks import check
 from jacrun.config import JobConfig, config_from_dict, load_config
 from jacrun.errors import ConfigError, JacrunError, JobFailed
 from jacrun.functions import Function, FunctionSpec, build_function, register
@@ -28,6 +29,8 @@ __all__ = [
     "JobFailed",
     "Plan",
     "build_function",
+    "check",
+    "check_job",
     "config_from_dict",
     "load",
     "load_config",

@@ -27,6 +27,31 @@ def submit(config: JobConfig | str | Path, **options: Any):
     return run(_config(config), **options)
 
 
+def check_job(config: JobConfig | str | Path, *, samples: int = 8, vectors: int = 2, seed: int = 0):
+    """Gradient checks of a job's function on the first ``samples`` rows of its inputs.
+
+    Returns a list of :class:`jacrun.checks.CheckReport` (a float32 function gets a float64
+    recheck). Starts no cluster and writes nothing.
+    """
+    import numpy as np
+
+    from jacrun.checks import check_spec
+    from jacrun.errors import ConfigError
+    from jacrun.prepare import build
+    from jacrun.sources import open_inputs
+
+    config = _config(config)
+    function = build(config)
+    inputs = open_inputs(config.inputs, function.n_in)
+    rows = min(max(samples, 2), inputs.shape[0])
+    if rows < 2:
+        raise ConfigError("check: the inputs need at least 2 samples")
+    x = inputs.read(0, rows, np.dtype("float64"))
+    if not np.isfinite(x).all():
+        raise ConfigError(f"check: the first {rows} input samples contain non-finite values")
+    return check_spec(config.function, x, vectors=vectors, seed=seed)
+
+
 def load(store: str | Path, **options: Any):
     """Open a job's store as a lazy xarray Dataset; warns if the job is incomplete."""
     from jacrun.store import load as open_store

@@ -29,6 +29,16 @@ class BlockJob:
     inputs: RandomRows | ArrayRows
     vectors: VectorSource
     store: str
+    check: bool = False
+    """Run the gradient checks on a few rows of every block (``submit --check``)."""
+
+
+CHECK_ROWS = 4
+"""Rows of each block that ``submit --check`` checks."""
+
+
+class CheckFailed(RuntimeError):
+    """``submit --check``: the function failed a gradient check on this block's rows."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,8 @@ class BlockResult:
     products: int
     seconds: float
     nonfinite: dict[str, int]
+    checks: dict[str, float] | None = None
+    """check name -> relative error on this block's rows, when checked."""
 
 
 def worker_function(job: BlockJob) -> Function:
@@ -74,6 +86,7 @@ def run_block(job: BlockJob, i: int, j: int) -> BlockResult:
 
     start = time.perf_counter()
     function = worker_function(job)
+    checks = _check(job, function, i) if job.check and j == 0 else None
     x, y, result = compute_block(job, function, i, j)
     nonfinite = _finiteness(job, i, j, x, y, result)
     dtype = np.dtype(job.config.output_dtype)
@@ -85,7 +98,23 @@ def run_block(job: BlockJob, i: int, j: int) -> BlockResult:
         products=result.shape[0] * result.shape[1],
         seconds=time.perf_counter() - start,
         nonfinite=nonfinite,
+        checks=checks,
     )
+
+
+def _check(job: BlockJob, function: Function, i: int) -> dict[str, float] | None:
+    """Gradient checks on the block's first rows; raise CheckFailed naming what failed."""
+    from jacrun.checks import check
+
+    a, b = job.plan.block_rows(i)
+    rows = job.inputs.read(a, min(b, a + CHECK_ROWS), function.dtype)
+    if rows.shape[0] < 2 or not np.isfinite(rows).all():
+        return None
+    report = check(function, rows)
+    failed = [f"{r.name} error {r.error:.3g} > {r.tolerance:.3g}" for r in report.rows if not r.passed]
+    if failed:
+        raise CheckFailed(f"gradient check failed on samples {a}:{a + rows.shape[0]}: " + "; ".join(failed))
+    return {r.name: float(r.error) for r in report.rows}
 
 
 def _finiteness(

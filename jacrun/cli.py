@@ -78,6 +78,10 @@ def submit(
         Path | None, typer.Option(help="Write Dask's HTML performance report here.")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No plan, progress or summary.")] = False,
+    check: Annotated[
+        bool,
+        typer.Option("--check", help="Gradient-check a few rows of every block; a failure fails the job."),
+    ] = False,
 ) -> None:
     """Run a job: plan, start or join the cluster, compute the missing blocks, write the store.
 
@@ -222,6 +226,37 @@ def show(store_path: StoreArg) -> None:
     if throughput:
         table.add_row("throughput", f"{throughput.get('samples_per_second', 0):,.0f} samples/s")
     out.print(table)
+
+
+@app.command()
+@user_errors
+def check(
+    config: ConfigArg,
+    overrides: SetOpt = None,
+    samples: Annotated[int, typer.Option(min=2, help="Input rows to check (the first ones).")] = 8,
+    vectors: Annotated[int, typer.Option(min=1, help="Random vectors per sample.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of the random vectors and tangents.")] = 0,
+) -> None:
+    """Gradient checks of the job's function: finite differences, dot-product, basis, row independence.
+
+    Runs on the first --samples input rows, in process (no cluster, no store). Exit 0 when
+    every check passes, 1 when any fails.
+    """
+    from jacrun.api import check_job
+
+    reports = check_job(_load(config, overrides), samples=samples, vectors=vectors, seed=seed)
+    for report in reports:
+        out.print(report.table())
+    failed = [
+        f"{report.label}: {row.name} error {row.error:.3g} > tolerance {row.tolerance:.3g}"
+        for report in reports
+        for row in report.rows
+        if not row.passed
+    ]
+    if failed:
+        err.print("[red]checks failed:[/] " + "; ".join(escape(line) for line in failed))
+        raise typer.Exit(1)
+    out.print("[green]all checks passed[/]")
 
 
 @app.command()

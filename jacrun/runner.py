@@ -165,12 +165,17 @@ def submit(
     progress: bool = True,
     console: Console | None = None,
     performance_report: str | Path | None = None,
+    check: bool = False,
 ) -> Summary:
-    """Run a job to completion (or failure) and return what happened."""
+    """Run a job to completion (or failure) and return what happened.
+
+    ``check`` runs the gradient checks on a few rows of every block inside the job and
+    records them in the store's attributes; a failed check fails its block.
+    """
     console = console or Console()
     job = prepare(config)
     job = open_output(job, overwrite or config.output.overwrite)
-    run = Run(job, console, progress)
+    run = Run(job, console, progress, check)
     if not run.pending:
         if progress:
             console.print(f"All {job.plan.n_blocks} blocks already done in {run.path}.")
@@ -211,8 +216,9 @@ def _has_dashboard(client) -> bool:
 class Run:
     """One invocation of a job: the pending blocks, their results, and the run's record in the store."""
 
-    def __init__(self, job: PreparedJob, console: Console, progress: bool) -> None:
+    def __init__(self, job: PreparedJob, console: Console, progress: bool, check: bool = False) -> None:
         self.job = job
+        self.check = check
         self.plan = job.plan
         self.path = str(job.config.output.store)
         self.console = console
@@ -249,7 +255,7 @@ class Run:
 
         config = self.job.config
         block_job = BlockJob(
-            config, self.job.config_hash, self.plan, self.job.inputs, self.job.vectors, self.path
+            config, self.job.config_hash, self.plan, self.job.inputs, self.job.vectors, self.path, self.check
         )
         shared = client.scatter(block_job, broadcast=True, hash=False)
         prefix = f"jacrun-{config.name}-{self.job.config_hash[:10]}"
@@ -292,6 +298,24 @@ class Run:
         self.failed[i, j] = f"block ({i}, {j}) samples {a}:{b}: {type(error).__name__}: {error}"
         bar.fail(self.failed[i, j])
 
+    def _checks_summary(self) -> dict[str, Any]:
+        """``submit --check``: worst error per check over the checked blocks, and the verdict."""
+        from jacrun.checks import TOLERANCES
+
+        checked = [r.checks for r in self.results if r.checks]
+        worst: dict[str, float] = {}
+        for errors in checked:
+            for name, error in errors.items():
+                worst[name] = max(worst.get(name, 0.0), error)
+        failed = [message for message in self.failed.values() if "CheckFailed" in message]
+        return {
+            "blocks_checked": len(checked) + len(failed),
+            "passed": not failed,
+            "worst": worst,
+            "tolerances": TOLERANCES[str(self.job.function.dtype)],
+            "failures": failed[:20],
+        }
+
     def finalize(self, dashboard: str | None) -> Summary:
         """Count markers (the truth); record the run, status, throughput and non-finite counts."""
         seconds = time.perf_counter() - self.started
@@ -326,8 +350,14 @@ class Run:
             failures=self.failures[:20],
             blocks_lost=self.lost,
         )
+        extra = {"checks": self._checks_summary()} if self.check else {}
         self._save_progress(
-            done - self.already, status=status, blocks_done=done, nonfinite=nonfinite, throughput=throughput
+            done - self.already,
+            status=status,
+            blocks_done=done,
+            nonfinite=nonfinite,
+            throughput=throughput,
+            **extra,
         )
         return Summary(
             store=self.path,

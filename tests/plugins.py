@@ -53,3 +53,21 @@ class Tripwire(Function):
 
     def jvp_batch(self, x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.forward_batch(x), t * np.cos(x)[:, None, :]
+
+
+class WrongVJP(Function):
+    """y = sin(x) with a VJP that is off by ``factor`` (a bug the checks must catch)."""
+
+    def __init__(self, n: int = 3, factor: float = 1.01, dtype: str = "float64") -> None:
+        self.n_in = self.n_out = n
+        self.dtype = np.dtype(dtype)
+        self.factor = factor
+
+    def forward_batch(self, x: np.ndarray) -> np.ndarray:
+        return np.sin(x)
+
+    def vjp_batch(self, x: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.sin(x), self.factor * v * np.cos(x)[:, None, :]
+
+    def jvp_batch(self, x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.sin(x), t * np.cos(x)[:, None, :]
