@@ -13,6 +13,16 @@ from jacrun.plan import Plan
 from jacrun.sources import ArrayRows, RandomRows, VectorSource
 
 _FUNCTIONS: dict[str, Function] = {}
+_BLAS_THREADS: list[int] = []
+
+
+def limit_blas(threads: int) -> None:
+    """Limit this process's BLAS/OpenMP pools to ``threads`` (once; threadpoolctl is not free)."""
+    if [threads] != _BLAS_THREADS:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=threads)
+        _BLAS_THREADS[:] = [threads]
 
 
 class NonFiniteError(ValueError):
@@ -31,6 +41,8 @@ class BlockJob:
     store: str
     check: bool = False
     """Run the gradient checks on a few rows of every block (``submit --check``)."""
+    blas_threads: int = 1
+    """BLAS threads per worker thread (no oversubscription), set once per worker process."""
 
 
 CHECK_ROWS = 4
@@ -85,6 +97,7 @@ def run_block(job: BlockJob, i: int, j: int) -> BlockResult:
     from jacrun.store import write_block
 
     start = time.perf_counter()
+    limit_blas(job.blas_threads)
     function = worker_function(job)
     checks = _check(job, function, i) if job.check and j == 0 else None
     x, y, result = compute_block(job, function, i, j)

@@ -151,9 +151,13 @@ def plan(config: ConfigArg, overrides: SetOpt = None) -> None:
 
 
 def plan_table(job) -> Table:
+    from jacrun.cluster import blas_threads
     from jacrun.plan import fmt_bytes
 
     p = job.plan
+    cluster = job.config.cluster
+    threads = getattr(cluster, "threads_per_worker", 1)
+    estimate = "unknown" if p.estimated_seconds is None else f"{p.estimated_seconds:.1f} s of kernels"
     table = Table(title=f"plan: {job.config.name}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
@@ -174,6 +178,11 @@ def plan_table(job) -> Table:
         ),
         ("FLOPs per block", flops),
         ("output size", f"{fmt_bytes(p.output_bytes)} uncompressed"),
+        (
+            "estimated runtime",
+            f"{estimate} on {p.workers} worker(s) ({p.seconds_per_block or 0:.2f} s per block)",
+        ),
+        ("threads", f"{threads} per worker x {blas_threads(cluster)} BLAS thread(s) each"),
         ("store", str(job.config.output.store)),
     ]
     for key, value in rows:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 
 from jacrun.config import AddressClusterConfig, JobqueueClusterConfig, LocalClusterConfig
@@ -51,6 +52,19 @@ def connect(config: LocalClusterConfig | AddressClusterConfig, scheduler: str | 
         Client(cluster) as client,
     ):
         yield client
+
+
+def blas_threads(config: LocalClusterConfig | AddressClusterConfig | JobqueueClusterConfig) -> int:
+    """BLAS threads per worker thread, so that worker threads x BLAS threads <= the cores.
+
+    A local cluster shares this machine's cores among its workers' threads; on other
+    clusters each worker thread already has a core of its own (dask-jobqueue gives a job's
+    worker processes cores / processes threads), so BLAS gets one thread per worker thread.
+    """
+    if isinstance(config, LocalClusterConfig):
+        cores = os.cpu_count() or 1
+        return max(1, cores // (config.workers * config.threads_per_worker))
+    return 1
 
 
 def quiet_dask_logs() -> None:

@@ -20,6 +20,10 @@ MIN_AUTO_ROWS = 256
 """``auto`` keeps at least this many rows per block (when N allows) before splitting vectors."""
 BLOCKS_PER_WORKER = 4
 """``auto`` aims for at least this many blocks per worker, for balance and progress."""
+TARGET_BLOCK_SECONDS = 1.0
+"""``auto`` aims for blocks of about this long (when the kernel was timed)..."""
+MIN_BLOCK_SECONDS = 0.2
+"""...and never shorter than this (unless the whole job is), so per-task overhead stays small."""
 
 
 class PlanError(ConfigError):
@@ -49,6 +53,9 @@ class Plan:
     task_memory: int
     worker_memory: int | None
     warnings: tuple[str, ...] = field(default=())
+    seconds_per_block: float | None = None
+    """Projected kernel time of one full block, from timing a small block in process."""
+    workers: int = 1
 
     # ---- derived -----------------------------------------------------------------------------
 
@@ -103,6 +110,14 @@ class Plan:
         return total * self.output_itemsize
 
     @property
+    def estimated_seconds(self) -> float | None:
+        """Projected wall time of the whole job's kernels on ``workers`` workers."""
+        if self.seconds_per_block is None:
+            return None
+        waves = math.ceil(self.n_blocks / max(self.workers, 1))
+        return waves * self.seconds_per_block
+
+    @property
     def total_flops(self) -> float:
         return self.flops_per_block * self.n_blocks
 
@@ -130,6 +145,7 @@ class Plan:
         )
         if math.isnan(data["flops_per_block"]):
             data["flops_per_block"] = None
+        data["estimated_seconds"] = self.estimated_seconds
         return data
 
 
@@ -190,8 +206,13 @@ def make_plan(
     workers: int,
     work_bytes: WorkModel,
     flops: WorkModel,
+    seconds_per_row: Callable[[int], float] | None = None,
 ) -> Plan:
-    """Choose the block shape and project its cost; raise PlanError when it cannot fit."""
+    """Choose the block shape and project its cost; raise PlanError when it cannot fit.
+
+    ``seconds_per_row(k)`` (from timing a small block) lets ``auto`` aim for blocks of about
+    TARGET_BLOCK_SECONDS; without it, ``auto`` uses memory and balance alone.
+    """
     if samples <= 0 or vectors <= 0 or n_in <= 0 or n_out <= 0:
         raise PlanError(f"empty job: samples={samples}, vectors={vectors}, n_in={n_in}, n_out={n_out}")
 
@@ -211,6 +232,7 @@ def make_plan(
         )
 
     budget = task_memory
+    per_row: float | None = None
     k = vectors if chunk_vectors == "auto" else min(chunk_vectors, vectors)
     if chunk_vectors == "auto":
         floor_rows = min(samples, MIN_AUTO_ROWS) if chunk_samples == "auto" else min(chunk_samples, samples)
@@ -224,6 +246,11 @@ def make_plan(
                 f"{k} vector(s) needs {fmt_bytes(memory(1, k))}"
             )
         balanced = max(MIN_AUTO_ROWS, math.ceil(samples / (BLOCKS_PER_WORKER * max(workers, 1))))
+        per_row = seconds_per_row(k) if seconds_per_row is not None else None
+        per_row = per_row if per_row and per_row > 0 else None  # 0: the timing failed
+        if per_row is not None:
+            rows = min(rows, max(1, int(TARGET_BLOCK_SECONDS / per_row)))
+            balanced = max(balanced, math.ceil(MIN_BLOCK_SECONDS / per_row))
         rows = min(rows, balanced, samples)
         if rows >= 128:
             rows = rows // 64 * 64
@@ -259,6 +286,8 @@ def make_plan(
         task_memory=budget,
         worker_memory=worker_memory,
         warnings=tuple(warnings),
+        seconds_per_block=None if per_row is None else per_row * rows,
+        workers=workers,
     )
 
 

@@ -6,10 +6,14 @@ shapes against the function) and plans the block grid. Any problem is a ConfigEr
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from jacrun.cluster import blas_threads
 from jacrun.config import AddressClusterConfig, JobConfig
 from jacrun.errors import ConfigError
 from jacrun.functions import Function, build_function, resolve_strategy
@@ -44,11 +48,75 @@ def build(config: JobConfig) -> Function:
     try:
         return build_function(config.function)
     except (ValueError, TypeError, OSError, KeyError) as exc:
-        raise ConfigError(f"function: {exc}") from None
+        # "weights file w.npz: W0 has shape ..." is about function.weights (matrix, bias, target)
+        first = str(exc).split(" ", 1)[0]
+        key = f"function.{first}" if first in config.function.model_fields_set - {"kind"} else "function"
+        raise ConfigError(f"{key}: {exc}") from None
 
 
-def prepare(config: JobConfig, function: Function | None = None) -> PreparedJob:
-    """Build, open, check and plan; raise ConfigError on any mismatch."""
+def kernel_timer(function: Function, inputs, vectors: VectorSource, reverse: bool, blas_threads: int):
+    """``seconds_per_row(k)``: the kernel timed in process on a few rows (more if fast), cached.
+
+    Timed with the BLAS thread count a worker thread will have, so the estimate is a worker's.
+    """
+    from threadpoolctl import threadpool_limits
+
+    kernel = function.vjp_batch if reverse else function.jvp_batch
+    cache: dict[int, float] = {}
+
+    def seconds_per_row(k: int) -> float:
+        if k not in cache:
+            elapsed, rows = 0.0, 1
+            with threadpool_limits(limits=blas_threads), contextlib.suppress(Exception):
+                for size in (8, 128, 1024):
+                    rows = min(size, inputs.shape[0])
+                    x = inputs.read(0, rows, function.dtype)
+                    v = vectors.read(0, rows, 0, k, function.dtype)
+                    elapsed = _best_of(kernel, x, v, repeats=2)
+                    if elapsed > CALIBRATION_SECONDS or rows == inputs.shape[0]:
+                        break
+            cache[k] = elapsed / rows
+        return cache[k]
+
+    return seconds_per_row
+
+
+CALIBRATION_SECONDS = 0.02
+"""Time 8 rows first; while a timing is faster than this, time again on 16x more rows."""
+
+
+def _best_of(run, *args, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(*args)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _located(prepare_job):
+    """Give a ConfigError raised after loading (``inputs.path: ... has shape ...``) the config
+    file and YAML line of its key (``job.yaml:9: inputs.path: ...``), see ``JobConfig.locate``."""
+
+    @functools.wraps(prepare_job)
+    def wrapper(config: JobConfig, *args, **kwargs) -> PreparedJob:
+        try:
+            return prepare_job(config, *args, **kwargs)
+        except ConfigError as exc:
+            exc.args = (config.locate(str(exc)), *exc.args[1:])
+            raise
+
+    return wrapper
+
+
+@_located
+def prepare(config: JobConfig, function: Function | None = None, calibrate: bool = True) -> PreparedJob:
+    """Build, open, check and plan; raise ConfigError on any mismatch.
+
+    ``calibrate`` times the kernel on a few rows so ``auto`` chunks aim for ~1 s blocks and
+    the plan can estimate the runtime (only with ``chunks.samples: auto``; a kernel that
+    raises here is left to fail, with a clear message, in its block).
+    """
     function = function or build(config)
     inputs = open_inputs(config.inputs, function.n_in)
     samples = inputs.shape[0]
@@ -63,6 +131,9 @@ def prepare(config: JobConfig, function: Function | None = None) -> PreparedJob:
     workers = 1 if isinstance(cluster, AddressClusterConfig) else cluster.workers
     worker_memory = None if isinstance(cluster, AddressClusterConfig) else int(cluster.memory_limit)
     kernel_mode = config.mode if config.mode != "jacobian" else ("vjp" if strategy == "rev" else "jvp")
+    timer = None
+    if calibrate and config.chunks.samples == "auto":
+        timer = kernel_timer(function, inputs, vectors, kernel_mode == "vjp", blas_threads(config.cluster))
     plan = make_plan(
         mode=config.mode,
         samples=samples,
@@ -82,5 +153,6 @@ def prepare(config: JobConfig, function: Function | None = None) -> PreparedJob:
         workers=workers,
         work_bytes=lambda rows, k: function.work_bytes(rows, k, kernel_mode),
         flops=lambda rows, k: function.flops(rows, k, kernel_mode),
+        seconds_per_row=timer,
     )
     return PreparedJob(config, function, inputs, vectors, plan)

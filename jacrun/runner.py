@@ -19,8 +19,8 @@ from rich.console import Console
 
 from jacrun import store
 from jacrun.block import BlockJob, BlockResult, run_block
-from jacrun.cluster import connect, insecure_address_warning
-from jacrun.config import JobConfig
+from jacrun.cluster import blas_threads, connect, insecure_address_warning
+from jacrun.config import JobConfig, with_scheduler
 from jacrun.errors import ConfigError
 from jacrun.prepare import PreparedJob, prepare
 from jacrun.progress import BlockProgress
@@ -176,6 +176,8 @@ def submit(
     job = prepare(config)
     job = open_output(job, overwrite or config.output.overwrite)
     run = Run(job, console, progress, check)
+    if scheduler:
+        run.cluster_config = with_scheduler(config, scheduler).cluster
     if not run.pending:
         if progress:
             console.print(f"All {job.plan.n_blocks} blocks already done in {run.path}.")
@@ -219,6 +221,7 @@ class Run:
     def __init__(self, job: PreparedJob, console: Console, progress: bool, check: bool = False) -> None:
         self.job = job
         self.check = check
+        self.cluster_config = job.config.cluster
         self.plan = job.plan
         self.path = str(job.config.output.store)
         self.console = console
@@ -255,7 +258,14 @@ class Run:
 
         config = self.job.config
         block_job = BlockJob(
-            config, self.job.config_hash, self.plan, self.job.inputs, self.job.vectors, self.path, self.check
+            config,
+            self.job.config_hash,
+            self.plan,
+            self.job.inputs,
+            self.job.vectors,
+            self.path,
+            self.check,
+            blas_threads(self.cluster_config),
         )
         shared = client.scatter(block_job, broadcast=True, hash=False)
         prefix = f"jacrun-{config.name}-{self.job.config_hash[:10]}"

@@ -240,7 +240,11 @@ def test_a_block_that_kills_its_worker_fails_the_job_and_the_store_resumes(tmp_p
     (tmp_path / "flags" / "armed").write_text("1")
     raw = tripwire_job(tmp_path, "kill", cluster={"kind": "local", "workers": 2, "dashboard": None})
     config = write_config(tmp_path, raw)
-    env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1"}
+    env = {  # one task per worker at a time: no innocent bystander dies with the bad block
+        **os.environ,
+        "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1",
+        "DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION": "1.0",
+    }
     result = subprocess.run(
         [sys.executable, "-m", "jacrun", "submit", str(config)],
         capture_output=True,
