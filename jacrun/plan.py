@@ -251,9 +251,7 @@ def make_plan(
         if per_row is not None:
             rows = min(rows, max(1, int(TARGET_BLOCK_SECONDS / per_row)))
             balanced = max(balanced, math.ceil(MIN_BLOCK_SECONDS / per_row))
-        rows = min(rows, balanced, samples)
-        if rows >= 128:
-            rows = rows // 64 * 64
+        rows = _even_rows(min(rows, balanced, samples), samples)
     else:
         rows = min(chunk_samples, samples)
     projected = memory(rows, k)
@@ -289,6 +287,18 @@ def make_plan(
         seconds_per_block=None if per_row is None else per_row * rows,
         workers=workers,
     )
+
+
+def _even_rows(cap: int, samples: int) -> int:
+    """Rows per block for blocks of equal size (no ragged sliver), at most ``cap``.
+
+    Rounded up to a multiple of 64 (friendlier to BLAS and to chunk sizes) when that still
+    fits the cap and adds no block.
+    """
+    blocks = math.ceil(samples / cap)
+    rows = math.ceil(samples / blocks)
+    rounded = math.ceil(rows / 64) * 64
+    return rounded if rows >= 64 and rounded <= cap else rows
 
 
 def _rows_within(memory: Callable[[int, int], int], k: int, budget: int, samples: int) -> int:
