@@ -31,11 +31,11 @@ def connect(config: LocalClusterConfig | AddressClusterConfig, scheduler: str | 
                 tls_client_key=str(config.tls.key_file),
                 require_encryption=True,
             )
-        with Client(config.address, security=security, timeout="30s") as client:
+        with Client(config.address, security=security, timeout="30s", set_as_default=False) as client:
             yield client
         return
     if isinstance(config, JobqueueClusterConfig):
-        with jobqueue_cluster(config) as cluster, Client(cluster) as client:
+        with jobqueue_cluster(config) as cluster, Client(cluster, set_as_default=False) as client:
             cluster.scale(jobs=config.jobs)
             yield client
         return
@@ -49,7 +49,7 @@ def connect(config: LocalClusterConfig | AddressClusterConfig, scheduler: str | 
             processes=True,
             silence_logs=logging.CRITICAL,  # jacrun reports failed blocks itself
         ) as cluster,
-        Client(cluster) as client,
+        Client(cluster, set_as_default=False) as client,
     ):
         yield client
 

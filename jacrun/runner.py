@@ -281,7 +281,7 @@ class Run:
         total = self.plan.n_blocks
         with BlockProgress(self.console, total=total, done=self.already, enabled=self.progress) as bar:
             try:
-                for future in as_completed(futures):
+                for future in as_completed(futures, loop=client.loop):
                     self._collect(future, futures[future], bar)
                     if time.monotonic() - last_save > ATTR_UPDATE_SECONDS:
                         self._save_progress(blocks_done=self.already + len(self.results))

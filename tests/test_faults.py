@@ -318,3 +318,27 @@ def test_local_cluster_listens_on_loopback_only():
         assert client.dashboard_link.startswith("http://127.0.0.1:")
     assert len(opened) >= 4  # scheduler, dashboard, two workers (and their nannies)
     assert {ip for ip, _ in opened} == {"127.0.0.1"}, opened
+
+
+def test_two_jobs_on_one_scheduler_never_share_task_keys(tmp_path, scheduler_address):
+    """Same name, same shapes, other seeds, submitted at once: keys carry the config hash."""
+    configs = [
+        config_from_dict(
+            job_config(store=f"job{seed}.zarr", inputs={"kind": "random", "samples": 400, "seed": seed}),
+            tmp_path,
+        )
+        for seed in (1, 2)
+    ]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        summaries = list(
+            pool.map(lambda cfg: jacrun.submit(cfg, scheduler=scheduler_address, progress=False), configs)
+        )
+    assert all(s.ok for s in summaries)
+    one, two = (jacrun.load(cfg.output.store) for cfg in configs)
+    assert not np.allclose(one.y.values, two.y.values)
+    for cfg, ds in zip(configs, (one, two), strict=True):
+        alone = config_from_dict(
+            job_config(store=f"alone-{cfg.inputs.seed}.zarr", inputs=cfg.inputs.model_dump()), tmp_path
+        )
+        assert jacrun.submit(alone, scheduler=scheduler_address, progress=False).ok
+        np.testing.assert_array_equal(ds.vjp.values, jacrun.load(alone.output.store).vjp.values)
