@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,6 +24,7 @@ from pydantic import (
     Field,
     NonNegativeInt,
     PositiveInt,
+    PrivateAttr,
     SerializeAsAny,
     ValidationError,
     field_validator,
@@ -34,6 +36,8 @@ from jacrun.functions import FunctionSpec, kinds, parse_spec
 from jacrun.paths import InputPath, OutputPath
 
 Dtype = Literal["float32", "float64"]
+Loc = tuple[Any, ...]
+_KEY_PREFIX = re.compile(r"([A-Za-z_]\w*(?:\.\w+)*): ")
 
 
 class Strict(BaseModel):
@@ -244,6 +248,9 @@ class JobConfig(Strict):
     nan_policy: Literal["raise", "propagate"] = "raise"
     retries: NonNegativeInt = Field(2, description="times a failed block is retried")
 
+    _source: tuple[str, dict[Loc, int], frozenset[Loc]] | None = PrivateAttr(None)
+    """(file name, YAML line of every key path, keys set by --set), for :meth:`locate`."""
+
     @model_validator(mode="before")
     @classmethod
     def _local_by_default(cls, data: Any) -> Any:
@@ -259,6 +266,26 @@ class JobConfig(Strict):
         if self.mode != "jacobian" and self.vectors is None:
             raise ValueError(f"vectors: required in mode {self.mode} (e.g. kind: random)")
         return self
+
+    def locate(self, message: str) -> str:
+        """``job.yaml:12: inputs.path: ...`` for a message that starts with a config key.
+
+        For problems found after loading (an input file's shape, the plan, the store): the
+        message gets the file and YAML line of its key, or ``--set KEY`` when the key came
+        from an override. Messages that start otherwise, and in-memory configs, are unchanged.
+        """
+        match = _KEY_PREFIX.match(message)
+        if self._source is None or match is None:
+            return message
+        loc = tuple(int(p) if p.isdigit() else p for p in match.group(1).split("."))
+        if loc[0] not in type(self).model_fields:
+            return message
+        filename, lines, overridden = self._source
+        for depth in range(len(loc), 0, -1):
+            if loc[:depth] in overridden:
+                return f"--set {'.'.join(map(str, loc[:depth]))}: {message}"
+        line = next((lines[loc[:d]] for d in range(len(loc), 0, -1) if loc[:d] in lines), None)
+        return f"{filename}:{line}: {message}" if line else f"{filename}: {message}"
 
     @property
     def compute_dtype(self) -> str:
@@ -290,8 +317,6 @@ class JobConfig(Strict):
 
 # ---- loading ---------------------------------------------------------------------------------
 
-Loc = tuple[Any, ...]
-
 
 def load_config(
     path: str | Path,
@@ -308,13 +333,22 @@ def load_config(
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config: {exc.strerror or exc}") from None
     data, lines = parse_yaml(text, str(path))
+    if data is None and not overrides:
+        raise ConfigError(
+            f"{path}: the config is empty; a job needs at least mode, function, inputs, vectors "
+            "(except in mode jacobian) and output"
+        )
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}:1: the config must be a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}:{lines.get((), 1)}: the config must be a mapping of keys, got {type(data).__name__}"
+        )
     overridden = apply_overrides(data, overrides, str(path))
     data.setdefault("name", _default_name(path))
-    return validate(data, path.parent.resolve(), str(path), lines, overridden)
+    config = validate(data, path.parent.resolve(), str(path), lines, overridden)
+    config._source = (str(path), lines, frozenset(overridden))
+    return config
 
 
 def config_from_dict(data: Mapping[str, Any], base_dir: str | Path | None = None) -> JobConfig:
@@ -366,6 +400,9 @@ def _yaml_message(exc: yaml.YAMLError, filename: str) -> str:
     problem = getattr(exc, "problem", None) or str(exc)
     if isinstance(exc, yaml.constructor.ConstructorError) and "tag" in str(problem):
         problem = f"{problem} (YAML tags are not allowed in job configs)"
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark is not None and mark is not None and context_mark.line != mark.line:
+        problem = f"{problem} ({context} started on line {context_mark.line + 1})"
     return f"{filename}{line}: invalid YAML: {problem}"
 
 
@@ -449,8 +486,26 @@ def validate(
                 continue  # already reported in detail above
             problems.append(_problem(data, (), error))
     if problems:
-        raise ConfigError("\n".join(_format(filename, loc, msg, lines, overridden) for loc, msg in problems))
+        merged = _merge(problems)
+        raise ConfigError("\n".join(_format(filename, loc, msg, lines, overridden) for loc, msg in merged))
     return config
+
+
+def _merge(problems: list[tuple[Loc, str]]) -> list[tuple[Loc, str]]:
+    """One line per key: a value that fits no branch of a union (``PositiveInt | 'auto'``) reads
+    ``Input should be greater than 0 or 'auto'``; repeated messages are dropped."""
+    by_loc: dict[Loc, list[str]] = {}
+    for loc, message in problems:
+        if message not in by_loc.setdefault(loc, []):
+            by_loc[loc].append(message)
+    merged: list[tuple[Loc, str]] = []
+    should = "Input should be "
+    for loc, messages in by_loc.items():
+        if len(messages) > 1 and all(m.startswith(should) for m in messages):
+            merged.append((loc, should + " or ".join(m.removeprefix(should) for m in messages)))
+        else:
+            merged += [(loc, m) for m in messages]
+    return merged
 
 
 def _problem(root: Mapping[str, Any], prefix: Loc, error: Mapping[str, Any]) -> tuple[Loc, str]:
@@ -461,25 +516,56 @@ def _problem(root: Mapping[str, Any], prefix: Loc, error: Mapping[str, Any]) -> 
     loc = (*prefix, *_clean_loc(section, tuple(error["loc"])))
     message = error["msg"]
     kind = error["type"]
+    value = error.get("input")
     if kind == "extra_forbidden":
         message = "unknown key" + _suggestion(root, loc)
     elif kind == "missing":
         message = "required key is missing"
     elif kind == "value_error":
         message = message.removeprefix("Value error, ")
+        key, sep, rest = message.partition(": ")
+        if not loc and sep and key in JobConfig.model_fields:  # "vectors: ..." from a model check
+            loc, message = (key,), rest
     elif kind == "union_tag_invalid":
         expected = error.get("ctx", {}).get("expected_tags", "")
-        message = f"unknown kind {error['input'].get('kind')!r}; expected one of {expected}"
+        message = f"unknown kind {value.get('kind')!r}; expected one of {expected}"
         loc = (*loc, "kind")
+    elif kind == "union_tag_not_found":
+        message = f"required key is missing; one of {_kinds_of(loc)}"
+        loc = (*loc, "kind")
+    elif kind in {"model_type", "model_attributes_type", "dict_type"}:
+        message = f"must be a section of keys (key: value lines), got {type(value).__name__} {value!r}"
+    elif kind in {"byte_size", "byte_size_unit"}:
+        message = f"expected a size like 4GiB or 512MiB, got {value!r}"
+    elif kind == "string_pattern_mismatch" and loc and loc[-1] in _PATTERN_HINTS:
+        message = f"expected {_PATTERN_HINTS[loc[-1]]}, got {value!r}"
     return loc, message
+
+
+_PATTERN_HINTS = {
+    "name": "letters, digits and _ . - (starting with a letter or digit, at most 64)",
+    "address": "a scheduler address like tcp://host:8786 or tls://host:8786",
+    "walltime": "HH:MM:SS or D-HH:MM:SS, e.g. 01:00:00",
+}
+
+
+def _kinds_of(loc: Loc) -> str:
+    """The accepted ``kind`` values of a tagged-union section, e.g. 'random', 'zarr', 'npy'."""
+    members = _UNION_MEMBERS.get(loc[-1:], {})
+    return ", ".join(repr(k) for k in members) or "see the README"
 
 
 def _clean_loc(data: Any, loc: Loc) -> Loc:
     """Drop the discriminator tags pydantic inserts into locations (``inputs.random.samples``)."""
     clean: list[Any] = []
-    node = data
-    for part in loc:
+    node: Any = data
+    for index, part in enumerate(loc):
         if isinstance(node, Mapping):
+            if node.get("kind") == part and index + 1 < len(loc):
+                # the tag of a tagged union, before the field (cluster kind 'address' also has
+                # a field 'address'): skip it once
+                node = {**node, "kind": _UNKNOWN}
+                continue
             if part in node:
                 clean.append(part)
                 node = node[part]
@@ -487,14 +573,18 @@ def _clean_loc(data: Any, loc: Loc) -> Loc:
             if node.get("kind") == part or part in {"function-after", "model-fields"}:
                 continue
             clean.append(part)
-            node = None
+            node = _UNKNOWN
         elif isinstance(node, list) and isinstance(part, int) and part < len(node):
             clean.append(part)
             node = node[part]
-        else:
+        elif node is _UNKNOWN:
             clean.append(part)
-            node = None
+        else:
+            break  # a scalar has no keys: the rest names union branches ('constrained-int')
     return tuple(clean)
+
+
+_UNKNOWN = object()
 
 
 _SECTION_FIELDS: dict[Loc, Iterable[str]] = {
@@ -503,15 +593,35 @@ _SECTION_FIELDS: dict[Loc, Iterable[str]] = {
     ("chunks",): ChunksConfig.model_fields,
 }
 
+_UNION_MEMBERS: dict[Loc, dict[str, type[BaseModel]]] = {
+    ("inputs",): {"random": RandomInputs, "zarr": ZarrInputs, "npy": NpyInputs},
+    ("vectors",): {
+        "random": RandomVectors,
+        "basis": BasisVectors,
+        "ones": OnesVectors,
+        "zarr": ZarrVectors,
+        "npy": NpyVectors,
+    },
+    ("cluster",): {
+        "local": LocalClusterConfig,
+        "address": AddressClusterConfig,
+        "slurm": JobqueueClusterConfig,
+        "pbs": JobqueueClusterConfig,
+    },
+}
+
 
 def _suggestion(data: Any, loc: Loc) -> str:
     """``; did you mean 'samples'?`` for a misspelt key of a known section."""
     fields = _SECTION_FIELDS.get(loc[:-1])
+    section = data.get(loc[0]) if isinstance(data, Mapping) and len(loc) == 2 else None
+    kind = section.get("kind") if isinstance(section, Mapping) else None
     if fields is None and loc[:1] == ("function",) and len(loc) == 2:
-        fn = data.get("function") if isinstance(data, Mapping) else None
-        kind = fn.get("kind") if isinstance(fn, Mapping) else None
         if kind in kinds():
             fields = kinds()[kind].spec_model.model_fields
+    elif fields is None and loc[:-1] in _UNION_MEMBERS and len(loc) == 2:
+        model = _UNION_MEMBERS[loc[:-1]].get(kind or ("local" if loc[0] == "cluster" else ""))
+        fields = model.model_fields if model else None
     if not fields or not loc:
         return ""
     close = difflib.get_close_matches(str(loc[-1]), list(fields), n=1)

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -25,6 +26,7 @@ from jacrun.sources import (
     basis_source,
     open_inputs,
     open_vectors,
+    unreadable,
 )
 
 
@@ -43,8 +45,24 @@ class PreparedJob:
         return self.config.content_hash()
 
 
+def _check_array_files(spec) -> None:
+    """Refuse a function's .npy/.npz file (weights, matrix, bias) that NumPy cannot read."""
+    for name in sorted(spec.model_fields_set):
+        path = getattr(spec, name)
+        if not isinstance(path, Path) or path.suffix not in {".npy", ".npz"} or not path.is_file():
+            continue
+        try:
+            with contextlib.ExitStack() as stack:
+                data = np.load(path, mmap_mode="r", allow_pickle=False)
+                if hasattr(data, "close"):
+                    stack.callback(data.close)
+        except Exception as exc:  # noqa: BLE001 - any failure to read is the user's file
+            raise ConfigError(f"function.{name}: cannot read {path}: {unreadable(exc)}") from None
+
+
 def build(config: JobConfig) -> Function:
     """The job's function; a build failure is the user's config problem."""
+    _check_array_files(config.function)
     try:
         return build_function(config.function)
     except (ValueError, TypeError, OSError, KeyError) as exc:

@@ -174,7 +174,10 @@ def submit(
     """
     console = console or Console()
     job = prepare(config)
-    job = open_output(job, overwrite or config.output.overwrite)
+    try:
+        job = open_output(job, overwrite or config.output.overwrite)
+    except ConfigError as exc:
+        raise ConfigError(config.locate(str(exc))) from None
     run = Run(job, console, progress, check)
     if scheduler:
         run.cluster_config = with_scheduler(config, scheduler).cluster

@@ -90,13 +90,21 @@ def _open_array(path: str, array: str | None, fmt: str):
     return zarr.open_array(store=path, path=array or "", mode="r")
 
 
+def unreadable(exc: BaseException) -> str:
+    """Why a user's array file could not be read, in words (never NumPy's advice to unpickle)."""
+    text = str(exc)
+    if "pickled" in text:
+        return "not a NumPy array file (NumPy would read it as pickled objects, which jacrun never loads)"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def open_array_checked(path: Path, array: str | None, fmt: str, key: str) -> tuple[tuple[int, ...], str]:
     """Shape and dtype of an input array; a readable ConfigError naming ``key`` otherwise."""
     try:
         data = _open_array(str(path), array, fmt)
     except Exception as exc:  # noqa: BLE001 - any failure to open is the user's file
         what = f"{path}" + (f" (array {array!r})" if array else "")
-        raise ConfigError(f"{key}: cannot open {fmt} array {what}: {exc}") from None
+        raise ConfigError(f"{key}: cannot open {fmt} array {what}: {unreadable(exc)}") from None
     dtype = np.dtype(data.dtype)
     if dtype.kind not in "fiu":
         raise ConfigError(f"{key}: {path} has dtype {dtype}; expected a real numeric dtype")

@@ -275,7 +275,7 @@ def test_nan_policy(tmp_path, data, scheduler_address):
             {"vectors": {"kind": "npy", "path": "X.npy"}},
             "vectors.path: .* last axis must be the vector width 3",
         ),
-        ({"function": {"kind": "linear", "matrix": "V.npy"}}, "function: .*matrix"),
+        ({"function": {"kind": "linear", "matrix": "V.npy"}}, "function\\.matrix: .*matrix"),
     ],
 )
 def test_shape_mismatches_fail_before_any_store(tmp_path, data, sections, message):
