@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +60,55 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     """max |a - b| / max |b| (the scale-free error used throughout the tests)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+LONG_JOB = {
+    "name": "long",
+    "mode": "vjp",
+    "function": {"kind": "mlp", "sizes": [64, 512, 512, 64], "seed": 0},
+    "inputs": {"kind": "random", "samples": 40_000, "seed": 1},
+    "vectors": {"kind": "random", "count": 4, "seed": 2},
+    "output": {"store": "long.zarr", "dtype": "float32"},
+    "chunks": {"samples": 500},
+    "cluster": {"kind": "local", "workers": 2, "memory_limit": "2GiB", "dashboard": "127.0.0.1:0"},
+}
+"""A job of 80 blocks that runs long enough (seconds) to be interrupted mid-way."""
+
+
+def start_submit(config: Path, *extra: str, merge_output: bool = False) -> subprocess.Popen:
+    """``jacrun submit`` in its own process group (so the test can SIGKILL all of it)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "jacrun", "submit", str(config), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_output else subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def markers_done(store: Path) -> int:
+    """Blocks marked done in a store (0 before it exists)."""
+    import zarr
+
+    try:
+        return int(zarr.open_group(str(store), mode="r")["_blocks"][...].sum())
+    except Exception:  # noqa: BLE001 - not created yet
+        return 0
+
+
+def wait_for_markers(store: Path, count: int, proc: subprocess.Popen, timeout: float = 120) -> int:
+    """Poll until ``count`` blocks are done, the process ends, or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while markers_done(store) < count and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    return markers_done(store)
+
+
+def read_scheduler_file(path: Path, timeout: float = 60) -> str:
+    """The address a `dask scheduler --scheduler-file PATH` wrote, once it is there."""
+    deadline = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.2)  # written, then filled
+    return json.loads(path.read_text())["address"]

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -18,7 +16,16 @@ from typer.testing import CliRunner
 
 import jacrun
 from jacrun.cli import app
-from tests.helpers import REPO, job_config, run_cli, write_config
+from tests.helpers import (
+    LONG_JOB,
+    REPO,
+    job_config,
+    markers_done,
+    run_cli,
+    start_submit,
+    wait_for_markers,
+    write_config,
+)
 
 runner = CliRunner()
 
@@ -106,39 +113,9 @@ def test_quickstart_through_the_real_command(tmp_path):
     assert rerun.returncode == 0 and "already done" in rerun.stdout
 
 
-LONG_JOB = {
-    "name": "long",
-    "mode": "vjp",
-    "function": {"kind": "mlp", "sizes": [64, 512, 512, 64], "seed": 0},
-    "inputs": {"kind": "random", "samples": 40_000, "seed": 1},
-    "vectors": {"kind": "random", "count": 4, "seed": 2},
-    "output": {"store": "long.zarr", "dtype": "float32"},
-    "chunks": {"samples": 500},
-    "cluster": {"kind": "local", "workers": 2, "memory_limit": "2GiB", "dashboard": "127.0.0.1:0"},
-}
-
-
-def start_submit(config_path, *extra):
-    return subprocess.Popen(
-        [sys.executable, "-m", "jacrun", "submit", str(config_path), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-
-
-def markers_done(store) -> int:
-    try:
-        return int(zarr.open_group(str(store), mode="r")["_blocks"][...].sum())
-    except Exception:  # noqa: BLE001 - not created yet
-        return 0
-
-
 def test_dashboard_serves_a_real_bokeh_page_while_a_job_runs(tmp_path):
     path = write_config(tmp_path, LONG_JOB)
-    proc = start_submit(path)
+    proc = start_submit(path, merge_output=True)
     try:
         link = None
         deadline = time.monotonic() + 120
@@ -160,10 +137,8 @@ def test_dashboard_serves_a_real_bokeh_page_while_a_job_runs(tmp_path):
 def test_killed_submit_resumes_with_only_the_missing_blocks(tmp_path, scheduler_address):
     path = write_config(tmp_path, LONG_JOB)
     store = tmp_path / "long.zarr"
-    proc = start_submit(path)
-    deadline = time.monotonic() + 120
-    while markers_done(store) < 3 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    proc = start_submit(path, "--quiet")
+    wait_for_markers(store, 3, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = markers_done(store)

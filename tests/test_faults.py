@@ -7,7 +7,6 @@ the job with the same numbers as an undisturbed run.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import signal
 import subprocess
@@ -24,18 +23,21 @@ from jacrun.block import BlockJob, run_block
 from jacrun.config import config_from_dict
 from jacrun.prepare import prepare
 from jacrun.runner import open_output
-from tests.helpers import REPO, job_config, run_cli, write_config
+from tests.helpers import (
+    LONG_JOB,
+    REPO,
+    job_config,
+    markers_done,
+    read_scheduler_file,
+    run_cli,
+    start_submit,
+    wait_for_markers,
+    write_config,
+)
 
 DASK = [str(Path(sys.executable).with_name("dask"))]  # the real `dask` command of this environment
-LONG = {
-    "name": "faults",
-    "mode": "vjp",
-    "function": {"kind": "mlp", "sizes": [64, 512, 512, 64], "seed": 0},
-    "inputs": {"kind": "random", "samples": 30_000, "seed": 1},
-    "vectors": {"kind": "random", "count": 4, "seed": 2},
-    "output": {"store": "long.zarr", "dtype": "float32"},
-    "chunks": {"samples": 500},
-}
+LONG = {**LONG_JOB, "name": "faults", "inputs": {**LONG_JOB["inputs"], "samples": 30_000}}
+LONG.pop("cluster")
 
 
 class DaskProcesses:
@@ -67,11 +69,7 @@ class DaskProcesses:
             ],
             "scheduler.log",
         )
-        deadline = time.monotonic() + 60
-        while not info.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(0.2)
-        self.address = json.loads(info.read_text())["address"]
+        self.address = read_scheduler_file(info)
         return self.address
 
     def start_workers(self, count: int, *, nanny: bool = False) -> None:
@@ -118,30 +116,6 @@ def dask_processes(tmp_path):
     processes.stop()
 
 
-def markers_done(store: Path) -> int:
-    try:
-        return int(zarr.open_group(str(store), mode="r")["_blocks"][...].sum())
-    except Exception:  # noqa: BLE001 - not created yet
-        return 0
-
-
-def start_submit(config: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "jacrun", "submit", str(config), "--quiet", *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def wait_for_markers(store: Path, count: int, proc: subprocess.Popen, timeout: float = 120) -> int:
-    deadline = time.monotonic() + timeout
-    while markers_done(store) < count and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    return markers_done(store)
-
-
 @pytest.fixture
 def reference(tmp_path_factory, scheduler_address):
     """The LONG job run undisturbed once per test session (on the shared LocalCluster)."""
@@ -161,7 +135,7 @@ def test_worker_killed_mid_job(tmp_path, dask_processes, reference):
     address = dask_processes.start_scheduler()
     dask_processes.start_workers(2)
     config = write_config(tmp_path, LONG)
-    proc = start_submit(config, "--scheduler", address)
+    proc = start_submit(config, "--scheduler", address, "--quiet")
     assert wait_for_markers(tmp_path / "long.zarr", 3, proc) >= 3
     dask_processes.kill(dask_processes.workers[0])
     _, stderr = proc.communicate(timeout=240)
@@ -173,7 +147,7 @@ def test_scheduler_killed_mid_job_then_resumed_on_a_new_one(tmp_path, dask_proce
     address = dask_processes.start_scheduler()
     dask_processes.start_workers(2)
     config = write_config(tmp_path, LONG)
-    proc = start_submit(config, "--scheduler", address)
+    proc = start_submit(config, "--scheduler", address, "--quiet")
     assert wait_for_markers(tmp_path / "long.zarr", 3, proc) >= 3
     dask_processes.kill(dask_processes.scheduler)
     _, stderr = proc.communicate(timeout=240)

@@ -157,3 +157,14 @@ def test_plan_to_dict_is_json():
 
     data = json.loads(json.dumps(plan(chunk_samples=1000).to_dict()))
     assert data["grid"] == [10, 1] and data["result_dims"] == ["sample", "vector", "input"]
+
+
+def test_timed_auto_blocks_aim_for_about_a_second():
+    common = dict(task_memory=2**30, worker_memory=None, work_bytes=lambda rows, k: 0)
+    big = plan(samples=1_000_000, seconds_per_row=lambda k: 1e-4, **common)
+    assert 0.2 <= big.seconds_per_block <= 1.0 and big.n_blocks == 100
+    assert big.estimated_seconds == pytest.approx(50 * big.seconds_per_block)
+    small = plan(samples=10_000, seconds_per_row=lambda k: 1e-5, **common)
+    assert small.n_blocks == 1  # 0.1 s of work: one block, not many tiny ones
+    untimed = plan(samples=10_000, **common)
+    assert untimed.seconds_per_block is None and untimed.n_blocks > 1
