@@ -1,11 +1,16 @@
 """``kind: python``: a user's Function, imported from ``package.module:attr``.
 
-Only two kinds of target are ever called: a subclass of :class:`jacrun.functions.Function`
-(instantiated as ``cls(**params)``) or a factory function whose return annotation is such a
-subclass (called as ``factory(**params)``). Anything else at the target, such as ``numpy:sin``,
-``os:system``, a module or a constant, is refused before anything is called, so a config can
-name a function but cannot make jacrun call an arbitrary callable. Importing the module does
-run its top-level code, as any ``import`` does: a config that names a module trusts it.
+Without ``autodiff``, only two kinds of target are ever called: a subclass of
+:class:`jacrun.functions.Function` (instantiated as ``cls(**params)``) or a factory function whose
+return annotation is such a subclass (called as ``factory(**params)``). Anything else at the
+target, such as ``numpy:sin``, ``os:system``, a module or a constant, is refused before
+anything is called, so a config can name a function but cannot make jacrun call an arbitrary
+callable. Importing the module does run its top-level code, as any ``import`` does: a config
+that names a module trusts it.
+
+With ``autodiff: torch | jax | autograd`` the target is a plain function f(x) -> y (or a torch
+``nn.Module`` subclass, or a factory annotated to return a callable) that an adapter of
+:mod:`jacrun.functions.adapters` differentiates; those rules are in that package.
 """
 
 from __future__ import annotations
@@ -21,7 +26,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import (
+    Field,
+    PositiveInt,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from jacrun.errors import ConfigError
 from jacrun.functions.base import Function, FunctionSpec
@@ -35,6 +47,9 @@ ACCEPTED = (
     "kind: python accepts only a jacrun.functions.Function subclass, or a factory function "
     "whose return annotation is a Function subclass"
 )
+
+ADAPTER_KEYS = ("batched", "n_in", "n_out", "weights", "threads", "width")
+"""Keys of the section that only apply with ``autodiff``."""
 
 _PATH_LOCK = threading.Lock()
 
@@ -71,6 +86,49 @@ class PythonSpec(FunctionSpec):
             "so every worker finds a package that lives next to the config."
         ),
     )
+    autodiff: Literal["torch", "jax", "autograd"] | None = Field(
+        default=None,
+        description=(
+            "Differentiate a plain function f(x) -> y with this framework (see docs/"
+            "writing-functions.md, Autodiff adapters); absent: the target is a Function."
+        ),
+    )
+    batched: bool = Field(
+        default=False,
+        description=(
+            "autodiff only: f maps a batch (B, n) -> (B, m) with independent rows (probed at "
+            "build time); false: f maps one sample (n,) -> (m,). autograd needs true."
+        ),
+    )
+    n_in: PositiveInt | None = Field(
+        default=None,
+        description="autodiff only: the length n of one sample; default the callable's `n_in` attribute.",
+    )
+    n_out: PositiveInt | None = Field(
+        default=None,
+        description="autodiff only: the length m of f(x), checked; default inferred from f(zeros).",
+    )
+    weights: InputPath | None = Field(
+        default=None,
+        description=(
+            "autodiff only: a file, relative to the config; passed as `weights=` (a path) to a "
+            "target that has that parameter, else (torch) loaded as the nn.Module's state dict."
+        ),
+    )
+    threads: PositiveInt | None = Field(
+        default=None,
+        description=(
+            "autodiff: torch only: torch.set_num_threads; default the BLAS thread count "
+            "jacrun uses in the process (on workers 1 per worker thread by default)."
+        ),
+    )
+    width: PositiveInt | None = Field(
+        default=None,
+        description=(
+            "autodiff only: the widest intermediate per sample, for the planner's memory "
+            "model; default max(n_in, n_out) or a torch module's largest parameter dimension."
+        ),
+    )
 
     @field_validator("target")
     @classmethod
@@ -96,13 +154,56 @@ class PythonSpec(FunctionSpec):
             raise ValueError(f"path must be a folder to import from, got the file {value}")
         return value
 
+    @field_validator("autodiff")
+    @classmethod
+    def _backend_installed(cls, value: str | None) -> str | None:
+        from jacrun.functions import adapters
+
+        if value is not None and not adapters.available(value):
+            raise ValueError(adapters.missing_message(value))
+        return value
+
+    @model_validator(mode="after")
+    def _autodiff_keys(self) -> PythonSpec:
+        if self.autodiff is None:
+            extra = [key for key in ADAPTER_KEYS if key in self.model_fields_set]
+            if extra:
+                raise ValueError(
+                    f"{', '.join(extra)} only apply with `autodiff: torch | jax | autograd` (a "
+                    "plain function differentiated by a framework); a Function target sets its "
+                    "own sizes"
+                )
+            return self
+        if self.autodiff == "autograd" and not self.batched:
+            raise ValueError(
+                "autodiff: autograd needs `batched: true` (autograd has no vmap): write f for a "
+                "batch, x (B, n) -> y (B, m), with independent rows"
+            )
+        if self.threads is not None and self.autodiff != "torch":
+            raise ValueError("threads applies to autodiff: torch only")
+        if self.weights is not None and "weights" in self.params:
+            raise ValueError("give weights once: as the section's `weights` or in `params`, not both")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unused_adapter_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A section without ``autodiff`` serialises (and hashes) as before adapters existed."""
+        data = handler(self)
+        if self.autodiff is None and isinstance(data, dict):
+            for key in ("autodiff", *ADAPTER_KEYS):
+                data.pop(key, None)
+        return data
+
 
 @register
 class PythonFunction(Function):
     """The registry entry of ``kind: python``: abstract, ``from_spec`` builds the user's Function."""
 
     kind = "python"
-    description = "Your own Function subclass or factory, imported from `package.module:attr`."
+    description = (
+        "Your own Function subclass or factory, imported from `package.module:attr`; with "
+        "`autodiff`, a plain function f(x) differentiated by torch, jax or autograd."
+    )
     spec_model = PythonSpec
 
     @classmethod
@@ -110,10 +211,14 @@ class PythonFunction(Function):
         """Import ``spec.target``, check it is accepted, and call it with ``spec.params``."""
         if not isinstance(spec, PythonSpec):
             raise TypeError(f"expected a PythonSpec, got {type(spec).__name__}")
+        if spec.autodiff is not None:
+            from jacrun.functions import adapters
+
+            return adapters.build(spec)
         target = load_target(spec.target, spec.path)
         kwargs = dict(spec.params)
-        signature = _signature(target)
-        takes_dtype = _accepts_dtype(signature)
+        signature = signature_of(target)
+        takes_dtype = accepts(signature, "dtype")
         if takes_dtype:
             kwargs["dtype"] = np.dtype(spec.dtype)
         if signature is not None:
@@ -139,19 +244,30 @@ def load_target(
 ) -> type[Function] | typing.Callable[..., Function]:
     """Import ``package.module:attr`` (``path`` first on sys.path) and return it if accepted.
 
-    Accepted targets are cached per (target, path), so each worker imports and inspects a
-    target once; failures are not cached. Raises :class:`TargetError` otherwise.
+    The import and lookup are cached per (target, path), so each worker imports a target
+    once; failures are not cached. Raises :class:`TargetError` unless the object is a
+    Function subclass or an annotated factory.
     """
-    return _load_target(target, None if path is None else str(Path(path).resolve()))
+    obj = resolve_target(target, path)
+    _check_accepted(obj, target)
+    return obj
+
+
+def resolve_target(target: str, path: Path | str | None = None) -> Any:
+    """Import ``package.module:attr`` (``path`` first on sys.path) and return the object, unchecked.
+
+    Callers decide what they accept; nothing here calls the object.
+    """
+    return _resolve_target(target, None if path is None else str(Path(path).resolve()))
 
 
 def clear_cache() -> None:
     """Forget the resolved targets (modules stay in sys.modules, as with any import)."""
-    _load_target.cache_clear()
+    _resolve_target.cache_clear()
 
 
 @functools.lru_cache(maxsize=256)
-def _load_target(target: str, path: str | None) -> Any:
+def _resolve_target(target: str, path: str | None) -> Any:
     if not re.fullmatch(TARGET_PATTERN, target):
         raise TargetError(f"target {target!r} must look like 'package.module:attr'")
     module_name, _, attr = target.partition(":")
@@ -161,14 +277,12 @@ def _load_target(target: str, path: str | None) -> Any:
     if path is not None:
         _check_origin(module_name, target, path)
     try:
-        obj = getattr(module, attr)
+        return getattr(module, attr)
     except AttributeError:
         raise TargetError(
             f"target {target!r}: module {module_name!r} ({getattr(module, '__file__', '?')}) "
             f"has no attribute {attr!r}"
         ) from None
-    _check_accepted(obj, target)
-    return obj
 
 
 def _prepend_path(path: str) -> None:
@@ -255,17 +369,19 @@ def _describe(obj: Any) -> str:
     return f"a value of type {type(obj).__name__}"
 
 
-def _signature(target: Any) -> inspect.Signature | None:
+def signature_of(target: Any) -> inspect.Signature | None:
+    """``inspect.signature`` of a class or function; None when it has none (some built-ins)."""
     try:
         return inspect.signature(target)
     except (TypeError, ValueError):
         return None
 
 
-def _accepts_dtype(signature: inspect.Signature | None) -> bool:
-    if signature is None or "dtype" not in signature.parameters:
+def accepts(signature: inspect.Signature | None, name: str) -> bool:
+    """Whether ``signature`` has a parameter ``name`` that can be passed by keyword."""
+    if signature is None or name not in signature.parameters:
         return False
-    kind = signature.parameters["dtype"].kind
+    kind = signature.parameters[name].kind
     return kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 

@@ -1,0 +1,429 @@
+"""Autodiff adapters: a plain function f(x) -> y, differentiated by PyTorch, JAX or autograd.
+
+``kind: python`` with ``autodiff: torch | jax | autograd`` builds an :class:`AutodiffFunction`
+from one module of this package (``torch.py``, ``jax.py``, ``autograd.py``), imported only when
+a config names it, so jacrun itself never needs the frameworks.
+
+What the target may be (nothing is called before these checks):
+
+- **a function** ``f(x) -> y`` defined with ``def`` (or a lambda, or such a function wrapped by
+  ``jax.jit`` or ``functools.wraps``): of one sample, x (n,) -> y (m,), or with
+  ``batched: true`` of a batch, x (B, n) -> y (B, m). It is only ever called on arrays (tensors,
+  tracers) inside the adapter, never with ``params``;
+- **a factory**: such a function whose return annotation is a callable type
+  (``Callable[...]``, or with torch an ``nn.Module`` subclass). It is called once per build
+  with ``params`` (plus ``dtype=`` and ``weights=`` when it has those parameters) and returns f;
+- **with torch, an ``nn.Module`` subclass**, instantiated with ``params``.
+
+Refused: built-in functions and ufuncs, classes other than ``nn.Module`` subclasses, modules,
+instances, jacrun Functions (they have their own kernels) and functions of the Python
+standard library. The factory rule mirrors the Function kind's: a config can only make jacrun
+call, with arguments it chooses, something that declares itself a builder of functions.
+
+Building then infers or checks the sizes (``n_in`` from the section or an ``n_in`` attribute;
+``n_out`` from one forward call on zeros), checks the dtype of f's output, probes a
+``batched`` f for coupling between rows, and runs one tiny VJP and JVP, so that a function the
+framework cannot differentiate fails as a :class:`~jacrun.functions.python.TargetError`
+(a ConfigError, exit 2) before any cluster starts.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import importlib
+import importlib.util
+import inspect
+import sys
+import typing
+from abc import abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+
+from jacrun.functions.base import Function, Mode
+from jacrun.functions.python import (
+    TargetError,
+    _describe,
+    accepts,
+    resolve_target,
+    signature_of,
+)
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from jacrun.functions.python import PythonSpec
+
+Role = Literal["function", "factory", "class"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One framework: the name in configs, the package it imports and the extra that installs it."""
+
+    name: str
+    package: str
+    label: str
+
+    @property
+    def install(self) -> str:
+        return f"pip install 'jacrun[{self.name}]'"
+
+
+BACKENDS: dict[str, Backend] = {
+    "torch": Backend("torch", "torch", "PyTorch"),
+    "jax": Backend("jax", "jax", "JAX"),
+    "autograd": Backend("autograd", "autograd", "autograd"),
+}
+"""``autodiff`` values: each adapter is ``jacrun.functions.adapters.<name>``."""
+
+PROBE_ROWS = 4
+"""Rows of the row-independence probe of a ``batched`` function."""
+
+
+def available(name: str) -> bool:
+    """Whether the framework of ``name`` can be imported here (without importing it)."""
+    package = BACKENDS[name].package
+    if package in sys.modules:
+        return sys.modules[package] is not None  # None: an import that is known to fail
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def missing_message(name: str) -> str:
+    """What to run when the framework of ``autodiff: name`` is missing."""
+    backend = BACKENDS[name]
+    return (
+        f"autodiff: {name} needs {backend.label}, which is not installed in this Python "
+        f"environment ({sys.executable}); install it with: {backend.install}"
+    )
+
+
+def load_backend(name: str) -> ModuleType:
+    """Import the adapter module of ``name`` (and so its framework); TargetError if that fails."""
+    if name not in BACKENDS:
+        raise TargetError(f"unknown autodiff {name!r}; known: {', '.join(BACKENDS)}")
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ImportError as exc:
+        raise TargetError(f"{missing_message(name)} (importing it failed: {exc})") from None
+
+
+def blas_threads() -> int:
+    """Threads of NumPy's BLAS in this process now: what jacrun's own kernels use here.
+
+    On a worker, the block runner limits BLAS (threadpoolctl) before it builds the function,
+    and Dask starts workers with OMP/MKL/OPENBLAS_NUM_THREADS=1, so this is jacrun's per-thread
+    count (1 per worker thread by default); in an interactive process, the BLAS default.
+    """
+    try:
+        from threadpoolctl import threadpool_info
+
+        counts = [info["num_threads"] for info in threadpool_info() if info.get("user_api") == "blas"]
+    except Exception:  # pragma: no cover - threadpoolctl is a dependency; be safe anyway
+        counts = []
+    return max(counts, default=1)
+
+
+class AutodiffFunction(Function):
+    """A Function whose kernels come from a framework's vjp/jvp of a plain function.
+
+    Subclasses (one per framework) implement ``_compile`` (turn ``self.fn`` into batched
+    callables) and the three kernels. ``fn`` maps one sample (n,) -> (m,) or, when
+    ``batched``, a batch (B, n) -> (B, m); ``scalar`` marks an f that returns a scalar per
+    sample, seen as m = 1.
+    """
+
+    kind = "python"
+    backend: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        n_in: int,
+        dtype: np.dtype,
+        batched: bool,
+        scalar: bool = False,
+        n_out: int = 0,
+        target: str = "",
+        width: int | None = None,
+    ) -> None:
+        self.fn = fn
+        self.n_in = n_in
+        self.n_out = n_out
+        self.dtype = np.dtype(dtype)
+        self.batched = batched
+        self.scalar = scalar
+        self.target = target
+        self.width = width
+        self._compile()
+
+    @abstractmethod
+    def _compile(self) -> None:
+        """Prepare the batched forward, vjp and jvp callables of ``self.fn``."""
+
+    def _vector_fn(self) -> Callable[..., Any]:
+        """``self.fn``, with a scalar output per sample reshaped to a vector of length 1."""
+        fn = self.fn
+        if not self.scalar:
+            return fn
+        shape = (-1, 1) if self.batched else (1,)
+        return lambda x: fn(x).reshape(shape)
+
+    def work_bytes(self, batch: int, k: int, mode: Mode) -> int:
+        """An estimate: frameworks keep the forward pass's intermediates and a few per vector."""
+        width = max(self.n_in, self.n_out, self.width or 0)
+        return 8 * batch * (k + 1) * width * self.dtype.itemsize
+
+    def __repr__(self) -> str:
+        shape = "batched" if self.batched else "per sample"
+        return (
+            f"{type(self).__name__}({self.target!r}, n_in={self.n_in}, n_out={self.n_out}, "
+            f"dtype={self.dtype}, {shape})"
+        )
+
+
+# ---- building -------------------------------------------------------------------------------
+
+
+def build(spec: PythonSpec) -> AutodiffFunction:
+    """Import, check, build and probe the target of an ``autodiff`` section."""
+    assert spec.autodiff is not None
+    backend = load_backend(spec.autodiff)
+    dtype = np.dtype(spec.dtype)
+    backend.setup(dtype=dtype, threads=spec.threads)
+    target = spec.target
+    obj = resolve_target(target, spec.path)
+    role = classify(obj, target, spec.autodiff, backend.TARGET_CLASSES)
+    weights = spec.weights
+    if role == "function":
+        if spec.params:
+            raise TargetError(
+                f"target {target!r} is a plain function f(x), which takes no params "
+                f"(got {sorted(spec.params)}); to build f from params, write a factory annotated "
+                "to return a callable, e.g. `def make(...) -> Callable:`"
+            )
+        fn: Any = obj
+    else:
+        fn, weights = _call_factory(obj, spec, role, backend.factory_dtype(dtype))
+    if not callable(fn):
+        raise TargetError(f"target {target!r} returned {_describe(fn)}, not a callable f(x)")
+    try:
+        fn = backend.prepare(fn, dtype=dtype, weights=weights)
+    except Exception as exc:
+        what = "" if isinstance(exc, TargetError) else f"{type(exc).__name__}: "
+        raise TargetError(f"target {target!r}: {what}{exc}") from exc
+    n_in = spec.n_in or _attribute_size(fn, target)
+    width = spec.width or backend.default_width(fn)
+    options = {"n_in": n_in, "dtype": dtype, "batched": spec.batched, "target": target, "width": width}
+    function = backend.Adapter(fn, **options)
+    m, scalar = _output_size(function, spec)
+    if scalar:
+        function = backend.Adapter(fn, scalar=True, **options)
+    function.n_out = m
+    if spec.batched:
+        _probe_rows(function, target)
+    _probe_derivatives(function, target, BACKENDS[spec.autodiff].label)
+    return function
+
+
+def classify(obj: Any, target: str, autodiff: str, classes: tuple[type, ...]) -> Role:
+    """What the target is, decided without calling it; TargetError for anything refused."""
+    accepted = (
+        f"autodiff: {autodiff} accepts a function f(x) defined with def, a factory function "
+        "annotated to return a callable (`-> Callable`"
+        + (", `-> nn.Module`)" if classes else ")")
+        + (", or an nn.Module subclass" if classes else "")
+    )
+    if inspect.ismodule(obj):
+        raise TargetError(f"target {target!r} is a module; {accepted}")
+    if isinstance(obj, type):
+        if issubclass(obj, Function):
+            raise TargetError(
+                f"target {target!r} is the jacrun Function {obj.__qualname__}, which has its own "
+                "kernels: remove `autodiff` from the section"
+            )
+        if classes and issubclass(obj, classes):
+            if inspect.isabstract(obj):
+                raise TargetError(f"target {target!r} is the abstract class {obj.__qualname__}")
+            return "class"
+        raise TargetError(f"target {target!r} is the class {obj.__qualname__}; {accepted}")
+    if isinstance(obj, np.ufunc) or inspect.isbuiltin(obj):
+        raise TargetError(f"target {target!r} is {_describe(obj)}; {accepted}")
+    try:
+        function = inspect.unwrap(obj) if callable(obj) else obj
+    except ValueError:
+        function = obj
+    if not inspect.isfunction(function):
+        hint = "; name its class or a factory instead" if classes and isinstance(obj, classes) else ""
+        raise TargetError(f"target {target!r} is {_describe(obj)}{hint}; {accepted}")
+    module = (getattr(function, "__module__", None) or "").partition(".")[0]
+    if module in getattr(sys, "stdlib_module_names", ()):
+        raise TargetError(
+            f"target {target!r} is a function of the Python standard library ({module}); {accepted}"
+        )
+    try:
+        returns = typing.get_type_hints(function).get("return")
+    except Exception as exc:
+        raise TargetError(
+            f"target {target!r}: the annotations of {function.__qualname__} cannot be resolved "
+            f"({type(exc).__name__}: {exc}); import the names they use in its module"
+        ) from exc
+    return "factory" if _is_callable_type(returns, classes) else "function"
+
+
+def _is_callable_type(annotation: Any, classes: tuple[type, ...]) -> bool:
+    """``Callable``, ``Callable[...]`` (typing or collections.abc), or a subclass of ``classes``."""
+    if annotation is None:
+        return False
+    if annotation in (collections.abc.Callable, typing.Callable):
+        return True
+    if typing.get_origin(annotation) is collections.abc.Callable:
+        return True
+    return bool(classes) and isinstance(annotation, type) and issubclass(annotation, classes)
+
+
+def _call_factory(obj: Any, spec: PythonSpec, role: Role, dtype: Any) -> tuple[Any, Any]:
+    """Call a factory or class with params (+ dtype, weights when accepted); returns (f, weights left).
+
+    ``dtype`` is the framework's own dtype object (``torch.float64``; NumPy's for the others).
+    """
+    target = spec.target
+    kwargs = dict(spec.params)
+    signature = signature_of(obj)
+    if accepts(signature, "dtype"):
+        kwargs["dtype"] = dtype
+    weights = spec.weights
+    if weights is not None and accepts(signature, "weights"):
+        kwargs["weights"] = str(weights)
+        weights = None
+    if signature is not None:
+        try:
+            signature.bind(**kwargs)
+        except TypeError as exc:
+            raise TargetError(
+                f"target {target!r} does not accept params {spec.params!r}: {exc}; "
+                f"its signature is {target.partition(':')[2]}{signature}"
+            ) from None
+    what = "instantiating" if role == "class" else "calling the factory"
+    try:
+        return obj(**kwargs), weights
+    except Exception as exc:
+        raise TargetError(
+            f"{what} {target!r} with params {spec.params!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _attribute_size(fn: Any, target: str) -> int:
+    value = getattr(fn, "n_in", None)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    raise TargetError(
+        f"target {target!r}: set `n_in:` in the function section (the length n of one sample "
+        "x); it cannot be inferred (the callable has no positive int attribute `n_in`)"
+    )
+
+
+def _output_size(function: AutodiffFunction, spec: PythonSpec) -> tuple[int, bool]:
+    """(m, scalar) from one forward call on zeros; check its shape, dtype and ``n_out``."""
+    target, n = spec.target, function.n_in
+    rows = 2
+    shape = (rows, n) if spec.batched else (n,)
+    try:
+        y = function.forward_batch(np.zeros((rows, n), dtype=function.dtype))
+    except Exception as exc:
+        raise TargetError(
+            f"target {target!r}: calling f on zeros of shape {shape} failed: "
+            f"{type(exc).__name__}: {exc}"
+            + ("" if spec.n_in is None else " (is n_in right?)")
+            + ("" if spec.batched else "; if f expects a batch (B, n), set `batched: true`")
+        ) from exc
+    y = np.asarray(y)
+    expected = f"(B, {spec.n_out or 'm'})" if spec.batched else f"({spec.n_out or 'm'},)"
+    if y.ndim == 0 or y.shape[0] != rows or y.ndim > 2:
+        got = y.shape if spec.batched else y.shape[1:]
+        raise TargetError(
+            f"target {target!r}: f of x with shape {shape} returned shape {got}; it must return "
+            f"{expected}" + ("" if spec.batched else " per sample (a vector)")
+        )
+    scalar = y.ndim == 1
+    m = 1 if scalar else y.shape[1]
+    if spec.n_out is not None and m != spec.n_out:
+        raise TargetError(
+            f"target {target!r}: f returns {m} values per sample (shape {y.shape[1:]} for one "
+            f"{'row' if spec.batched else 'sample'}), but n_out is {spec.n_out}"
+        )
+    if y.dtype != function.dtype:
+        raise TargetError(
+            f"target {target!r}: f returns {y.dtype} for {function.dtype} inputs, but the config "
+            f"computes in {spec.dtype}; build f in that dtype (a factory with a `dtype` "
+            "parameter receives it) or set the section's dtype to match"
+        )
+    return m, scalar
+
+
+def _probe_rows(function: AutodiffFunction, target: str) -> None:
+    """A batched f must not couple rows: perturbing row 0 moves no other row, and f of a
+    sub-batch gives the same rows as f of the whole batch."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((PROBE_ROWS, function.n_in)).astype(function.dtype)
+    y = _f64(function.forward_batch(x))
+    moved = x.copy()
+    moved[0] += np.abs(moved[0]) + 1.0
+    y_moved = _f64(function.forward_batch(moved))
+    y_sub = _f64(function.forward_batch(np.ascontiguousarray(x[1:3])))
+    scale = max(float(np.nanmax(np.abs(y), initial=0.0)), 1.0)
+    tolerance = 1e3 * float(np.finfo(function.dtype).eps) * scale
+    leak = _difference(y_moved[1:], y[1:])
+    if leak > tolerance:
+        raise TargetError(
+            f"target {target!r} couples samples: changing row 0 of a batch of {PROBE_ROWS} "
+            f"changed the other rows of f by up to {leak:.3g}; jacrun needs row b of f(x) to "
+            "depend on row b of x only (no batch statistics, no normalisation over axis 0)"
+        )
+    subset = _difference(y_sub, y[1:3])
+    if subset > tolerance:
+        raise TargetError(
+            f"target {target!r} couples samples: f of rows 1:3 alone differs from rows 1:3 of f "
+            f"of the whole batch by up to {subset:.3g}; the output must not depend on the "
+            "batch it comes in"
+        )
+
+
+def _probe_derivatives(function: AutodiffFunction, target: str, label: str) -> None:
+    """One VJP and one JVP on two rows: fail now, not on a worker, if f cannot be differentiated."""
+    rng = np.random.default_rng(1)
+    n, m, dtype = function.n_in, function.n_out, function.dtype
+    x = rng.standard_normal((2, n)).astype(dtype)
+    calls = {
+        "vjp": (lambda: function.vjp_batch(x, rng.standard_normal((2, 1, m)).astype(dtype)), n),
+        "jvp": (lambda: function.jvp_batch(x, rng.standard_normal((2, 1, n)).astype(dtype)), m),
+    }
+    for name, (call, width) in calls.items():
+        try:
+            y, out = call()
+        except Exception as exc:
+            raise TargetError(
+                f"target {target!r}: {label} cannot compute the {name} of f: {type(exc).__name__}: {exc}"
+            ) from exc
+        if y.shape != (2, m) or out.shape != (2, 1, width) or out.dtype != dtype:
+            raise TargetError(
+                f"target {target!r}: the {name} of f has shape {out.shape} ({out.dtype}), "
+                f"expected {(2, 1, width)} ({dtype})"
+            )
+
+
+def _f64(a: Any) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64)
+
+
+def _difference(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b|, counting NaN against NaN as equal and NaN against a number as infinite."""
+    both = np.isnan(a) & np.isnan(b)
+    diff = np.where(both, 0.0, np.abs(a - b))
+    return float(np.nan_to_num(diff, nan=np.inf).max(initial=0.0))

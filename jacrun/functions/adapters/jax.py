@@ -1,0 +1,136 @@
+"""``autodiff: jax``: ``jax.vjp`` / ``jvp`` under ``vmap``, jit-compiled.
+
+On a block x (B, n) with K vectors, for a per-sample f (``vmap`` over the samples of):
+
+- vjp: one ``jax.vjp(f, x_b)`` (one forward pass), its pullback vmapped over the K cotangents;
+- jvp: ``jax.jvp`` vmapped over the K tangents with the primal unbatched
+  (``out_axes=(None, 0)``), so the forward pass runs once;
+
+and for a ``batched: true`` f the same on the whole block, the vector axis vmapped.
+
+Each kernel is one ``jax.jit`` function, built once per Function (once per worker, since
+workers cache the built Function) and compiled by JAX once per block shape. Vectors shared by
+every sample (a stride-0 broadcast, as for ``mode: jacobian``) travel as the (K, d) array
+and are broadcast inside the compiled function. float64 enables ``jax_enable_x64`` (a
+process-wide JAX setting) before the target is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jacrun.functions.adapters import AutodiffFunction
+from jacrun.functions.python import TargetError
+
+TARGET_CLASSES: tuple[type, ...] = ()
+
+
+def setup(*, dtype: np.dtype, threads: int | None) -> None:
+    """float64 needs x64 on before any array of the target is created."""
+    if np.dtype(dtype) == np.float64 and not jax.config.read("jax_enable_x64"):
+        jax.config.update("jax_enable_x64", True)
+
+
+def factory_dtype(dtype: np.dtype) -> np.dtype:
+    """What a factory's ``dtype`` parameter receives: the NumPy dtype (jnp accepts it)."""
+    return np.dtype(dtype)
+
+
+def prepare(fn: Callable[..., Any], *, dtype: np.dtype, weights: Path | None) -> Callable[..., Any]:
+    if weights is not None:
+        raise TargetError("weights: the target has no `weights` parameter to receive the file")
+    return fn
+
+
+def default_width(fn: Any) -> int | None:
+    return None
+
+
+class JaxFunction(AutodiffFunction):
+    """Kernels from ``jax.vjp`` / ``jax.jvp``; the batched map is ``fn`` or ``vmap(fn)``."""
+
+    backend = "jax"
+
+    def _compile(self) -> None:
+        fn = self._vector_fn()
+        if self.batched:
+            forward, vjp_rows, vjp_shared, jvp_rows, jvp_shared = _batched_kernels(fn)
+        else:
+            forward, vjp_rows, vjp_shared, jvp_rows, jvp_shared = _per_sample_kernels(fn)
+        self._forward = jax.jit(forward)
+        self._vjp = {False: jax.jit(vjp_rows), True: jax.jit(vjp_shared)}
+        self._jvp = {False: jax.jit(jvp_rows), True: jax.jit(jvp_shared)}
+
+    def forward_batch(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self._forward(x))
+
+    def vjp_batch(self, x: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        shared = _shared(v)
+        y, xbar = self._vjp[shared](x, v[0] if shared else v)
+        return np.asarray(y), np.asarray(xbar)
+
+    def jvp_batch(self, x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        shared = _shared(t)
+        y, ydot = self._jvp[shared](x, t[0] if shared else t)
+        return np.asarray(y), np.asarray(ydot)
+
+
+Adapter = JaxFunction
+
+Kernel = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def _per_sample_kernels(fn: Callable[..., Any]) -> tuple[Callable[..., Any], Kernel, Kernel, Kernel, Kernel]:
+    """f of one sample: vmap over samples of (one vjp, pullback vmapped over the K vectors).
+
+    Rows vectors are (B, K, d), shared vectors (K, d) (``in_axes=None``, nothing broadcast).
+    """
+
+    def vjp_one(xi: jax.Array, vi: jax.Array) -> tuple[jax.Array, jax.Array]:
+        y, pullback = jax.vjp(fn, xi)
+        return y, jax.vmap(lambda vk: pullback(vk)[0])(vi)
+
+    def jvp_one(xi: jax.Array, ti: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return jax.vmap(lambda tk: jax.jvp(fn, (xi,), (tk,)), out_axes=(None, 0))(ti)
+
+    return (
+        jax.vmap(fn),
+        jax.vmap(vjp_one),
+        jax.vmap(vjp_one, in_axes=(0, None)),
+        jax.vmap(jvp_one),
+        jax.vmap(jvp_one, in_axes=(0, None)),
+    )
+
+
+def _batched_kernels(fn: Callable[..., Any]) -> tuple[Callable[..., Any], Kernel, Kernel, Kernel, Kernel]:
+    """f of a batch: one vjp of f, its pullback vmapped over the vector axis; jvp likewise."""
+
+    def vjp_rows(x: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:  # v (B, K, m)
+        y, pullback = jax.vjp(fn, x)
+        return y, jax.vmap(lambda vk: pullback(vk)[0], in_axes=1, out_axes=1)(v)
+
+    def vjp_shared(x: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:  # v (K, m)
+        y, pullback = jax.vjp(fn, x)
+        return y, jax.vmap(lambda vk: pullback(jnp.broadcast_to(vk, y.shape))[0], out_axes=1)(v)
+
+    def jvp_rows(x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:  # t (B, K, n)
+        return jax.vmap(lambda tk: jax.jvp(fn, (x,), (tk,)), in_axes=1, out_axes=(None, 1))(t)
+
+    def jvp_shared(x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:  # t (K, n)
+        def one(tk: jax.Array) -> tuple[jax.Array, jax.Array]:
+            return jax.jvp(fn, (x,), (jnp.broadcast_to(tk, x.shape),))
+
+        return jax.vmap(one, out_axes=(None, 1))(t)
+
+    return fn, vjp_rows, vjp_shared, jvp_rows, jvp_shared
+
+
+def _shared(v: np.ndarray) -> bool:
+    """The same vectors for every row: a broadcast view with stride 0 along the samples."""
+    return v.shape[0] > 1 and v.strides[0] == 0

@@ -1,0 +1,131 @@
+"""``autodiff: torch``: ``torch.func.vjp`` / ``jvp`` of a function or ``nn.Module``, under ``vmap``.
+
+A per-sample f becomes the batched map ``vmap(f)``; a ``batched: true`` f is used as it is.
+Then, on a block x (B, n) with K vectors:
+
+- vjp: one ``vjp`` of the batched map (one forward pass), its pullback vmapped over the K
+  cotangents: ``vmap(pullback, in_dims=1, out_dims=1)(v)``;
+- jvp: ``jvp`` vmapped over the K tangents; the primal does not depend on them, so the
+  forward pass runs once (``out_dims=(None, 1)``).
+
+Arrays cross as zero-copy views (``torch.from_numpy``, ``Tensor.numpy``). A module is moved
+to the config's dtype, put in eval mode (dropout off, batch norm on its running statistics)
+and its parameters stop requiring gradients. ``torch.set_num_threads`` follows ``threads``
+(default: the process's BLAS thread count, which jacrun sets on its workers).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import jvp, vjp, vmap
+
+from jacrun.functions import adapters
+from jacrun.functions.adapters import AutodiffFunction
+from jacrun.functions.python import TargetError
+
+TARGET_CLASSES: tuple[type, ...] = (nn.Module,)
+"""Classes accepted as targets (instantiated with params) and as factory return annotations."""
+
+DTYPES = {np.dtype("float32"): torch.float32, np.dtype("float64"): torch.float64}
+
+# jacrun passes read-only arrays (inputs, broadcast vectors) and never lets torch write into them.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+
+
+def setup(*, dtype: np.dtype, threads: int | None) -> None:
+    """Intra-op threads before anything is built: ``threads``, else the BLAS thread count."""
+    threads = threads or adapters.blas_threads()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def factory_dtype(dtype: np.dtype) -> torch.dtype:
+    """What a factory's or module's ``dtype`` parameter receives: the torch dtype."""
+    return DTYPES[np.dtype(dtype)]
+
+
+def prepare(fn: Callable[..., Any], *, dtype: np.dtype, weights: Path | None) -> Callable[..., Any]:
+    """Load ``weights`` into a module, move it to ``dtype``, eval mode, no parameter gradients."""
+    if not isinstance(fn, nn.Module):
+        if weights is not None:
+            raise TargetError(
+                "weights: needs an nn.Module to load a state dict into, or a target with a "
+                "`weights` parameter"
+            )
+        return fn
+    if weights is not None:
+        load_state(fn, weights)
+    fn = fn.to(DTYPES[np.dtype(dtype)]).eval()
+    fn.requires_grad_(False)
+    return fn
+
+
+def load_state(module: nn.Module, path: Path) -> None:
+    """A state dict from ``torch.save`` (loaded with weights_only) or an .npz of the same keys."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            state: Any = {key: torch.from_numpy(np.array(data[key])) for key in data.files}
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise TargetError(f"weights {path}: cannot read a state dict: {exc}") from exc
+    if not isinstance(state, Mapping):
+        raise TargetError(f"weights {path} holds {type(state).__name__}, not a state dict")
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise TargetError(f"weights {path} do not fit {type(module).__name__}: {exc}") from None
+
+
+def default_width(fn: Any) -> int | None:
+    """A module's largest parameter dimension (a dense layer's width), for the memory model."""
+    if not isinstance(fn, nn.Module):
+        return None
+    return max((max(p.shape) for p in fn.parameters() if p.ndim), default=None)
+
+
+class TorchFunction(AutodiffFunction):
+    """Kernels from ``torch.func``; the batched map is ``fn`` or ``vmap(fn)``."""
+
+    backend = "torch"
+
+    def _compile(self) -> None:
+        fn = self._vector_fn()
+        self._batched = fn if self.batched else vmap(fn)
+
+    def forward_batch(self, x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return _numpy(self._batched(_tensor(x)))
+
+    def vjp_batch(self, x: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        y, pullback = vjp(self._batched, _tensor(x))
+        xbar = vmap(lambda vk: pullback(vk)[0], in_dims=1, out_dims=1)(_tensor(v))
+        return _numpy(y), _numpy(xbar)
+
+    def jvp_batch(self, x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        xt, f = _tensor(x), self._batched
+        y, ydot = vmap(lambda tk: jvp(f, (xt,), (tk,)), in_dims=1, out_dims=(None, 1))(_tensor(t))
+        return _numpy(y), _numpy(ydot)
+
+
+Adapter = TorchFunction
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """A zero-copy tensor (stride-0 broadcast views included); copies only negative strides."""
+    if any(stride < 0 for stride in a.strides):
+        a = np.ascontiguousarray(a)
+    return torch.from_numpy(a)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().numpy())
