@@ -118,7 +118,7 @@ def submit(
 def _print_summary(summary) -> None:
     out.print(
         f"[bold]{summary.status}[/]: {summary.blocks_done}/{summary.blocks_total} blocks "
-        f"({summary.blocks_run} this run) in {summary.seconds:.1f} s, "
+        f"({summary.blocks_run} this run) in {summary.seconds:.1f} s; while computing "
         f"{summary.samples_per_second:,.0f} samples/s, {summary.products_per_second:,.0f} products/s"
     )
     out.print(f"store: {summary.store}   open with: jacrun.load({summary.store!r})")
@@ -233,7 +233,19 @@ def show(store_path: StoreArg) -> None:
         )
     throughput = attrs.get("throughput") or {}
     if throughput:
-        table.add_row("throughput", f"{throughput.get('samples_per_second', 0):,.0f} samples/s")
+        table.add_row(
+            "throughput",
+            f"{throughput.get('samples_per_second', 0):,.0f} samples/s, "
+            f"{throughput.get('products_per_second', 0):,.0f} products/s (last run)",
+        )
+    if any(attrs.get("nonfinite", {}).values()):
+        counts = ", ".join(f"{name}: {count}" for name, count in attrs["nonfinite"].items())
+        table.add_row("non-finite values", counts)
+    checks = attrs.get("checks")
+    if checks:
+        worst = ", ".join(f"{name} {error:.2g}" for name, error in checks.get("worst", {}).items())
+        verdict = "passed" if checks.get("passed") else "FAILED"
+        table.add_row("checks", f"{verdict} on {checks.get('blocks_checked')} blocks; worst: {worst}")
     out.print(table)
 
 

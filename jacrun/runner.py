@@ -230,6 +230,8 @@ class Run:
         self.console = console
         self.progress = progress
         self.started = time.perf_counter()
+        self.compute_started: float | None = None
+        """When the blocks were submitted: throughput excludes cluster start-up."""
         done = store.read_markers(self.path)
         self.already = int(done.sum())
         grid = self.plan.grid
@@ -280,6 +282,7 @@ class Run:
             for i, j in self.pending
         }
         self._save_progress(status="running")
+        self.compute_started = time.perf_counter()
         last_save = time.monotonic()
         total = self.plan.n_blocks
         with BlockProgress(self.console, total=total, done=self.already, enabled=self.progress) as bar:
@@ -352,9 +355,11 @@ class Run:
         for result in self.results:
             for name, count in result.nonfinite.items():
                 nonfinite[name] = nonfinite.get(name, 0) + count
+        computing = time.perf_counter() - (self.compute_started or self.started)
         throughput = {
-            "products_per_second": products / seconds if seconds > 0 else 0.0,
-            "samples_per_second": rows / seconds if seconds > 0 else 0.0,
+            "products_per_second": products / computing if computing > 0 else 0.0,
+            "samples_per_second": rows / computing if computing > 0 else 0.0,
+            "compute_seconds": round(computing, 3),
         }
         self.record.update(
             status=status,

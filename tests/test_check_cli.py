@@ -43,6 +43,8 @@ def test_submit_check_records_the_checks(tmp_path, scheduler_address):
     checks = jacrun.load(cfg.output.store).attrs["jacrun"]["checks"]
     assert checks["passed"] is True and checks["blocks_checked"] == 4
     assert checks["worst"]["dot_product"] < 1e-12 and checks["tolerances"]["dot_product"] == 1e-10
+    shown = runner.invoke(app, ["show", str(cfg.output.store)])
+    assert shown.exit_code == 0 and "passed on 4 blocks" in shown.output
 
 
 def test_submit_check_fails_the_job_on_a_wrong_vjp(tmp_path, scheduler_address):
