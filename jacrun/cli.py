@@ -199,9 +199,13 @@ def status(store_path: StoreArg) -> None:
     attrs = store.read_attrs(store_path)
     marks = store.read_markers(store_path)
     done, total = int(marks.sum()), marks.size
-    state = "complete" if done == total else attrs.get("status", "unknown")
-    if state == "running" or (state == "complete" and done != total):
-        state = "incomplete"
+    recorded = attrs.get("status", "unknown")
+    if done == total:
+        state = "complete"
+    elif recorded == "running":
+        state = "running (or interrupted: rerun `jacrun submit` to resume)"
+    else:
+        state = f"{recorded if recorded != 'complete' else 'incomplete'}: rerun `jacrun submit` to finish"
     out.print(f"{store_path}: {state}, {done}/{total} blocks ({100 * done / max(total, 1):.1f}%)")
     if done != total:
         raise typer.Exit(1)
