@@ -1,8 +1,9 @@
 """Where X and the vectors come from: small picklable readers that a block calls on a worker.
 
-Random numbers come from NumPy's counter-based Philox generator keyed by (seed, stream):
-row r of a stream always starts at the same counter, so a block of rows [a, b) draws exactly
-the numbers those rows would get in any other chunking, on any worker, in any order.
+Random numbers form a table per (seed, stream, vector), cut into tiles of TILE_ROWS rows.
+Tile t is drawn by its own Philox generator whose counter starts at t (counter-based: no
+state to carry), so any rows [a, b) get exactly the numbers they would get in any other
+chunking, on any worker, in any order: a pure function of (seed, sample index, vector index).
 """
 
 from __future__ import annotations
@@ -18,32 +19,44 @@ from jacrun.functions import basis_vectors
 
 _INPUTS_STREAM = 1 << 32
 _VECTORS_STREAM = 2 << 32
+TILE_ROWS = 256
+"""Rows per random tile: part of the stored numbers' definition, never to be changed."""
 
 
-def philox_uniform(seed: int, stream: int, start: int, stop: int, width: int) -> np.ndarray:
-    """Uniform [0, 1) float64 of shape (stop - start, width); row r depends only on (seed, stream, r)."""
-    per_row = -(-width // 4)  # Philox-4x64 yields 4 words per counter step
-    gen = np.random.Philox(key=[seed, stream], counter=start * per_row)
-    raw = gen.random_raw((stop - start) * per_row * 4).reshape(stop - start, per_row * 4)
-    return (raw[:, :width] >> np.uint64(11)) * (1.0 / 2**53)
+def random_rows(
+    distribution: str,
+    seed: int,
+    stream: int,
+    start: int,
+    stop: int,
+    width: int,
+    dtype=np.float64,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Rows [start, stop) of the (seed, stream) random table with ``width`` columns.
+
+    ``normal`` (standard), ``uniform`` (on [-1, 1)) or ``rademacher`` (+-1), drawn in float64
+    and written tile by tile into ``out`` (or a new array of ``dtype``): no full-size float64
+    temporary.
+    """
+    if out is None:
+        out = np.empty((stop - start, width), dtype=dtype)
+    for tile in range(start // TILE_ROWS, (stop - 1) // TILE_ROWS + 1):
+        first, last = tile * TILE_ROWS, (tile + 1) * TILE_ROWS
+        gen = np.random.Generator(np.random.Philox(key=[seed, stream], counter=[0, 0, tile, 0]))
+        values = _draw(gen, distribution, (TILE_ROWS, width))
+        lo, hi = max(first, start), min(last, stop)
+        out[lo - start : hi - start] = values[lo - first : hi - first]
+    return out
 
 
-def philox_draw(distribution: str, seed: int, stream: int, start: int, stop: int, width: int) -> np.ndarray:
-    """Rows [start, stop) of a (seed, stream) random table of ``width`` columns, float64."""
-    if distribution == "rademacher":
-        u = philox_uniform(seed, stream, start, stop, width)
-        return np.where(u < 0.5, -1.0, 1.0)
+def _draw(gen: np.random.Generator, distribution: str, shape: tuple[int, int]) -> np.ndarray:
+    if distribution == "normal":
+        return gen.standard_normal(shape)
     if distribution == "uniform":
-        return 2.0 * philox_uniform(seed, stream, start, stop, width) - 1.0
-    if distribution == "normal":  # Box-Muller on pairs of uniforms: a fixed count per row
-        pairs = -(-width // 2)
-        u = philox_uniform(seed, stream, start, stop, 2 * pairs)
-        radius = np.sqrt(-2.0 * np.log1p(-u[:, 0::2]))
-        angle = 2.0 * np.pi * u[:, 1::2]
-        out = np.empty((stop - start, 2 * pairs))
-        out[:, 0::2] = radius * np.cos(angle)
-        out[:, 1::2] = radius * np.sin(angle)
-        return out[:, :width]
+        return 2.0 * gen.random(shape) - 1.0
+    if distribution == "rademacher":
+        return gen.integers(0, 2, shape, dtype=np.int8) * 2.0 - 1.0
     raise ValueError(f"unknown distribution {distribution!r}")
 
 
@@ -64,8 +77,7 @@ class RandomRows:
         return (self.samples, self.width)
 
     def read(self, start: int, stop: int, dtype: np.dtype) -> np.ndarray:
-        draw = philox_draw(self.distribution, self.seed, _INPUTS_STREAM, start, stop, self.width)
-        return draw.astype(dtype, copy=False)
+        return random_rows(self.distribution, self.seed, _INPUTS_STREAM, start, stop, self.width, dtype)
 
 
 @dataclass(frozen=True)
@@ -158,11 +170,12 @@ class VectorSource:
             block = np.ones((k1 - k0, self.width), dtype=dtype)
         elif self.kind == "random":
             first, last = (0, 1) if self.shared else (start, stop)
-            draws = [
-                philox_draw(self.distribution, self.seed, _VECTORS_STREAM | k, first, last, self.width)
-                for k in range(k0, k1)
-            ]
-            block = np.stack(draws, axis=1).astype(dtype, copy=False)
+            block = np.empty((last - first, k1 - k0, self.width), dtype=dtype)
+            for index, k in enumerate(range(k0, k1)):
+                stream = _VECTORS_STREAM | k
+                random_rows(
+                    self.distribution, self.seed, stream, first, last, self.width, out=block[:, index]
+                )
             if not self.shared:
                 return block
             block = block[0]

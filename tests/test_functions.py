@@ -198,6 +198,11 @@ def test_empty_batch(name: str) -> None:
     assert f.jvp(x, t)[1].shape == (0, 2, f.n_out)
 
 
+NO_WORK_BUFFERS = {"linear", "linear-tall", "mlp-one-layer"}
+"""Kernels that write every product straight into the result: no temporaries but the ufunc
+allowance, whatever the batch."""
+
+
 @pytest.mark.parametrize("mode", ["vjp", "jvp", "jacobian"])
 @pytest.mark.parametrize("name", NAMES)
 def test_cost_models_are_positive_and_grow(name: str, mode: str) -> None:
@@ -207,9 +212,21 @@ def test_cost_models_are_positive_and_grow(name: str, mode: str) -> None:
         assert all(math.isfinite(c) and c > 0 for c in values.values())
         for (b, k), c in values.items():
             assert values.get((b * 10, k), c) >= c and values.get((b, k * 4), c) >= c
-        assert values[(100, 16)] > values[(10, 4)] > values[(1, 1)]
+        if cost == f.work_bytes and name in NO_WORK_BUFFERS:
+            assert set(values.values()) == {ufunc_buffer_bytes(f.dtype)}
+        else:
+            assert values[(100, 16)] > values[(10, 4)] > values[(1, 1)]
     assert isinstance(f.work_bytes(10, 4, mode), int)
     assert isinstance(f.flops(10, 4, mode), float)
+
+
+def test_mlp_work_is_bounded_by_chunks() -> None:
+    """Large batches run in chunks of about GEMM_ROWS GEMM rows: the work buffers stop growing
+    with the batch, and more vectors per sample mean fewer samples per chunk."""
+    f = build_function({"kind": "mlp", "sizes": [64, 512, 512, 16]})
+    assert f.work_bytes(10**6, 1, "vjp") == f.work_bytes(10**5, 1, "vjp")
+    assert f.work_bytes(10**6, 1, "vjp") > f.work_bytes(1000, 1, "vjp")
+    assert f.work_bytes(10**6, 64, "vjp") < 2 * f.work_bytes(10**6, 1, "vjp")
 
 
 _PEAK_SCRIPT = """
@@ -217,30 +234,39 @@ import json, sys, tracemalloc
 import numpy as np
 from jacrun.functions import build_function
 
+def traced(kernel, x, vectors):
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    y, result = kernel(x, vectors)
+    current, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return y, result, peak - base, current - base - y.nbytes - result.nbytes
+
 results = []
 for case in json.load(sys.stdin):
-    f = build_function(case["spec"])
     batch, k, mode = case["batch"], case["k"], case["mode"]
     rng = np.random.default_rng(case["seed"])
+    warm = build_function(case["spec"])  # lazy imports and NumPy's caches, on another instance
+    f = build_function(case["spec"])
     x = (case["offset"] + rng.standard_normal((batch, f.n_in))).astype(f.dtype)
     width = f.n_out if mode == "vjp" else f.n_in
     vectors = rng.standard_normal((1 if case["shared"] else batch, k, width)).astype(f.dtype)
     vectors = np.broadcast_to(vectors, (batch, k, width))
     kernel = f.vjp_batch if mode == "vjp" else f.jvp_batch
-    kernel(x, vectors)  # warm up lazy imports and caches
-    tracemalloc.start()
-    base = tracemalloc.get_traced_memory()[0]
-    y, result = kernel(x, vectors)
-    peak = tracemalloc.get_traced_memory()[1] - base
-    tracemalloc.stop()
-    results.append({"peak": peak, "y": y.nbytes, "result": result.nbytes,
-                    "model": f.work_bytes(batch, k, mode)})
+    (warm.vjp_batch if mode == "vjp" else warm.jvp_batch)(x, vectors)
+    y, result, peak, held = traced(kernel, x, vectors)  # first call: allocates the work buffers
+    y2, result2, again, held2 = traced(kernel, x, vectors)  # reuses them
+    results.append({"peak": peak, "held": held, "again": again, "held_again": held2,
+                    "same": bool(np.array_equal(result, result2) and np.array_equal(y, y2)),
+                    "y": y.nbytes, "result": result.nbytes, "model": f.work_bytes(batch, k, mode)})
 print(json.dumps(results))
 """
 
 
 def measured_peaks(cases: list[dict[str, Any]]) -> list[dict[str, int]]:
-    """Peak traced bytes of kernel calls, the bytes returned and ``work_bytes``, per case.
+    """Peak traced bytes of a first and a second kernel call on one instance, the bytes each
+    left allocated besides its results (the work buffers kept for the next call), the bytes
+    returned and ``work_bytes``, per case.
 
     Each case: spec, mode, batch, k, shared (broadcast vectors), seed, offset (added to x).
     NumPy reports its buffers to tracemalloc, which traces every thread of a process, so the
@@ -298,6 +324,11 @@ def test_work_bytes_matches_measured_peak(index: int) -> None:
     slack = 16 * 1024  # Python objects and small-array bookkeeping
     assert m["model"] - ufunc_buffer_bytes(dtype) <= m["peak"] + slack
     assert m["peak"] <= m["model"] + m["y"] + m["result"] + slack
+    # the work buffers stay allocated (within the model) and the next call reuses them: it
+    # allocates nothing but its results and the transient temporaries, and gives the same bytes
+    assert 0 <= m["held"] <= m["model"] + slack and abs(m["held_again"]) <= slack
+    assert m["again"] <= m["peak"] - m["held"] + slack
+    assert m["same"]
 
 
 # ---- activations -----------------------------------------------------------------------------

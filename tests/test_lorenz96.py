@@ -149,19 +149,33 @@ def test_shared_vectors_match_per_sample_copies() -> None:
 def test_work_bytes_counts_the_stored_stages() -> None:
     short = Lorenz96(40, steps=10)
     long = Lorenz96(40, steps=30)
-    batch, k = 64, 4
-    stages = 20 * 4 * batch * 40 * 8  # 20 more steps of 4 stored stage states
+    batch, k = 64, 4  # one chunk
+    stages = 20 * 4 * batch * 43 * 8  # 20 more steps of 4 stored padded stage states
     assert long.work_bytes(batch, k, "vjp") - short.work_bytes(batch, k, "vjp") == stages
     assert long.work_bytes(batch, k, "jvp") == short.work_bytes(batch, k, "jvp")
-    assert short.work_bytes(batch, k, "vjp") > 10 * 4 * batch * 40 * 8
+    assert short.work_bytes(batch, k, "vjp") > 10 * 4 * batch * 43 * 8
     single = Lorenz96(40, steps=10, dtype="float32")
     assert single.work_bytes(batch, k, "vjp") < short.work_bytes(batch, k, "vjp")
     assert long.flops(batch, k, "vjp") == pytest.approx(3 * short.flops(batch, k, "vjp"))
 
 
+def test_work_is_bounded_by_chunks() -> None:
+    """The batch runs in chunks of samples: the stored stages are per chunk, so the work stops
+    growing with the batch, and more vectors per sample mean fewer samples per chunk."""
+    f = Lorenz96(40, steps=100)
+    assert f.work_bytes(10**6, 1, "vjp") == f.work_bytes(10**4, 1, "vjp") > f.work_bytes(64, 1, "vjp")
+    assert f.work_bytes(10**6, 8, "vjp") < f.work_bytes(10**6, 1, "vjp")
+    x = initial_states(3000, 40, seed=9)  # several chunks, the last one partial
+    v = np.random.default_rng(10).standard_normal((3000, 2, 40))
+    y, vj = f.vjp(x, v)
+    y_rows, vj_rows = zip(*(f.vjp(x[i : i + 1], v[i : i + 1]) for i in (0, 1234, 2999)), strict=True)
+    np.testing.assert_allclose(y[[0, 1234, 2999]], np.concatenate(y_rows), rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(vj[[0, 1234, 2999]], np.concatenate(vj_rows), rtol=1e-13, atol=1e-13)
+
+
 def test_work_bytes_is_the_measured_peak() -> None:
-    """With 5 steps the peak falls mid-sweep, where only the final state y of the vjp's
-    forward sweep is alive besides the counted temporaries."""
+    """A first call allocates exactly the modelled work buffers (plus its results and, at most,
+    the ufunc buffers); a second call on the same instance allocates only its results."""
     spec = {"kind": "lorenz96", "dim": 40, "steps": 5}
     cases = [
         {
@@ -178,9 +192,12 @@ def test_work_bytes_is_the_measured_peak() -> None:
     ]
     for case, m in zip(cases, measured_peaks(cases), strict=True):
         allowance = ufunc_buffer_bytes(np.dtype(case["spec"]["dtype"]))
-        arrays = m["model"] - allowance + (m["y"] if case["mode"] == "vjp" else 0)
+        buffers = m["model"] - allowance
+        returned = m["y"] + m["result"]
         slack = 16 * 1024
-        assert arrays - slack <= m["peak"] <= arrays + allowance + slack, case
+        assert buffers - slack <= m["held"] <= buffers + slack, case
+        assert buffers + returned - slack <= m["peak"] <= buffers + returned + allowance + slack, case
+        assert returned - slack <= m["again"] <= returned + allowance + slack, case
 
 
 def test_spec_defaults_and_validation() -> None:

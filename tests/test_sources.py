@@ -7,7 +7,7 @@ import pytest
 
 from jacrun.config import NpyVectors, RandomVectors
 from jacrun.errors import ConfigError
-from jacrun.sources import RandomRows, basis_source, open_vectors, philox_draw
+from jacrun.sources import TILE_ROWS, RandomRows, basis_source, open_vectors, random_rows
 
 F64 = np.dtype("float64")
 
@@ -15,18 +15,22 @@ F64 = np.dtype("float64")
 @pytest.mark.parametrize("distribution", ["normal", "uniform", "rademacher"])
 @pytest.mark.parametrize("width", [1, 3, 4, 7])
 def test_random_rows_do_not_depend_on_chunking(distribution, width):
-    whole = philox_draw(distribution, 5, 1, 0, 100, width)
-    parts = [philox_draw(distribution, 5, 1, a, b, width) for a, b in [(0, 1), (1, 37), (37, 100)]]
+    n = 3 * TILE_ROWS + 7
+    whole = random_rows(distribution, 5, 1, 0, n, width)
+    cuts = [(0, 1), (1, 37), (37, TILE_ROWS + 3), (TILE_ROWS + 3, 2 * TILE_ROWS), (2 * TILE_ROWS, n)]
+    parts = [random_rows(distribution, 5, 1, a, b, width) for a, b in cuts]
     np.testing.assert_array_equal(whole, np.concatenate(parts))
-    assert not np.array_equal(whole, philox_draw(distribution, 6, 1, 0, 100, width))
+    assert not np.array_equal(whole, random_rows(distribution, 6, 1, 0, n, width))
+    assert not np.array_equal(whole, random_rows(distribution, 5, 2, 0, n, width))
+    assert not np.array_equal(whole[:TILE_ROWS], whole[TILE_ROWS : 2 * TILE_ROWS])  # tiles differ
 
 
 def test_distributions_have_the_right_moments():
-    normal = philox_draw("normal", 0, 1, 0, 20000, 10)
+    normal = random_rows("normal", 0, 1, 0, 20000, 10)
     assert abs(normal.mean()) < 0.02 and abs(normal.std() - 1) < 0.02
-    uniform = philox_draw("uniform", 0, 1, 0, 20000, 10)
+    uniform = random_rows("uniform", 0, 1, 0, 20000, 10)
     assert uniform.min() >= -1 and uniform.max() < 1 and abs(uniform.mean()) < 0.02
-    signs = philox_draw("rademacher", 0, 1, 0, 20000, 10)
+    signs = random_rows("rademacher", 0, 1, 0, 20000, 10)
     assert set(np.unique(signs)) == {-1.0, 1.0} and abs(signs.mean()) < 0.02
 
 
@@ -38,10 +42,11 @@ def test_random_inputs_cast_to_compute_dtype():
 
 
 def test_random_vectors_do_not_depend_on_row_or_vector_blocks():
-    source = open_vectors(RandomVectors(kind="random", count=5, seed=3), width=4, samples=60)
-    whole = source.read(0, 60, 0, 5, F64)
-    assert whole.shape == (60, 5, 4)
-    np.testing.assert_array_equal(whole[20:45, 2:4], source.read(20, 45, 2, 4, F64))
+    source = open_vectors(RandomVectors(kind="random", count=5, seed=3), width=4, samples=600)
+    whole = source.read(0, 600, 0, 5, F64)
+    assert whole.shape == (600, 5, 4)
+    np.testing.assert_array_equal(whole[200:530, 2:4], source.read(200, 530, 2, 4, F64))
+    np.testing.assert_array_equal(whole[20:45, 4:5], source.read(20, 45, 4, 5, F64))
     assert not source.squeeze
 
 

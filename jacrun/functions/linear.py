@@ -1,12 +1,15 @@
 """The ``linear`` kind, y = A x + b, and the vector-batch matrix products the dense kernels share.
 
 A vector batch (B, K, p) is either per-sample (contiguous: one GEMM on its (B*K, p) view) or
-shared, a read-only broadcast view with stride 0 over samples (one small (K, p) GEMM, expanded
-only when the result must become per-sample). Neither path writes into the vectors.
+shared, a read-only broadcast view with stride 0 over samples (one small (K, p) GEMM, copied
+to every sample of the result). Neither path writes into the vectors. Kernels that need work
+buffers keep them in a :class:`Workspace`, reused from call to call.
 """
 
 from __future__ import annotations
 
+import math
+import threading
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -41,30 +44,68 @@ def is_shared(v: np.ndarray) -> bool:
     return v.shape[0] > 1 and v.strides[0] == 0
 
 
-def vectors_matmul(v: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """(B, K, p) @ (p, q) as one GEMM: (B, K, q), or (1, K, q) for shared vectors."""
-    if is_shared(v):
-        return (v[0] @ m)[None]
+def vectors_times(v: np.ndarray, w: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out (B, K, q) = v (B, K, p) @ w (p, q) as one GEMM on the (B*K, p) view; for shared
+    vectors one (K, p) @ (p, q) product, copied to every sample. Never writes into ``v``."""
     batch, k, p = v.shape
-    return (v.reshape(batch * k, p) @ m).reshape(batch, k, m.shape[1])
+    if is_shared(v):
+        np.matmul(v[0], w, out=out[0])
+        out[1:] = out[0]
+    elif batch:
+        np.matmul(v.reshape(batch * k, p), w, out=out.reshape(batch * k, -1))
+    return out
 
 
-def scale_rows(g: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """g (B or 1, K, h) * d (B, h)[:, None]: in place when g is per-sample, else a new array.
+class Workspace:
+    """A kernel's work buffers, allocated on first use and reused by the calls that follow.
 
-    ``g`` must be a temporary the caller owns (a GEMM result), never an input vector batch.
+    ``get(tag, sizes, dtype)`` returns flat 1-D buffers of at least ``sizes[name]`` elements
+    (callers view the first elements). The buffers of one ``tag`` are kept per thread, so two
+    threads running the same Function never share one, and only for the last request: a request
+    the cached buffers cannot hold, or one less than half their total, frees them first and
+    allocates exactly what it asks. Arrays a kernel returns must never be these buffers (the
+    next call overwrites them). Pickling drops the buffers (a worker allocates its own).
     """
-    if g.shape[0] == d.shape[0]:
-        g *= d[:, None, :]
-        return g
-    return g * d[:, None, :]
+
+    __slots__ = ("_local",)
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def __reduce__(self) -> tuple[type[Workspace], tuple[()]]:
+        return (Workspace, ())
+
+    def get(self, tag: str, sizes: dict[str, int], dtype: np.dtype) -> dict[str, np.ndarray]:
+        if not sizes:
+            return {}
+        cache: dict[str, dict[str, np.ndarray]] | None = getattr(self._local, "cache", None)
+        if cache is None:
+            cache = self._local.cache = {}
+        held = cache.get(tag)
+        if held is not None:
+            fits = all(name in held and held[name].size >= size for name, size in sizes.items())
+            total = sum(buf.size for buf in held.values())
+            same = all(buf.dtype == dtype for buf in held.values())
+            if fits and same and 2 * sum(sizes.values()) >= total:
+                return held
+            del cache[tag], held  # free before allocating the replacement
+        buffers = {name: np.empty(size, dtype) for name, size in sizes.items()}
+        cache[tag] = buffers
+        return buffers
+
+    def nbytes(self) -> int:
+        """Bytes of the buffers this thread holds."""
+        cache = getattr(self._local, "cache", {})
+        return sum(buf.nbytes for held in cache.values() for buf in held.values())
+
+    def clear(self) -> None:
+        """Free this thread's buffers."""
+        self._local.cache = {}
 
 
-def expand(r: np.ndarray, batch: int) -> np.ndarray:
-    """A contiguous (batch, K, q) array from a per-sample or shared (1, K, q) result."""
-    if r.shape[0] == batch:
-        return r
-    return np.broadcast_to(r, (batch, *r.shape[1:])).copy()
+def view(buffer: np.ndarray, *shape: int) -> np.ndarray:
+    """The first prod(shape) elements of a flat work buffer, as a C-contiguous array."""
+    return buffer[: math.prod(shape)].reshape(shape)
 
 
 def ufunc_buffer_bytes(dtype: np.dtype) -> int:
@@ -171,20 +212,20 @@ class Linear(Function):
 
     def vjp_batch(self, x: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         v = np.asarray(v, self.dtype)
-        return self.forward_batch(x), expand(vectors_matmul(v, self.matrix), v.shape[0])
+        xbar = np.empty((*v.shape[:2], self.n_in), self.dtype)
+        return self.forward_batch(x), vectors_times(v, self.matrix, xbar)
 
     def jvp_batch(self, x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         t = np.asarray(t, self.dtype)
-        return self.forward_batch(x), expand(vectors_matmul(t, self.matrix.T), t.shape[0])
+        ydot = np.empty((*t.shape[:2], self.n_out), self.dtype)
+        return self.forward_batch(x), vectors_times(t, self.matrix.T, ydot)
 
     # ---- cost model ----------------------------------------------------------------------------
 
     def work_bytes(self, batch: int, k: int, mode: Mode) -> int:
-        """Per-sample vectors need no temporaries; shared ones one (K, width) product."""
-        kernel = kernel_mode(mode, self.n_in, self.n_out)
-        width = self.n_in if kernel == "vjp" else self.n_out
-        shared = k * width if batch > 1 else 0
-        return shared * self.dtype.itemsize + ufunc_buffer_bytes(self.dtype)
+        """No temporaries: every product is written into the result (the ufunc allowance only).
+        Per-sample vectors that are not C-contiguous cost one extra copy (B*K*width)."""
+        return ufunc_buffer_bytes(self.dtype)
 
     def flops(self, batch: int, k: int, mode: Mode) -> float:
         mn = self.n_out * self.n_in

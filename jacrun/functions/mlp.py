@@ -4,10 +4,19 @@ Layer i maps a -> W_i a + b_i with W_i of shape (out_i, in_i), the layout of
 ``torch.nn.Linear.weight``, so a PyTorch state dict exports directly to the weights file.
 
 Kernels fold the K vectors into the GEMM row dimension: a (B, K, h) vector batch is viewed as
-(B*K, h) and each layer costs one GEMM plus one broadcast multiply by the activation
-derivative sigma'(z) (B, h), which a single forward pass computes for all K vectors.
-- vjp: forward pass storing sigma'(z) per hidden layer (overwriting z), then the reverse sweep.
+(B*K, h) and each layer costs one GEMM (``np.matmul(..., out=...)`` into a work buffer) plus
+one broadcast multiply by the activation derivative sigma'(z) (B, h), which a single forward
+pass computes for all K vectors.
+- vjp: forward pass storing sigma'(z) per hidden layer, then the reverse sweep.
 - jvp: tangents travel with the forward pass; nothing is stored.
+- shared vectors (a broadcast (K, d) batch, such as the basis of a Jacobian): the first product
+  is one small (K, d) GEMM, multiplied straight into the per-sample buffer by sigma'(z).
+
+The batch runs in chunks of about ``GEMM_ROWS`` GEMM rows (samples x vectors), so the work
+buffers are bounded whatever the batch, and the buffers (see :class:`Workspace`) are allocated
+once and reused by every later call of the same shape. Bias, activation and derivative run in
+L2-sized row blocks (``BLOCK_ELEMENTS``), one pass over memory instead of four. The returned
+arrays are always fresh, written by the last GEMMs directly.
 """
 
 from __future__ import annotations
@@ -24,15 +33,24 @@ from jacrun.functions import activations
 from jacrun.functions.activations import ActivationName
 from jacrun.functions.base import Function, FunctionSpec, Mode
 from jacrun.functions.linear import (
+    Workspace,
     compute_dtype,
-    expand,
+    is_shared,
     kernel_mode,
-    scale_rows,
     ufunc_buffer_bytes,
-    vectors_matmul,
+    vectors_times,
+    view,
 )
 from jacrun.functions.registry import register
 from jacrun.paths import InputPath
+
+GEMM_ROWS = 4096
+"""Rows (samples x vectors) of the GEMMs of one chunk: large enough for BLAS peak, small enough
+that the work buffers of a chunk stay within a few tens of MB (see ``BUFFER_ELEMENTS``)."""
+BUFFER_ELEMENTS = 1 << 22
+"""Cap on GEMM_ROWS x the widest hidden layer (not below 256 rows)."""
+BLOCK_ELEMENTS = 1 << 16
+"""Elements of one row block of the bias/activation/derivative chain (256-512 KiB: L2)."""
 
 
 class MLPSpec(FunctionSpec):
@@ -154,6 +172,7 @@ class MLP(Function):
         self.biases: tuple[np.ndarray, ...] = tuple(bs)
         self.sizes: tuple[int, ...] = (ws[0].shape[1], *(w.shape[0] for w in ws))
         self.n_in, self.n_out = self.sizes[0], self.sizes[-1]
+        self._work = Workspace()
 
     @classmethod
     def random(
@@ -181,102 +200,178 @@ class MLP(Function):
     # ---- kernels -------------------------------------------------------------------------------
 
     def forward_batch(self, x: np.ndarray) -> np.ndarray:
-        a = np.asarray(x, self.dtype)
-        for w, b in zip(self.weights[:-1], self.biases[:-1], strict=True):
-            z = a @ w.T
-            z += b
-            a = self._act.fn(z, z)
-        y = a @ self.weights[-1].T
-        y += self.biases[-1]
+        x = np.asarray(x, self.dtype)
+        batch = x.shape[0]
+        y = np.empty((batch, self.n_out), self.dtype)
+        rows = self._chunk_rows(batch, 1)
+        buf = self._work.get("forward", self._buffer_sizes("forward", rows, 1, False), self.dtype)
+        for start in range(0, batch, rows):
+            stop = min(start + rows, batch)
+            a = x[start:stop]
+            for i, h in enumerate(self.sizes[1:-1]):
+                z = view(buf["z"], stop - start, h)
+                np.matmul(a, self.weights[i].T, out=z)
+                a = view(buf["a"], stop - start, h)
+                self._activate(z, self.biases[i], a, derivative=False)
+            self._output(a, y[start:stop])
         return y
-
-    def _forward_storing(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """y and sigma'(z) of every hidden layer, each overwriting its z."""
-        a = x
-        derivs: list[np.ndarray] = []
-        for w, b in zip(self.weights[:-1], self.biases[:-1], strict=True):
-            z = a @ w.T
-            z += b
-            a = self._act.fn(z, np.empty_like(z))
-            derivs.append(self._act.deriv(z, a, z))
-        y = a @ self.weights[-1].T
-        y += self.biases[-1]
-        return y, derivs
 
     def vjp_batch(self, x: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = np.asarray(x, self.dtype)
         v = np.asarray(v, self.dtype)
-        y, derivs = self._forward_storing(x)
-        g = vectors_matmul(v, self.weights[-1])
-        for w in reversed(self.weights[:-1]):
-            g = scale_rows(g, derivs.pop())  # frees sigma'(z) of this layer
-            g = vectors_matmul(g, w)
-        return y, expand(g, x.shape[0])
+        batch, k = v.shape[:2]
+        sizes, weights, layers = self.sizes, self.weights, len(self.weights)
+        hidden, n, m = sizes[1:-1], self.n_in, self.n_out
+        y = np.empty((batch, m), self.dtype)
+        xbar = np.empty((batch, k, n), self.dtype)
+        shared = is_shared(v)
+        if batch == 0:
+            return y, xbar
+        if layers == 1:
+            self._output(x, y)
+            vectors_times(v, weights[0], xbar)
+            return y, xbar
+        rows = self._chunk_rows(batch, k)
+        buf = self._work.get("vjp", self._buffer_sizes("vjp", rows, k, shared), self.dtype)
+        if shared:  # one (K, h) product serves every sample
+            first = view(buf["s"], k, hidden[-1])
+            np.matmul(v[0], weights[-1], out=first)
+        for start in range(0, batch, rows):
+            stop = min(start + rows, batch)
+            r = stop - start
+            # forward, storing sigma'(z_i) in d{i}; the activations pass through buffer p
+            a = x[start:stop]
+            for i, h in enumerate(hidden):
+                z = view(buf[f"d{i}"], r, h)
+                np.matmul(a, weights[i].T, out=z)
+                a = view(buf["p"], r, h)
+                self._activate(z, self.biases[i], a, derivative=True)
+            self._output(a, y[start:stop])
+            # reverse sweep: g = cotangent of z_j, in buffers q, p, q, ... (p's activations are dead)
+            g = view(buf["q"], r, k, hidden[-1])
+            d = view(buf[f"d{layers - 2}"], r, hidden[-1])[:, None, :]
+            if shared:
+                np.multiply(first[None], d, out=g)
+            else:
+                np.matmul(v[start:stop].reshape(r * k, m), weights[-1], out=g.reshape(r * k, -1))
+                g *= d
+            for j in range(layers - 3, -1, -1):
+                gn = view(buf["pq"[(layers - 3 - j) % 2]], r, k, hidden[j])
+                np.matmul(g.reshape(r * k, -1), weights[j + 1], out=gn.reshape(r * k, -1))
+                gn *= view(buf[f"d{j}"], r, hidden[j])[:, None, :]
+                g = gn
+            np.matmul(g.reshape(r * k, -1), weights[0], out=xbar[start:stop].reshape(r * k, n))
+        return y, xbar
 
     def jvp_batch(self, x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        a = np.asarray(x, self.dtype)
+        x = np.asarray(x, self.dtype)
         t = np.asarray(t, self.dtype)
-        for w, b in zip(self.weights[:-1], self.biases[:-1], strict=True):
-            z = a @ w.T
-            z += b
-            a = self._act.fn(z, np.empty_like(z))
-            d = self._act.deriv(z, a, z)
-            del z
-            t = scale_rows(vectors_matmul(t, w.T), d)
-            del d
-        y = a @ self.weights[-1].T
+        batch, k = t.shape[:2]
+        sizes, weights, layers = self.sizes, self.weights, len(self.weights)
+        hidden, n, m = sizes[1:-1], self.n_in, self.n_out
+        y = np.empty((batch, m), self.dtype)
+        ydot = np.empty((batch, k, m), self.dtype)
+        shared = is_shared(t)
+        if batch == 0:
+            return y, ydot
+        if layers == 1:
+            self._output(x, y)
+            vectors_times(t, weights[0].T, ydot)
+            return y, ydot
+        rows = self._chunk_rows(batch, k)
+        buf = self._work.get("jvp", self._buffer_sizes("jvp", rows, k, shared), self.dtype)
+        if shared:
+            first = view(buf["s"], k, hidden[0])
+            np.matmul(t[0], weights[0].T, out=first)
+        for start in range(0, batch, rows):
+            stop = min(start + rows, batch)
+            r = stop - start
+            a = x[start:stop]
+            tangent = None if shared else t[start:stop].reshape(r * k, n)
+            for i, h in enumerate(hidden):
+                z = view(buf["z"], r, h)
+                np.matmul(a, weights[i].T, out=z)
+                a = view(buf["a"], r, h)
+                self._activate(z, self.biases[i], a, derivative=True)
+                tn = view(buf[("t1", "t2")[i % 2]], r, k, h)
+                if tangent is None:
+                    np.multiply(first[None], z[:, None, :], out=tn)
+                else:
+                    np.matmul(tangent, weights[i].T, out=tn.reshape(r * k, h))
+                    tn *= z[:, None, :]
+                tangent = tn.reshape(r * k, h)
+            self._output(a, y[start:stop])
+            np.matmul(tangent, weights[-1].T, out=ydot[start:stop].reshape(r * k, m))
+        return y, ydot
+
+    def _output(self, a: np.ndarray, y: np.ndarray) -> None:
+        """y = a W_last^T + b_last, written into ``y``."""
+        np.matmul(a, self.weights[-1].T, out=y)
         y += self.biases[-1]
-        return y, expand(vectors_matmul(t, self.weights[-1].T), a.shape[0])
+
+    def _activate(self, z: np.ndarray, b: np.ndarray, a: np.ndarray, derivative: bool) -> None:
+        """z += b; a = sigma(z); then z = sigma'(z) when ``derivative``. In row blocks of about
+        BLOCK_ELEMENTS, so the later steps read the block from cache, not memory."""
+        fn, deriv = self._act.fn, self._act.deriv
+        step = max(1, BLOCK_ELEMENTS // z.shape[1])
+        for start in range(0, z.shape[0], step):
+            zb, ab = z[start : start + step], a[start : start + step]
+            np.add(zb, b, out=zb)
+            fn(zb, ab)
+            if derivative:
+                deriv(zb, ab, zb)
+
+    def _chunk_rows(self, batch: int, k: int) -> int:
+        """Samples per chunk: about GEMM_ROWS GEMM rows, at least one sample."""
+        widest = max(self.sizes[1:-1], default=1)
+        gemm_rows = max(256, min(GEMM_ROWS, BUFFER_ELEMENTS // widest))
+        return max(1, min(batch, -(-gemm_rows // k)))
+
+    def _buffer_sizes(self, kernel: str, rows: int, k: int, shared: bool) -> dict[str, int]:
+        """Elements of each work buffer of ``kernel`` (forward, vjp, jvp) for a chunk of ``rows``."""
+        hidden, layers = self.sizes[1:-1], len(self.weights)
+        if layers == 1:
+            return {}
+        widest = max(hidden)
+        if kernel == "forward":
+            return {"z": rows * widest, "a": rows * widest}
+        if kernel == "vjp":
+            sizes = {f"d{i}": rows * h for i, h in enumerate(hidden)}
+            # q holds the cotangents of z_{L-2}, z_{L-4}, ...; p the activations, then z_{L-3}, ...
+            in_q = hidden[::-1][0::2]
+            in_p = hidden[::-1][1::2]
+            sizes["q"] = rows * k * max(in_q)
+            sizes["p"] = max(rows * widest, rows * k * max(in_p, default=0))
+            if shared:
+                sizes["s"] = k * hidden[-1]
+            return sizes
+        sizes = {"z": rows * widest, "a": rows * widest, "t1": rows * k * max(hidden[0::2])}
+        if len(hidden) > 1:
+            sizes["t2"] = rows * k * max(hidden[1::2])
+        if shared:
+            sizes["s"] = k * hidden[0]
+        return sizes
+
+    def _scratch_elements(self, rows: int) -> int:
+        """Temporaries of the derivative (gelu) in one row block of ``_activate``."""
+        if not self._act.scratch:
+            return 0
+        block = max(min(rows, max(1, BLOCK_ELEMENTS // h)) * h for h in self.sizes[1:-1])
+        return self._act.scratch * block
 
     # ---- cost model ----------------------------------------------------------------------------
 
     def work_bytes(self, batch: int, k: int, mode: Mode) -> int:
-        """Peak live temporaries of the kernel, step by step, the worse of both vector layouts
-        (per-sample contiguous or shared broadcast), plus the ufunc buffer allowance.
-        Per-sample vectors that are not C-contiguous cost one extra copy (B*K*width)."""
+        """The work buffers of one chunk (see ``_buffer_sizes``), the worse of both vector
+        layouts (per-sample, or shared: one more (K, h) buffer), the derivative's scratch in one
+        row block, and the ufunc buffer allowance. The buffers stay allocated for the next call.
+        Per-sample vectors that are not C-contiguous cost one extra copy (chunk rows*K*width)."""
         kernel = kernel_mode(mode, self.n_in, self.n_out)
-        peak = self._vjp_peak if kernel == "vjp" else self._jvp_peak
-        shared = (False, True) if batch > 1 else (False,)
-        elements = max(peak(batch, k, s) for s in shared)
-        return elements * self.dtype.itemsize + ufunc_buffer_bytes(self.dtype)
-
-    def _vjp_peak(self, batch: int, k: int, shared: bool) -> int:
-        """Elements live at the worst moment of vjp_batch (x, v, y and xbar not counted)."""
-        h, layers, scratch = self.sizes, len(self.sizes) - 1, self._act.scratch
-        peak = stored = 0  # stored: the sigma'(z) kept for the reverse sweep
-        for i in range(layers - 1):
-            a_in, z = (batch * h[i] if i else 0), batch * h[i + 1]
-            # fn: a_in, z, a_out live; then deriv: z (becoming sigma'), a_out, its scratch
-            peak = max(peak, stored + a_in + 2 * z, stored + (2 + scratch) * z)
-            stored += z
-        peak = max(peak, stored + (batch * h[-2] if layers > 1 else 0))  # last GEMM -> y
-        if layers == 1:
-            return max(peak, k * h[0] if shared else 0)
-        # first reverse GEMM; shared vectors first give a (K, h) product, then expand
-        peak = max(peak, stored + (k * h[-2] if shared else 0) + batch * k * h[-2])
-        for i in range(layers - 2, -1, -1):
-            stored -= batch * h[i + 1]  # sigma'(z_i) applied and released
-            peak = max(peak, stored + batch * k * (h[i + 1] + (h[i] if i else 0)))
-        return peak
-
-    def _jvp_peak(self, batch: int, k: int, shared: bool) -> int:
-        """Elements live at the worst moment of jvp_batch (x, t, y and ydot not counted)."""
-        h, layers, scratch = self.sizes, len(self.sizes) - 1, self._act.scratch
-        peak = 0
-        for i in range(layers - 1):
-            a_in, t_in = (batch * h[i], batch * k * h[i]) if i else (0, 0)
-            z, tn = batch * h[i + 1], batch * k * h[i + 1]
-            first = k * h[i + 1] if shared and i == 0 else 0
-            # fn: a_in, t_in, z, a_out; deriv: t_in, z, a_out, scratch; tangent GEMM: + tn
-            peak = max(
-                peak,
-                a_in + t_in + 2 * z,
-                t_in + (2 + scratch) * z,
-                t_in + 2 * z + first + tn,
-            )
-        if layers == 1:
-            return k * h[1] if shared else 0
-        return max(peak, batch * (k + 1) * h[-2])
+        rows = self._chunk_rows(batch, k)
+        layouts = (False, True) if batch > 1 else (False,)
+        buffers = max(sum(self._buffer_sizes(kernel, rows, k, s).values()) for s in layouts)
+        scratch = self._scratch_elements(rows) if len(self.weights) > 1 else 0
+        return (buffers + scratch) * self.dtype.itemsize + ufunc_buffer_bytes(self.dtype)
 
     def flops(self, batch: int, k: int, mode: Mode) -> float:
         """GEMMs (2 per multiply-add) plus bias, activation and derivative-scaling passes."""

@@ -1,0 +1,129 @@
+"""Smoke tests of scripts/bench.py: it runs in seconds and its report has the expected rows,
+cells and verdicts. They check the script, not the speed (``--quick`` shapes measure nothing)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "bench.py"
+KERNEL_ROWS = {
+    (f"mlp {mode}", dtype) for mode in ("vjp", "jvp", "jacobian") for dtype in ("float32", "float64")
+}
+KERNEL_ROWS |= {("lorenz96 vjp", "float64"), ("lorenz96 vjp", "float32")}
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("jacrun_bench_script", SCRIPT)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def table_rows(report: str, first_cell: str) -> list[list[str]]:
+    """Cells of the markdown table rows whose first cell starts with ``first_cell``."""
+    rows = []
+    for line in report.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0].startswith(first_cell):
+            rows.append(cells)
+    return rows
+
+
+def test_quick_run_reports_every_kernel(tmp_path: Path) -> None:
+    """``--quick --skip-e2e`` without frameworks: every kernel row, the BLAS, the skips."""
+    out = tmp_path / "bench.md"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--skip-e2e", "--frameworks", "none", "--output", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr
+    report = out.read_text()
+    assert report.strip() == done.stdout.strip()
+    rows = table_rows(report, "mlp ") + table_rows(report, "lorenz96 ")
+    kernels = [(cells[0], cells[1]) for cells in rows if len(cells) == 10]
+    assert sorted(kernels) == sorted(KERNEL_ROWS)
+    for cells in rows:
+        if len(cells) != 10:
+            continue
+        assert cells[3].endswith(" ms") and float(cells[3].split()[0].replace(",", "")) > 0
+        assert "/s" in cells[4]
+        assert cells[7:] == ["skipped", "skipped", "skipped"]
+        if cells[0].startswith("mlp"):
+            assert "% of " in cells[6]
+    assert "BLAS in use: **" in report and "threadpool_info" in report
+    assert "Skipped (--skip-e2e)." in report
+    targets = {cells[0] for cells in table_rows(report, "mlp vjp float")}
+    assert "mlp vjp float32 >= 90% of GEMM peak" in targets
+    assert "mlp vjp float64 >= 1.2x torch.func.vjp" in targets
+
+
+def test_framework_cells_and_targets(bench: ModuleType) -> None:
+    """Ratios are framework time / jacrun time; targets compare them with the issue's goals."""
+    row = bench.Row(
+        kernel="mlp vjp",
+        dtype="float32",
+        shape="s",
+        seconds=0.1,
+        unit="VJPs",
+        count=1000,
+        flops=18e9,
+        peak=200e9,
+        frameworks={
+            "torch": ("torch.func.vjp", 0.15, 1e-6),
+            "jax": ("jax jit(vjp)", 0.105, 0.5),
+            "autograd": "not installed",
+        },
+    )
+    table = bench.kernel_table([row])
+    assert "**1.50x** (torch.func.vjp 150 ms)" in table
+    assert "MISMATCH" in table and "not installed" in table
+    assert "90% of 200" in table
+    verdicts = {cells[0]: cells[2] for cells in table_rows(bench.targets([row], None), "mlp vjp")}
+    assert verdicts["mlp vjp float32 >= 90% of GEMM peak"] == "yes"
+    assert verdicts["mlp vjp float32 >= 1.2x torch.func.vjp"] == "yes"
+    assert verdicts["mlp vjp float32 >= 1.1x jax jit(vjp)"] == "**no**"
+
+
+def test_end_to_end_on_a_cluster(bench: ModuleType, scheduler_address: str) -> None:
+    """The end-to-end part on the test cluster: two small jobs, memory sampled, a table."""
+    from distributed import Client
+
+    shapes = dataclasses.replace(bench.QUICK, e2e_samples=600, e2e_block=300, e2e_sizes=(8, 16, 4), reps=1)
+    with Client(scheduler_address, set_as_default=False) as client:
+        pids = list(client.run(os.getpid).values())
+    e2e = bench.measure_e2e(shapes, scheduler_address, lambda: pids, 0.0, lambda message: None)
+    assert e2e.small.ok and e2e.large.ok
+    assert (e2e.small.blocks, e2e.large.blocks) == (2, 16)
+    assert e2e.large.result_bytes == 4800 * (8 + 4) * 4
+    assert e2e.small.peak_rss >= e2e.small.idle_rss > 0 and e2e.large.projected > 0
+    assert e2e.kernel_rate > 0 and e2e.ratio > 0
+    assert set(e2e.steps) == {
+        "inputs (random x)",
+        "vectors (random v)",
+        "kernel",
+        "finiteness check",
+        "write (zstd, zarr)",
+    }
+    assert all(seconds > 0 for seconds in e2e.steps.values())
+    table = bench.e2e_table(e2e, shapes)
+    assert "| total |" in table
+    assert len(table_rows(table, "N")) == 1 and len(table_rows(table, "8N")) == 1
+    verdicts = table_rows(bench.targets([], e2e), "end to end") + table_rows(bench.targets([], e2e), "peak")
+    assert len(verdicts) == 4
