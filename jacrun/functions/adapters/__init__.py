@@ -38,6 +38,7 @@ import typing
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
@@ -101,6 +102,28 @@ def missing_message(name: str) -> str:
         f"autodiff: {name} needs {backend.label}, which is not installed in this Python "
         f"environment ({sys.executable}); install it with: {backend.install}"
     )
+
+
+# ---- hooks shared by the NumPy-array backends (jax, autograd); torch has its own ----------
+
+
+def numpy_factory_dtype(dtype: np.dtype) -> np.dtype:
+    """What a factory's ``dtype`` parameter receives: the NumPy dtype."""
+    return np.dtype(dtype)
+
+
+def weights_unsupported(
+    fn: Callable[..., Any], *, dtype: np.dtype, weights: Path | None
+) -> Callable[..., Any]:
+    """A ``weights`` file is only for targets that take it (or for torch modules)."""
+    if weights is not None:
+        raise TargetError("weights: the target has no `weights` parameter to receive the file")
+    return fn
+
+
+def no_width_hint(fn: Any) -> int | None:
+    """No widest-layer hint for the planner's memory estimate."""
+    return None
 
 
 def load_backend(name: str) -> ModuleType:

@@ -18,38 +18,29 @@ threads (``threads_per_worker: 1``, the default).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 from autograd.core import make_vjp
 
-from jacrun.functions.adapters import AutodiffFunction
-from jacrun.functions.python import TargetError
+from jacrun.functions.adapters import (
+    AutodiffFunction,
+    no_width_hint,
+    numpy_factory_dtype,
+    weights_unsupported,
+)
 
 TARGET_CLASSES: tuple[type, ...] = ()
 
 _LOCK = threading.Lock()
 
+# the backend hooks the adapter package looks up (shared with the other NumPy-array backend)
+factory_dtype = numpy_factory_dtype
+prepare = weights_unsupported
+default_width = no_width_hint
+
 
 def setup(*, dtype: np.dtype, threads: int | None) -> None:
     """Nothing to set: f runs NumPy, under the process's BLAS settings."""
-
-
-def factory_dtype(dtype: np.dtype) -> np.dtype:
-    """What a factory's ``dtype`` parameter receives: the NumPy dtype."""
-    return np.dtype(dtype)
-
-
-def prepare(fn: Callable[..., Any], *, dtype: np.dtype, weights: Path | None) -> Callable[..., Any]:
-    if weights is not None:
-        raise TargetError("weights: the target has no `weights` parameter to receive the file")
-    return fn
-
-
-def default_width(fn: Any) -> int | None:
-    return None
 
 
 class AutogradFunction(AutodiffFunction):

@@ -18,38 +18,31 @@ process-wide JAX setting) before the target is built.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jacrun.functions.adapters import AutodiffFunction
-from jacrun.functions.python import TargetError
+from jacrun.functions.adapters import (
+    AutodiffFunction,
+    no_width_hint,
+    numpy_factory_dtype,
+    weights_unsupported,
+)
 
 TARGET_CLASSES: tuple[type, ...] = ()
+
+# the backend hooks the adapter package looks up (shared with the other NumPy-array backend)
+factory_dtype = numpy_factory_dtype
+prepare = weights_unsupported
+default_width = no_width_hint
 
 
 def setup(*, dtype: np.dtype, threads: int | None) -> None:
     """float64 needs x64 on before any array of the target is created."""
     if np.dtype(dtype) == np.float64 and not jax.config.read("jax_enable_x64"):
         jax.config.update("jax_enable_x64", True)
-
-
-def factory_dtype(dtype: np.dtype) -> np.dtype:
-    """What a factory's ``dtype`` parameter receives: the NumPy dtype (jnp accepts it)."""
-    return np.dtype(dtype)
-
-
-def prepare(fn: Callable[..., Any], *, dtype: np.dtype, weights: Path | None) -> Callable[..., Any]:
-    if weights is not None:
-        raise TargetError("weights: the target has no `weights` parameter to receive the file")
-    return fn
-
-
-def default_width(fn: Any) -> int | None:
-    return None
 
 
 class JaxFunction(AutodiffFunction):
