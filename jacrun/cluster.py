@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterator
 
 from jacrun.config import AddressClusterConfig, JobqueueClusterConfig, LocalClusterConfig
+from jacrun.errors import ConfigError
 
 
 @contextlib.contextmanager
@@ -65,6 +66,19 @@ def blas_threads(config: LocalClusterConfig | AddressClusterConfig | JobqueueClu
         cores = os.cpu_count() or 1
         return max(1, cores // (config.workers * config.threads_per_worker))
     return 1
+
+
+def check_launchable(config: LocalClusterConfig | AddressClusterConfig | JobqueueClusterConfig) -> None:
+    """Refuse, before anything is written, a batch-system cluster this machine cannot submit to."""
+    import shutil
+
+    if isinstance(config, JobqueueClusterConfig):
+        command = "sbatch" if config.kind == "slurm" else "qsub"
+        if shutil.which(command) is None:
+            raise ConfigError(
+                f"cluster.kind: {config.kind} submits worker jobs with `{command}`, which is not on "
+                "this machine's PATH; run jacrun on a login node, or use --scheduler ADDRESS"
+            )
 
 
 def quiet_dask_logs() -> None:

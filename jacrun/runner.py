@@ -19,7 +19,7 @@ from rich.console import Console
 
 from jacrun import store
 from jacrun.block import BlockJob, BlockResult, run_block
-from jacrun.cluster import blas_threads, connect, insecure_address_warning
+from jacrun.cluster import blas_threads, check_launchable, connect, insecure_address_warning
 from jacrun.config import JobConfig, with_scheduler
 from jacrun.errors import ConfigError
 from jacrun.prepare import PreparedJob, prepare
@@ -174,6 +174,11 @@ def submit(
     """
     console = console or Console()
     job = prepare(config)
+    if scheduler is None:
+        try:
+            check_launchable(config.cluster)
+        except ConfigError as exc:
+            raise ConfigError(config.locate(str(exc))) from None
     try:
         job = open_output(job, overwrite or config.output.overwrite)
     except ConfigError as exc:

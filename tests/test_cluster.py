@@ -217,3 +217,13 @@ def test_blas_threads_never_oversubscribe(monkeypatch):
     assert blas_threads(LocalClusterConfig(workers=2, threads_per_worker=2)) == 2
     assert blas_threads(LocalClusterConfig(workers=16, threads_per_worker=1)) == 1
     assert blas_threads(JobqueueClusterConfig(kind="slurm", cores=4, processes=2)) == 1
+
+
+def test_a_batch_system_that_is_not_here_is_refused_before_any_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sbatch, no qsub
+    path = write_config(tmp_path, job_config(cluster={"kind": "slurm", "cores": 2}))
+    with pytest.raises(
+        ConfigError, match=r"job.yaml:\d+: cluster.kind: slurm submits worker jobs with `sbatch`"
+    ):
+        jacrun.submit(jacrun.load_config(path), progress=False)
+    assert not (tmp_path / "out.zarr").exists()
