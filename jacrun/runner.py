@@ -206,6 +206,8 @@ def submit(
         dashboard = client.dashboard_link if _has_dashboard(client) else None
         if progress:
             console.print(f"Dashboard: {dashboard}" if dashboard else "Dashboard: not available")
+            if not client.scheduler_info().get("workers"):
+                console.print(f"Waiting for workers to join the scheduler at {client.scheduler.address} ...")
         report = contextlib.nullcontext()
         if performance_report:
             from distributed import performance_report as dask_report
