@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+DASK = [str(Path(sys.executable).with_name("dask"))]  # the real `dask` command of this environment
 
 
 def write_config(folder: Path, config: dict, name: str = "job.yaml") -> Path:
@@ -112,3 +115,79 @@ def read_scheduler_file(path: Path, timeout: float = 60) -> str:
         time.sleep(0.1)
     time.sleep(0.2)  # written, then filled
     return json.loads(path.read_text())["address"]
+
+
+class DaskProcesses:
+    """A `dask scheduler` and `dask worker` processes, each a real OS process on 127.0.0.1.
+
+    ``flags`` go to both (e.g. TLS certificates); ``security`` is what a client then needs.
+    """
+
+    def __init__(self, folder: Path, flags: Sequence[str] = (), security=None) -> None:
+        self.folder = folder
+        self.flags = list(flags)
+        self.security = security
+        self.scheduler: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+        self.address = ""
+
+    def _spawn(self, args: list[str], log: str) -> subprocess.Popen:
+        handle = open(self.folder / log, "ab")  # noqa: SIM115 - closed with the process
+        return subprocess.Popen(
+            [*DASK, *args, *self.flags], stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def start_scheduler(self, protocol: str = "tcp") -> str:
+        info = self.folder / f"scheduler-{time.monotonic_ns()}.json"
+        self.scheduler = self._spawn(
+            [
+                "scheduler",
+                "--protocol",
+                protocol,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+                "--scheduler-file",
+                str(info),
+            ],
+            "scheduler.log",
+        )
+        self.address = read_scheduler_file(info)
+        return self.address
+
+    def start_workers(self, count: int, *, nanny: bool = False) -> None:
+        for _ in range(count):
+            self.workers.append(
+                self._spawn(
+                    [
+                        "worker",
+                        self.address,
+                        "--nthreads",
+                        "1",
+                        "--host",
+                        "127.0.0.1",
+                        "--no-dashboard",
+                        "--memory-limit",
+                        "2GiB",
+                        "--nanny" if nanny else "--no-nanny",
+                    ],
+                    "workers.log",
+                )
+            )
+        from distributed import Client
+
+        with Client(self.address, timeout="30s", security=self.security, set_as_default=False) as client:
+            client.wait_for_workers(len([w for w in self.workers if w.poll() is None]), timeout=60)
+
+    def kill(self, process: subprocess.Popen) -> None:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def stop(self) -> None:
+        for process in [*self.workers, self.scheduler]:
+            if process is not None:
+                self.kill(process)
+        self.workers = []

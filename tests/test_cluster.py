@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +13,7 @@ import jacrun
 from jacrun.cluster import blas_threads, insecure_address_warning, jobqueue_cluster
 from jacrun.config import JobqueueClusterConfig, LocalClusterConfig, config_from_dict
 from jacrun.errors import ConfigError
-from tests.helpers import job_config, read_scheduler_file, write_config
-
-DASK = str(Path(sys.executable).with_name("dask"))
+from tests.helpers import DaskProcesses, job_config, write_config
 
 
 def make_certificates(folder: Path) -> dict[str, str]:
@@ -68,50 +64,18 @@ def make_certificates(folder: Path) -> dict[str, str]:
 
 
 def test_tls_scheduler_end_to_end(tmp_path):
+    from distributed.security import Security
+
     tls = make_certificates(tmp_path)
     flags = ["--tls-ca-file", tls["ca_file"], "--tls-cert", tls["cert_file"], "--tls-key", tls["key_file"]]
-    info = tmp_path / "scheduler.json"
-    processes = [
-        subprocess.Popen(
-            [
-                DASK,
-                "scheduler",
-                "--protocol",
-                "tls",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--no-dashboard",
-                "--scheduler-file",
-                str(info),
-                *flags,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    ]
+    security = Security(
+        tls_ca_file=tls["ca_file"], tls_client_cert=tls["cert_file"], tls_client_key=tls["key_file"]
+    )
+    processes = DaskProcesses(tmp_path, flags, security)
     try:
-        address = read_scheduler_file(info)
+        address = processes.start_scheduler(protocol="tls")
         assert address.startswith("tls://127.0.0.1:")
-        processes.append(
-            subprocess.Popen(
-                [
-                    DASK,
-                    "worker",
-                    address,
-                    "--nthreads",
-                    "1",
-                    "--no-nanny",
-                    "--no-dashboard",
-                    "--host",
-                    "127.0.0.1",
-                    *flags,
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
+        processes.start_workers(1)
         cfg = config_from_dict(
             job_config(cluster={"kind": "address", "address": address, "tls": tls}), tmp_path
         )
@@ -127,9 +91,7 @@ def test_tls_scheduler_end_to_end(tmp_path):
         with pytest.raises(Exception):  # noqa: B017 - no certificate, no connection
             jacrun.submit(plain, progress=False)
     finally:
-        for process in processes:
-            process.kill()
-            process.wait()
+        processes.stop()
 
 
 def test_missing_tls_files_are_config_errors(tmp_path):

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,87 +24,17 @@ from jacrun.runner import open_output
 from tests.helpers import (
     LONG_JOB,
     REPO,
+    DaskProcesses,
     job_config,
     markers_done,
-    read_scheduler_file,
     run_cli,
     start_submit,
     wait_for_markers,
     write_config,
 )
 
-DASK = [str(Path(sys.executable).with_name("dask"))]  # the real `dask` command of this environment
 LONG = {**LONG_JOB, "name": "faults", "inputs": {**LONG_JOB["inputs"], "samples": 30_000}}
 LONG.pop("cluster")
-
-
-class DaskProcesses:
-    """A `dask scheduler` and `dask worker` processes, each a real OS process on 127.0.0.1."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.scheduler: subprocess.Popen | None = None
-        self.workers: list[subprocess.Popen] = []
-        self.address = ""
-
-    def _spawn(self, args: list[str], log: str) -> subprocess.Popen:
-        handle = open(self.folder / log, "ab")  # noqa: SIM115 - closed with the process
-        return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def start_scheduler(self) -> str:
-        info = self.folder / f"scheduler-{time.monotonic_ns()}.json"
-        self.scheduler = self._spawn(
-            [
-                *DASK,
-                "scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--no-dashboard",
-                "--scheduler-file",
-                str(info),
-            ],
-            "scheduler.log",
-        )
-        self.address = read_scheduler_file(info)
-        return self.address
-
-    def start_workers(self, count: int, *, nanny: bool = False) -> None:
-        for _ in range(count):
-            self.workers.append(
-                self._spawn(
-                    [
-                        *DASK,
-                        "worker",
-                        self.address,
-                        "--nthreads",
-                        "1",
-                        "--host",
-                        "127.0.0.1",
-                        "--no-dashboard",
-                        "--memory-limit",
-                        "2GiB",
-                        "--nanny" if nanny else "--no-nanny",
-                    ],
-                    "workers.log",
-                )
-            )
-        from distributed import Client
-
-        with Client(self.address, timeout="30s") as client:
-            client.wait_for_workers(len([w for w in self.workers if w.poll() is None]), timeout=60)
-
-    def kill(self, process: subprocess.Popen) -> None:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-    def stop(self) -> None:
-        for process in [*self.workers, self.scheduler]:
-            if process is not None:
-                self.kill(process)
-        self.workers = []
 
 
 @pytest.fixture
