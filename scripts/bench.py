@@ -624,6 +624,32 @@ def in_process_rate(shapes: Shapes, rows: int, reps: int) -> float:
     return rows / seconds
 
 
+def in_process_pipeline_rate(shapes: Shapes, samples: int, store: Path, blocks: int = 4) -> float:
+    """Samples per second of whole blocks of the job (generate x and v, kernel, finiteness,
+    write), run one after the other in this process with all BLAS threads: the same work as
+    the cluster does, without Dask. Rewrites blocks of the finished store (idempotent)."""
+    import jacrun
+    from jacrun.block import BlockJob, run_block
+    from jacrun.prepare import prepare
+
+    config = jacrun.config_from_dict(e2e_config(shapes, samples, store, "tcp://127.0.0.1:1"))
+    job = prepare(config, calibrate=False)
+    block_job = BlockJob(
+        config,
+        job.config_hash,
+        job.plan,
+        job.inputs,
+        job.vectors,
+        str(store),
+        blas_threads=os.cpu_count() or 1,
+    )
+    run_block(block_job, 0, 0)  # warm-up
+    blocks = min(blocks, job.plan.grid[0] - 1)
+    start = time.perf_counter()
+    rows = sum(run_block(block_job, i, 0).rows for i in range(1, blocks + 1))
+    return rows / (time.perf_counter() - start)
+
+
 def block_breakdown(shapes: Shapes, samples: int, store: Path, reps: int) -> dict[str, float]:
     """Seconds of each step of block 0 of the job, in this process with 1 BLAS thread (as on
     a worker): what the end-to-end time is made of besides the kernel. The write rewrites
@@ -663,6 +689,8 @@ class EndToEnd:
     kernel_rate: float
     steps: dict[str, float] = field(default_factory=dict)
     """Seconds of each step of one block in this process with 1 BLAS thread."""
+    pipeline_rate: float = math.nan
+    """Samples/s of the job's whole block pipeline (sources, kernel, checks, write), in process."""
 
     @property
     def rate(self) -> float:
@@ -703,9 +731,10 @@ def measure_e2e(
             steps = block_breakdown(shapes, large_n, folder / f"e2e-{large_n}.zarr", shapes.reps)
         except Exception as exc:  # noqa: BLE001 - jacrun internals another engineer may change
             steps = {f"unavailable ({type(exc).__name__}: {exc})": math.nan}
+        pipeline = in_process_pipeline_rate(shapes, large_n, folder / f"e2e-{large_n}.zarr")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return EndToEnd(cluster_start, small, large, rate, steps)
+    return EndToEnd(cluster_start, small, large, rate, steps, pipeline)
 
 
 def bench_e2e(shapes: Shapes, log: Callable[[str], None]) -> EndToEnd:
@@ -767,6 +796,11 @@ def e2e_table(e2e: EndToEnd, shapes: Shapes) -> str:
         f"process's BLAS threads): {e2e.kernel_rate:,.0f} samples/s. End to end (8N): "
         f"{e2e.rate:,.0f} samples/s = **{e2e.ratio:.0%}** of it ({e2e.ratio_with_start:.0%} counting the "
         f"cluster start). Peak worker memory above idle at 8N vs N: **{e2e.growth:+.1%}**.",
+        "",
+        f"In-process pipeline (the job's whole blocks one after the other, without Dask: "
+        f"generate x and v, kernel, finiteness, write; this process's BLAS threads): "
+        f"{e2e.pipeline_rate:,.0f} samples/s. End to end (8N) = **{e2e.rate / e2e.pipeline_rate:.0%}** "
+        "of it: what distributing the same work over Dask workers gains or costs.",
     ]
     if e2e.steps:
         total = sum(e2e.steps.values())
