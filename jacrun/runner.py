@@ -147,13 +147,16 @@ def _create(job: PreparedJob, path: Path) -> None:
         "runs": [],
         "libraries": library_versions(),
     }
-    store.create_store(
-        path,
-        job.plan,
-        attrs,
-        dtype=job.config.output_dtype,
-        compression=job.config.output.compression,
-    )
+    try:
+        store.create_store(
+            path,
+            job.plan,
+            attrs,
+            dtype=job.config.output_dtype,
+            compression=job.config.output.compression,
+        )
+    except OSError as exc:
+        raise ConfigError(f"output.store: cannot create {path}: {exc.strerror or exc}") from None
     store.consolidate(path)
 
 

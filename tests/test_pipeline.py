@@ -283,3 +283,11 @@ def test_shape_mismatches_fail_before_any_store(tmp_path, data, sections, messag
     with pytest.raises(ConfigError, match=message):
         jacrun.submit(cfg, progress=False)
     assert not (tmp_path / "out.zarr").exists()
+
+
+def test_an_output_path_that_cannot_be_created_is_a_config_error(tmp_path, data):
+    (tmp_path / "a-file").write_text("not a folder")
+    cfg = linear_job(tmp_path, vectors={"kind": "ones"}, output={"store": "a-file/out.zarr"})
+    with pytest.raises(ConfigError, match="output.store: cannot create .*a-file/out.zarr"):
+        jacrun.submit(cfg, progress=False)
+    assert (tmp_path / "a-file").read_text() == "not a folder"
