@@ -92,13 +92,18 @@ def submit(
 
     cfg = _load(config, overrides, scheduler)
     quiet_dask_logs()
-    summary = run(
-        cfg,
-        overwrite=overwrite,
-        progress=not quiet,
-        console=out,
-        performance_report=performance_report,
-    )
+    try:
+        summary = run(
+            cfg,
+            overwrite=overwrite,
+            progress=not quiet,
+            console=out,
+            performance_report=performance_report,
+            check=check,
+        )
+    except KeyboardInterrupt:
+        err.print("interrupted: finished blocks are kept; rerun the same command to resume")
+        raise typer.Exit(130) from None
     if not quiet:
         _print_summary(summary)
     if not summary.ok:

@@ -82,16 +82,27 @@ def check_launchable(config: LocalClusterConfig | AddressClusterConfig | Jobqueu
 
 
 def quiet_dask_logs() -> None:
-    """Silence distributed's own log records below CRITICAL (tracebacks on reconnect attempts).
+    """Silence distributed's own log records (tracebacks on reconnect attempts and shutdown races,
+    some of them logged as CRITICAL).
 
-    jacrun reports lost schedulers and failed blocks itself, in one line each. Called by the
-    CLI; library users keep their logging as configured.
+    jacrun reports lost schedulers, failed blocks and interruptions itself, in one line each.
+    Called by the CLI; library users keep their logging as configured.
     """
     import distributed  # noqa: F401 - importing it configures its loggers: override after
 
     for name in [*logging.root.manager.loggerDict, "distributed"]:
         if name == "distributed" or name.startswith("distributed."):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+            logging.getLogger(name).setLevel(_SILENT)
+    # LocalCluster raises and restores its handlers' levels around its life; a filter stays put
+    for handler in logging.getLogger("distributed").handlers:
+        handler.addFilter(_silent)
+
+
+_SILENT = logging.CRITICAL + 10
+
+
+def _silent(record: logging.LogRecord) -> bool:
+    return record.levelno >= _SILENT
 
 
 def jobqueue_kwargs(config: JobqueueClusterConfig) -> dict:

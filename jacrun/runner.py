@@ -216,8 +216,13 @@ def submit(
             from distributed import performance_report as dask_report
 
             report = dask_report(filename=str(performance_report))
-        with report:
-            run.execute(client)
+        try:
+            with report:
+                run.execute(client)
+        except KeyboardInterrupt:  # record what was done, then let the caller say so
+            run.interrupted = True
+            run.finalize(dashboard)
+            raise
     return run.finalize(dashboard)
 
 
@@ -250,6 +255,7 @@ class Run:
         self.failed: dict[tuple[int, int], str] = {}
         self.lost = 0
         self.disconnected = False
+        self.interrupted = False
         self.attrs = store.read_attrs(self.path)
         self.previous_runs = [  # a run still "running" here was killed before it could say so
             {**r, "status": "interrupted"} if r.get("status") == "running" else r
@@ -352,13 +358,18 @@ class Run:
         # marker) whose block is done is no failure
         self.failed = {block: message for block, message in self.failed.items() if not marks[block]}
         unfinished = [b for b in self.pending if not marks[b] and b not in self.failed]
-        if self.disconnected:
+        if self.interrupted or self.disconnected:
             self.lost = len(unfinished)
         else:
             for i, j in unfinished:
                 a, b = self.plan.block_rows(i)
                 self.failed[i, j] = f"block ({i}, {j}) samples {a}:{b}: did not finish (its result was lost)"
-        status = "complete" if done == total else "failed" if self.failed or self.lost else "incomplete"
+        if done == total:
+            status = "complete"
+        elif self.interrupted:
+            status = "interrupted"
+        else:
+            status = "failed" if self.failed or self.lost else "incomplete"
         rows = sum(r.rows for r in self.results if r.j == 0)
         products = sum(r.products for r in self.results)
         nonfinite = dict(self.attrs.get("nonfinite") or {})

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 import jacrun
 from jacrun.cli import app
-from tests.helpers import REPO, job_config, write_config
+from tests.helpers import REPO, job_config, run_cli, write_config
 
 runner = CliRunner()
 CONFIGS = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "examples").glob("*/job.yaml"))
@@ -55,3 +55,20 @@ def test_submit_check_fails_the_job_on_a_wrong_vjp(tmp_path, scheduler_address):
     with pytest.warns(UserWarning):
         checks = jacrun.load(cfg.output.store).attrs["jacrun"]["checks"]
     assert checks["passed"] is False and len(checks["failures"]) == 2
+
+
+def test_submit_check_flag_through_the_real_command(tmp_path):
+    path = wrong_vjp_job(
+        tmp_path,
+        retries=0,
+        chunks={"samples": 50},
+        cluster={"kind": "local", "workers": 1, "dashboard": None},
+    )
+    result = run_cli("submit", str(path), "--check", "--quiet")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "CheckFailed" in result.stderr and "dot_product error" in result.stderr
+    result = run_cli("submit", str(write_config(tmp_path / "good", job_config())), "--check", "--quiet")
+    assert result.returncode == 0, result.stderr
+    with pytest.warns(UserWarning):  # the first job is incomplete
+        jacrun.load(tmp_path / "out.zarr")
+    assert jacrun.load(tmp_path / "good" / "out.zarr").attrs["jacrun"]["checks"]["passed"] is True

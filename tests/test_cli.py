@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import jacrun
 from jacrun.cli import app
+from jacrun.store import read_attrs
 from tests.helpers import (
     LONG_JOB,
     REPO,
@@ -155,3 +156,20 @@ def test_killed_submit_resumes_with_only_the_missing_blocks(tmp_path, scheduler_
     resumed, clean = jacrun.load(store), jacrun.load(reference.output.store)
     np.testing.assert_array_equal(resumed.vjp.values, clean.vjp.values)
     np.testing.assert_array_equal(resumed.y.values, clean.y.values)
+
+
+def test_ctrl_c_keeps_finished_blocks_and_says_how_to_resume(tmp_path):
+    raw = {**LONG_JOB, "inputs": {**LONG_JOB["inputs"], "samples": 400_000}}
+    path = write_config(tmp_path, raw)
+    store = tmp_path / "long.zarr"
+    proc = start_submit(path, "--quiet")
+    assert wait_for_markers(store, 3, proc) >= 3
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted: finished blocks are kept; rerun the same command to resume" in stderr
+    assert "Traceback" not in stderr
+    attrs = read_attrs(store)
+    assert attrs["status"] == "interrupted" and attrs["runs"][-1]["status"] == "interrupted"
+    # blocks already running may still finish after the client stopped: markers are the truth
+    assert attrs["blocks_done"] <= markers_done(store) < 800
