@@ -217,7 +217,7 @@ def submit(
 
             report = dask_report(filename=str(performance_report))
         try:
-            with report:
+            with client.as_current(), report:  # the report finds its client as "current"
                 run.execute(client)
         except KeyboardInterrupt:  # record what was done, then let the caller say so
             run.interrupted = True

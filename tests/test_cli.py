@@ -173,3 +173,16 @@ def test_ctrl_c_keeps_finished_blocks_and_says_how_to_resume(tmp_path):
     assert attrs["status"] == "interrupted" and attrs["runs"][-1]["status"] == "interrupted"
     # blocks already running may still finish after the client stopped: markers are the truth
     assert attrs["blocks_done"] <= markers_done(store) < 800
+
+
+def test_performance_report_and_overwrite_flags(tmp_path):
+    path = write_config(tmp_path, job_config(cluster={"kind": "local", "workers": 1, "dashboard": None}))
+    report = tmp_path / "report.html"
+    result = run_cli("submit", str(path), "--quiet", "--performance-report", str(report))
+    assert result.returncode == 0, result.stderr
+    assert report.exists() and "Dask Performance Report" in report.read_text()
+    other = run_cli("submit", str(path), "--quiet", "--set", "inputs.seed=7")
+    assert other.returncode == 2 and "holds another job" in other.stderr
+    again = run_cli("submit", str(path), "--quiet", "--set", "inputs.seed=7", "--overwrite")
+    assert again.returncode == 0, again.stderr
+    assert read_attrs(tmp_path / "out.zarr")["config"]["inputs"]["seed"] == 7
