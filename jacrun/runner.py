@@ -211,13 +211,16 @@ def submit(
             console.print(f"Dashboard: {dashboard}" if dashboard else "Dashboard: not available")
             if not client.scheduler_info().get("workers"):
                 console.print(f"Waiting for workers to join the scheduler at {client.scheduler.address} ...")
-        report = contextlib.nullcontext()
+        report = contextlib.ExitStack()
         if performance_report:
             from distributed import performance_report as dask_report
 
-            report = dask_report(filename=str(performance_report))
+            # the report looks for the "current" client; as_current also sets dask's global
+            # scheduler config for its duration, so it is entered only when a report is asked for
+            report.enter_context(client.as_current())
+            report.enter_context(dask_report(filename=str(performance_report)))
         try:
-            with client.as_current(), report:  # the report finds its client as "current"
+            with report:
                 run.execute(client)
         except KeyboardInterrupt:  # record what was done, then let the caller say so
             run.interrupted = True
