@@ -12,15 +12,13 @@ from jacrun.errors import ConfigError
 
 
 @contextlib.contextmanager
-def connect(config: LocalClusterConfig | AddressClusterConfig, scheduler: str | None = None) -> Iterator:
-    """Yield a ``distributed.Client``: to ``scheduler`` if given, else as the config says.
+def connect(config: LocalClusterConfig | AddressClusterConfig | JobqueueClusterConfig) -> Iterator:
+    """Yield a ``distributed.Client`` to the cluster the config section describes.
 
     Local clusters listen on 127.0.0.1 only (scheduler, workers and dashboard).
     """
     from distributed import Client, LocalCluster
 
-    if scheduler is not None:
-        config = AddressClusterConfig(kind="address", address=scheduler)
     if isinstance(config, AddressClusterConfig):
         security = None
         if config.tls is not None:

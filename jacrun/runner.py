@@ -172,23 +172,23 @@ def submit(
 ) -> Summary:
     """Run a job to completion (or failure) and return what happened.
 
-    ``check`` runs the gradient checks on a few rows of every block inside the job and
-    records them in the store's attributes; a failed check fails its block.
+    ``scheduler`` replaces the config's cluster section (as ``--scheduler`` does). ``check``
+    runs the gradient checks on a few rows of every block inside the job and records them in
+    the store's attributes; a failed check fails its block.
     """
     console = console or Console()
+    if scheduler:
+        config = with_scheduler(config, scheduler)
     job = prepare(config)
-    if scheduler is None:
-        try:
-            check_launchable(config.cluster)
-        except ConfigError as exc:
-            raise ConfigError(config.locate(str(exc))) from None
+    try:
+        check_launchable(config.cluster)
+    except ConfigError as exc:
+        raise ConfigError(config.locate(str(exc))) from None
     try:
         job = open_output(job, overwrite or config.output.overwrite)
     except ConfigError as exc:
         raise ConfigError(config.locate(str(exc))) from None
     run = Run(job, console, progress, check)
-    if scheduler:
-        run.cluster_config = with_scheduler(config, scheduler).cluster
     if not run.pending:
         if progress:
             console.print(f"All {job.plan.n_blocks} blocks already done in {run.path}.")
@@ -201,11 +201,11 @@ def submit(
             f"{len(run.pending)} of {plan.n_blocks} blocks to run "
             f"({plan.samples_per_block} x {plan.vectors_per_block} each)"
         )
-    address = scheduler or getattr(config.cluster, "address", None)
+    address = getattr(config.cluster, "address", None)
     warning = insecure_address_warning(address) if address else None
     if warning and progress:
         console.print(f"[yellow]warning:[/] {warning}")
-    with connect(config.cluster, scheduler) as client:
+    with connect(config.cluster) as client:
         dashboard = client.dashboard_link if _has_dashboard(client) else None
         if progress:
             console.print(f"Dashboard: {dashboard}" if dashboard else "Dashboard: not available")
@@ -242,7 +242,6 @@ class Run:
     def __init__(self, job: PreparedJob, console: Console, progress: bool, check: bool = False) -> None:
         self.job = job
         self.check = check
-        self.cluster_config = job.config.cluster
         self.plan = job.plan
         self.path = str(job.config.output.store)
         self.console = console
@@ -289,7 +288,7 @@ class Run:
             self.job.vectors,
             self.path,
             self.check,
-            blas_threads(self.cluster_config),
+            blas_threads(config.cluster),
         )
         shared = client.scatter(block_job, broadcast=True, hash=False)
         prefix = f"jacrun-{config.name}-{self.job.config_hash[:10]}"
