@@ -101,9 +101,10 @@ TOLERANCE = {"float32": 2e-3, "float64": 1e-8}
 # ---- timing ----------------------------------------------------------------------------------
 
 
-PAUSE = 0.05
+PAUSE = 0.3
 """Seconds between two contenders: the thread pools of the one before (OpenBLAS, OpenMP in
-torch, Eigen in XLA) stop spinning and leave the cores to the next one."""
+torch, Eigen in XLA) stop spinning and leave the cores to the next one. Right after a torch
+call, a jacrun Jacobian measured 7% slower than after a 1 s pause; 50 ms was not enough."""
 
 
 def rounds(contenders: dict[str, Callable[[], Any]], reps: int, warmup: int = 2) -> dict[str, float]:

@@ -1,0 +1,61 @@
+"""keep_freed_memory: a worker reuses freed block memory instead of faulting fresh pages in."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from dask.distributed import Client
+
+import jacrun
+from tests.helpers import job_config
+
+FAULTS = """
+import json, resource, sys
+import numpy as np
+from jacrun.memory import keep_freed_memory
+
+def faults():  # minor page faults of allocating and filling a 3 MiB array, 20 times
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        np.ones(3 << 17)  # 3 MiB: under NumPy's 4 MiB huge-page threshold, so 4 KiB pages
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+faults()
+plain = faults()
+applied = keep_freed_memory(64 << 20)
+print(json.dumps({"plain": plain, "kept": faults(), "applied": applied}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_kept_memory_stops_page_faults_under_dasks_malloc_setting() -> None:
+    """Dask's nanny sets MALLOC_TRIM_THRESHOLD_, which makes every large array a fresh mmap;
+    after keep_freed_memory the same allocations reuse the heap."""
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, check=True)
+    counts = json.loads(out.stdout)
+    assert counts["applied"]
+    assert counts["plain"] > 20 * 700  # 768 pages of 4 KiB per array
+    assert counts["kept"] < counts["plain"] / 10
+
+
+def test_workers_keep_memory_after_a_block(scheduler_address: str, tmp_path) -> None:
+    config = jacrun.config_from_dict(
+        job_config(str(tmp_path / "out.zarr"), cluster={"kind": "address", "address": scheduler_address})
+    )
+    summary = jacrun.submit(config, progress=False)
+    assert summary.ok
+
+    def kept() -> list[int]:
+        from jacrun import memory
+
+        return list(memory._KEPT)
+
+    with Client(scheduler_address, set_as_default=False) as client:
+        held = client.run(kept)
+    plan = jacrun.plan(config)
+    assert any(value == [plan.memory_per_block] for value in held.values())
