@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from jacrun.cluster import blas_threads
 from jacrun.config import AddressClusterConfig, JobConfig
 from jacrun.errors import ConfigError
 from jacrun.functions import Function, build_function, resolve_strategy
+from jacrun.functions.base import Mode
+from jacrun.functions.parallel import blas_limit
 from jacrun.plan import Plan, make_plan
 from jacrun.sources import (
     ArrayRows,
@@ -145,14 +148,28 @@ def prepare(config: JobConfig, function: Function | None = None, calibrate: bool
     else:
         width = function.n_out if config.mode == "vjp" else function.n_in
         vectors = open_vectors(config.vectors, width, samples)
-    cluster = config.cluster
-    workers = 1 if isinstance(cluster, AddressClusterConfig) else cluster.workers
-    worker_memory = None if isinstance(cluster, AddressClusterConfig) else int(cluster.memory_limit)
     kernel_mode = config.mode if config.mode != "jacobian" else ("vjp" if strategy == "rev" else "jvp")
     timer = None
     if calibrate and config.chunks.samples == "auto":
         timer = kernel_timer(function, inputs, vectors, kernel_mode == "vjp", blas_threads(config.cluster))
-    plan = make_plan(
+    with blas_limit(blas_threads(config.cluster)):  # work_bytes counts a worker's kernel threads
+        plan = _plan(config, function, samples, vectors, strategy, kernel_mode, timer)
+    return PreparedJob(config, function, inputs, vectors, plan)
+
+
+def _plan(
+    config: JobConfig,
+    function: Function,
+    samples: int,
+    vectors: VectorSource,
+    strategy: str | None,
+    kernel_mode: Mode,
+    timer: Callable[[int], float] | None,
+) -> Plan:
+    cluster = config.cluster
+    workers = 1 if isinstance(cluster, AddressClusterConfig) else cluster.workers
+    worker_memory = None if isinstance(cluster, AddressClusterConfig) else int(cluster.memory_limit)
+    return make_plan(
         mode=config.mode,
         samples=samples,
         n_in=function.n_in,
@@ -173,4 +190,3 @@ def prepare(config: JobConfig, function: Function | None = None, calibrate: bool
         flops=lambda rows, k: function.flops(rows, k, kernel_mode),
         seconds_per_row=timer,
     )
-    return PreparedJob(config, function, inputs, vectors, plan)

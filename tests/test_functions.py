@@ -233,6 +233,7 @@ _PEAK_SCRIPT = """
 import json, sys, tracemalloc
 import numpy as np
 from jacrun.functions import build_function
+from jacrun.functions.parallel import blas_limit, kernel_threads, split
 
 def traced(kernel, x, vectors):
     tracemalloc.start()
@@ -242,8 +243,7 @@ def traced(kernel, x, vectors):
     tracemalloc.stop()
     return y, result, peak - base, current - base - y.nbytes - result.nbytes
 
-results = []
-for case in json.load(sys.stdin):
+def measure(case):
     batch, k, mode = case["batch"], case["k"], case["mode"]
     rng = np.random.default_rng(case["seed"])
     warm = build_function(case["spec"])  # lazy imports and NumPy's caches, on another instance
@@ -256,9 +256,28 @@ for case in json.load(sys.stdin):
     (warm.vjp_batch if mode == "vjp" else warm.jvp_batch)(x, vectors)
     y, result, peak, held = traced(kernel, x, vectors)  # first call: allocates the work buffers
     y2, result2, again, held2 = traced(kernel, x, vectors)  # reuses them
-    results.append({"peak": peak, "held": held, "again": again, "held_again": held2,
-                    "same": bool(np.array_equal(result, result2) and np.array_equal(y, y2)),
-                    "y": y.nbytes, "result": result.nbytes, "model": f.work_bytes(batch, k, mode)})
+    out = {"peak": peak, "held": held, "again": again, "held_again": held2,
+           "same": bool(np.array_equal(result, result2) and np.array_equal(y, y2)),
+           "y": y.nbytes, "result": result.nbytes, "model": f.work_bytes(batch, k, mode),
+           "threads": kernel_threads()}
+    if hasattr(f, "_min_rows"):  # the MLP's buffers, one set per kernel thread
+        threads, span = split(batch, f._chunk_rows(batch, k), f._min_rows(k))
+        kernel_name = "vjp" if mode == "vjp" else "jvp"
+        out["buffers"] = threads * sum(f._buffer_sizes(kernel_name, span, k).values()) * f.dtype.itemsize
+        out["shared_bytes"] = f._shared_elements(kernel_name, k) * f.dtype.itemsize * case["shared"]
+        out["split"] = [threads, span]
+    if case.get("threads", 1) > 1:  # the same numbers on one kernel thread
+        with blas_limit(1):
+            y1, r1 = kernel(x, vectors)
+        scale = max(float(np.abs(result).max()), float(np.abs(y).max()), 1e-300)
+        diff = max(float(np.abs(r1 - result).max()), float(np.abs(y1 - y).max()))
+        out["one_thread_error"] = diff / scale / float(np.finfo(f.dtype).eps)  # in ulps of the largest
+    return out
+
+results = []
+for case in json.load(sys.stdin):
+    with blas_limit(case.get("threads", 1)):  # kernel threads = BLAS threads (1: exact peaks)
+        results.append(measure(case))
 print(json.dumps(results))
 """
 
@@ -306,6 +325,58 @@ WORK_CASES: list[dict[str, Any]] = [
 @functools.cache
 def _work_peaks() -> list[dict[str, int]]:
     return measured_peaks(WORK_CASES)
+
+
+PARALLEL_SPECS: list[dict[str, Any]] = [
+    {"kind": "mlp", "sizes": [30, 70, 50, 20], "activation": "gelu"},
+    {"kind": "mlp", "sizes": [64, 256, 128, 8], "dtype": "float32"},
+]
+PARALLEL_CASES: list[dict[str, Any]] = [
+    {
+        "spec": spec,
+        "mode": mode,
+        "shared": shared,
+        "k": k,
+        "batch": 3001,
+        "seed": 1,
+        "offset": 0,
+        "threads": 2,
+    }
+    for spec in PARALLEL_SPECS
+    for mode in ("vjp", "jvp")
+    for shared in (False, True)
+    for k in (1, 4)
+]
+
+
+@functools.cache
+def _parallel_peaks() -> list[dict[str, int]]:
+    return measured_peaks(PARALLEL_CASES)
+
+
+@pytest.mark.parametrize(
+    "index",
+    range(len(PARALLEL_CASES)),
+    ids=[
+        "-".join([*map(str, c["spec"].values()), c["mode"], "shared" * c["shared"], f"k{c['k']}"])
+        for c in PARALLEL_CASES
+    ],
+)
+def test_kernel_threads_hold_their_modelled_buffers_and_give_the_same_numbers(index: int) -> None:
+    """With BLAS at 2 threads the MLP splits its rows over 2 kernel threads: each holds its own
+    buffers (modelled exactly, the derivative's scratch and ufunc buffers once per thread), the
+    peak stays within the model, and the results agree with one thread's to rounding (BLAS may
+    round differently for other row counts, as any two chunkings may)."""
+    m = _parallel_peaks()[index]
+    if m["threads"] < 2:
+        pytest.skip("BLAS runs one thread here: no kernel threads to test")
+    slack = 16 * 1024
+    assert m["split"][0] == 2
+    assert abs(m["held"] - m["buffers"] - m["shared_bytes"]) <= slack
+    assert m["held"] <= m["model"]
+    assert m["peak"] <= m["model"] + m["y"] + m["result"] + slack
+    assert abs(m["held_again"]) <= slack and m["same"]
+    assert m["one_thread_error"] <= 64
 
 
 @pytest.mark.parametrize(

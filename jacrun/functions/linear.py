@@ -59,9 +59,11 @@ def vectors_times(v: np.ndarray, w: np.ndarray, out: np.ndarray) -> np.ndarray:
 class Workspace:
     """A kernel's work buffers, allocated on first use and reused by the calls that follow.
 
-    ``get(tag, sizes, dtype)`` returns flat 1-D buffers of at least ``sizes[name]`` elements
-    (callers view the first elements). The buffers of one ``tag`` are kept per thread, so two
-    threads running the same Function never share one, and only for the last request: a request
+    ``get(tag, sizes, dtype, slot)`` returns flat 1-D buffers of at least ``sizes[name]`` elements
+    (callers view the first elements). The buffers of one ``tag`` and ``slot`` are kept per
+    calling thread, so two threads running the same Function never share one (a kernel that
+    splits its rows over kernel threads fetches one slot per kernel thread before it starts
+    them), and only for the last request: a request
     the cached buffers cannot hold, or one less than half their total, frees them first and
     allocates exactly what it asks. Arrays a kernel returns must never be these buffers (the
     next call overwrites them). Pickling drops the buffers (a worker allocates its own).
@@ -75,22 +77,24 @@ class Workspace:
     def __reduce__(self) -> tuple[type[Workspace], tuple[()]]:
         return (Workspace, ())
 
-    def get(self, tag: str, sizes: dict[str, int], dtype: np.dtype) -> dict[str, np.ndarray]:
+    def get(self, tag: str, sizes: dict[str, int], dtype: np.dtype, slot: int = 0) -> dict[str, np.ndarray]:
+        """``slot``: one set of buffers per kernel thread of this call (see ``parallel``)."""
         if not sizes:
             return {}
-        cache: dict[str, dict[str, np.ndarray]] | None = getattr(self._local, "cache", None)
+        cache: dict[tuple[str, int], dict[str, np.ndarray]] | None = getattr(self._local, "cache", None)
         if cache is None:
             cache = self._local.cache = {}
-        held = cache.get(tag)
+        key = (tag, slot)
+        held = cache.get(key)
         if held is not None:
             fits = all(name in held and held[name].size >= size for name, size in sizes.items())
             total = sum(buf.size for buf in held.values())
             same = all(buf.dtype == dtype for buf in held.values())
             if fits and same and 2 * sum(sizes.values()) >= total:
                 return held
-            del cache[tag], held  # free before allocating the replacement
+            del cache[key], held  # free before allocating the replacement
         buffers = {name: np.empty(size, dtype) for name, size in sizes.items()}
-        cache[tag] = buffers
+        cache[key] = buffers
         return buffers
 
     def nbytes(self) -> int:
