@@ -260,11 +260,15 @@ def measure(case):
            "same": bool(np.array_equal(result, result2) and np.array_equal(y, y2)),
            "y": y.nbytes, "result": result.nbytes, "model": f.work_bytes(batch, k, mode),
            "threads": kernel_threads()}
-    if hasattr(f, "_min_rows"):  # the MLP's buffers, one set per kernel thread
+    kernel_name = "vjp" if mode == "vjp" else "jvp"
+    if f.kind == "mlp":  # the buffers, one set per kernel thread
         threads, span = split(batch, f._chunk_rows(batch, k), f._min_rows(k))
-        kernel_name = "vjp" if mode == "vjp" else "jvp"
-        out["buffers"] = threads * sum(f._buffer_sizes(kernel_name, span, k).values()) * f.dtype.itemsize
         out["shared_bytes"] = f._shared_elements(kernel_name, k) * f.dtype.itemsize * case["shared"]
+    elif f.kind == "lorenz96":  # each kernel thread runs whole chunks
+        threads, span = split(batch, f._chunk(batch, k), f._chunk(batch, k))
+        out["shared_bytes"] = 0
+    if f.kind in ("mlp", "lorenz96"):
+        out["buffers"] = threads * sum(f._buffer_sizes(kernel_name, span, k).values()) * f.dtype.itemsize
         out["split"] = [threads, span]
     if case.get("threads", 1) > 1:  # the same numbers on one kernel thread
         with blas_limit(1):
@@ -330,6 +334,7 @@ def _work_peaks() -> list[dict[str, int]]:
 PARALLEL_SPECS: list[dict[str, Any]] = [
     {"kind": "mlp", "sizes": [30, 70, 50, 20], "activation": "gelu"},
     {"kind": "mlp", "sizes": [64, 256, 128, 8], "dtype": "float32"},
+    {"kind": "lorenz96", "dim": 40, "steps": 2},
 ]
 PARALLEL_CASES: list[dict[str, Any]] = [
     {
@@ -363,8 +368,9 @@ def _parallel_peaks() -> list[dict[str, int]]:
     ],
 )
 def test_kernel_threads_hold_their_modelled_buffers_and_give_the_same_numbers(index: int) -> None:
-    """With BLAS at 2 threads the MLP splits its rows over 2 kernel threads: each holds its own
-    buffers (modelled exactly, the derivative's scratch and ufunc buffers once per thread), the
+    """With BLAS at 2 threads the MLP and Lorenz-96 split their rows over 2 kernel threads: each
+    holds its own buffers (modelled exactly, the derivative's scratch and ufunc buffers once per
+    thread), the
     peak stays within the model, and the results agree with one thread's to rounding (BLAS may
     round differently for other row counts, as any two chunkings may)."""
     m = _parallel_peaks()[index]

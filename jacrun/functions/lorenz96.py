@@ -34,6 +34,7 @@ from pydantic import Field, PositiveFloat
 
 from jacrun.functions.base import Function, FunctionSpec, Mode
 from jacrun.functions.linear import Workspace, compute_dtype, kernel_mode, ufunc_buffer_bytes, view
+from jacrun.functions.parallel import for_row_ranges, split
 from jacrun.functions.registry import register
 
 CHUNK_BYTES = 256 * 1024
@@ -150,17 +151,22 @@ class Lorenz96(Function):
         vectors = {"ds": (n + 3) * k * s, "dk": n * k * s, "ta": n * k * s, "tb": n * k * s}
         return state | vectors
 
+    def _slots(self, kernel: str, threads: int, chunk: int, k: int) -> list[dict[str, np.ndarray]]:
+        """One set of work buffers per kernel thread (each thread runs whole L2-sized chunks)."""
+        sizes = self._buffer_sizes(kernel, chunk, k)
+        return [self._work.get(kernel, sizes, self.dtype, slot) for slot in range(threads)]
+
     # ---- kernels -------------------------------------------------------------------------------
 
     def forward_batch(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, self.dtype)
         n, batch = self.n_in, x.shape[0]
         y = np.empty((batch, n), self.dtype)
-        chunk = self._chunk(batch, 1)
-        buf = self._work.get("forward", self._buffer_sizes("forward", chunk, 1), self.dtype)
-        for a in range(0, batch, chunk):
-            b = min(a + chunk, batch)
-            s = b - a
+        threads, chunk = split(batch, self._chunk(batch, 1), self._chunk(batch, 1))
+        slots = self._slots("forward", threads, chunk, 1)
+
+        def run(a: int, b: int, slot: int) -> None:
+            buf, s = slots[slot], b - a
             sp, k, c = view(buf["sp"], n + 3, s), view(buf["k"], n, s), view(buf["c"], n + 1, s)
             cur, nxt = view(buf["xa"], n, s), view(buf["xb"], n, s)
             np.copyto(cur, x[a:b].T)
@@ -171,6 +177,8 @@ class Lorenz96(Function):
                     self._stage_update(j, k, cur, sp[2 : n + 2], nxt)
                 cur, nxt = nxt, cur
             np.copyto(y[a:b], cur.T)
+
+        for_row_ranges(batch, threads, chunk, run)
         return y
 
     def jvp_batch(self, x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -180,11 +188,11 @@ class Lorenz96(Function):
         n, (batch, kv) = self.n_in, t.shape[:2]
         y = np.empty((batch, n), self.dtype)
         ydot = np.empty((batch, kv, n), self.dtype)
-        chunk = self._chunk(batch, kv)
-        buf = self._work.get("jvp", self._buffer_sizes("jvp", chunk, kv), self.dtype)
-        for a in range(0, batch, chunk):
-            b = min(a + chunk, batch)
-            s = b - a
+        threads, chunk = split(batch, self._chunk(batch, kv), self._chunk(batch, kv))
+        slots = self._slots("jvp", threads, chunk, kv)
+
+        def run(a: int, b: int, slot: int) -> None:
+            buf, s = slots[slot], b - a
             sp, k, c = view(buf["sp"], n + 3, s), view(buf["k"], n, s), view(buf["c"], n + 1, s)
             cur, nxt = view(buf["xa"], n, s), view(buf["xb"], n, s)
             ds, dk = view(buf["ds"], n + 3, kv, s), view(buf["dk"], n, kv, s)
@@ -210,6 +218,8 @@ class Lorenz96(Function):
                 tcur, tnxt = tnxt, tcur
             np.copyto(y[a:b], cur.T)
             np.copyto(ydot[a:b], tcur.transpose(2, 1, 0))
+
+        for_row_ranges(batch, threads, chunk, run)
         return y, ydot
 
     def vjp_batch(self, x: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -219,11 +229,11 @@ class Lorenz96(Function):
         n, steps, (batch, kv) = self.n_in, self.steps, v.shape[:2]
         y = np.empty((batch, n), self.dtype)
         xbar = np.empty((batch, kv, n), self.dtype)
-        chunk = self._chunk(batch, kv)
-        buf = self._work.get("vjp", self._buffer_sizes("vjp", chunk, kv), self.dtype)
-        for a in range(0, batch, chunk):
-            b = min(a + chunk, batch)
-            s = b - a
+        threads, chunk = split(batch, self._chunk(batch, kv), self._chunk(batch, kv))
+        slots = self._slots("vjp", threads, chunk, kv)
+
+        def run(a: int, b: int, slot: int) -> None:
+            buf, s = slots[slot], b - a
             stages = view(buf["stages"], steps, 4, n + 3, s)
             k, c, last = view(buf["k"], n, s), view(buf["c"], n + 1, s), view(buf["xa"], n, s)
             # forward: step i starts from the interior of stages[i, 0] and ends in stages[i + 1, 0]
@@ -261,6 +271,8 @@ class Lorenz96(Function):
                         sbar *= self._offset[j - 1]
                 end, start = start, end
             np.copyto(xbar[a:b], end.transpose(2, 1, 0))
+
+        for_row_ranges(batch, threads, chunk, run)
         return y, xbar
 
     def _adjoint_rhs(self, sp: np.ndarray, c: np.ndarray, kbar: np.ndarray, out: np.ndarray) -> None:
@@ -277,12 +289,13 @@ class Lorenz96(Function):
     def work_bytes(self, batch: int, k: int, mode: Mode) -> int:
         """The work buffers of one chunk of samples (see ``_buffer_sizes``): padded state, c,
         k and two step states, K-vector buffers likewise; for the vjp the stored padded stages,
-        steps * 4 * (dim+3) * chunk, instead of the step states; plus the ufunc allowance. They
-        stay allocated for the next call."""
+        steps * 4 * (dim+3) * chunk, instead of the step states; plus the ufunc allowance; once
+        per kernel thread (each runs whole chunks, see ``parallel.split``). They stay allocated
+        for the next call."""
         kernel = kernel_mode(mode, self.n_in, self.n_out)
-        chunk = self._chunk(batch, k)
+        threads, chunk = split(batch, self._chunk(batch, k), self._chunk(batch, k))
         elements = sum(self._buffer_sizes(kernel, chunk, k).values())
-        return elements * self.dtype.itemsize + ufunc_buffer_bytes(self.dtype)
+        return threads * (elements * self.dtype.itemsize + ufunc_buffer_bytes(self.dtype))
 
     def flops(self, batch: int, k: int, mode: Mode) -> float:
         """Per element and RK4 stage: 8 state operations and 9 per vector; the adjoint adds
