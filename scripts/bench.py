@@ -44,7 +44,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+# NumPy asks the kernel for huge pages on arrays of 4 MiB and more. Once torch and jax have
+# fragmented this process's memory, every fresh large result (a B=256 Jacobian is 268 MB) then
+# stalls in the kernel's page compaction: jacrun's Jacobian row measured 1410 ms instead of
+# 1206 ms. NumPy's documented switch turns that off for the NumPy contenders (jacrun, the GEMM
+# peak, autograd); torch and jax use their own allocators. Set it to 1 to see the effect.
+os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
+
+import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMEWORKS = ("torch", "jax", "autograd")
@@ -65,6 +72,8 @@ class Shapes:
     e2e_samples: int  # N of the end-to-end jobs (the large one has 8N)
     e2e_sizes: tuple[int, ...]
     e2e_block: int  # samples per block (the same in both jobs, so their memory compares)
+    e2e_jacobian_samples: int  # samples of the end-to-end Jacobian job
+    e2e_jacobian_block: int
 
 
 FULL = Shapes(
@@ -79,6 +88,8 @@ FULL = Shapes(
     e2e_samples=87_500,  # 8N = 700,000 samples: 2.15 GB of vjp + y in float32
     e2e_sizes=(512, 1024, 1024, 256),
     e2e_block=8192,
+    e2e_jacobian_samples=4096,  # 4096 x 256 x 512 float32: 2.15 GB of Jacobians
+    e2e_jacobian_block=64,
 )
 QUICK = Shapes(
     sizes=(64, 128, 128, 32),
@@ -92,6 +103,8 @@ QUICK = Shapes(
     e2e_samples=2_000,
     e2e_sizes=(64, 128, 128, 32),
     e2e_block=500,
+    e2e_jacobian_samples=200,
+    e2e_jacobian_block=50,
 )
 
 TOLERANCE = {"float32": 2e-3, "float64": 1e-8}
@@ -559,10 +572,14 @@ class Job:
     projected: int  # plan: projected memory per block
 
 
-def e2e_config(shapes: Shapes, samples: int, store: Path, address: str) -> dict[str, Any]:
-    return {
-        "name": f"bench-e2e-{samples}",
-        "mode": "vjp",
+def e2e_config(
+    shapes: Shapes, samples: int, store: Path, address: str, mode: str = "vjp", compression: str = "zstd"
+) -> dict[str, Any]:
+    """The end-to-end job: the vjp of 1 random cotangent per sample, or (``mode: jacobian``)
+    full per-sample Jacobians."""
+    config: dict[str, Any] = {
+        "name": f"bench-e2e-{mode}-{samples}",
+        "mode": mode,
         "function": {
             "kind": "mlp",
             "sizes": list(shapes.e2e_sizes),
@@ -572,22 +589,32 @@ def e2e_config(shapes: Shapes, samples: int, store: Path, address: str) -> dict[
         },
         "inputs": {"kind": "random", "samples": samples, "distribution": "normal", "seed": 1},
         "vectors": {"kind": "random", "distribution": "normal", "count": 1, "shared": False, "seed": 2},
-        "output": {"store": str(store), "save_outputs": True, "compression": "zstd", "overwrite": True},
+        "output": {"store": str(store), "save_outputs": True, "compression": compression, "overwrite": True},
         "chunks": {"samples": shapes.e2e_block, "vectors": "auto", "task_memory": "256MiB"},
         "cluster": {"kind": "address", "address": address},
     }
+    if mode == "jacobian":
+        del config["vectors"]
+        config["chunks"] = {"samples": shapes.e2e_jacobian_block, "vectors": "auto", "task_memory": "1GiB"}
+    return config
 
 
 def run_job(
-    shapes: Shapes, samples: int, folder: Path, address: str, pids: Sequence[int], keep: bool = False
+    shapes: Shapes,
+    samples: int,
+    folder: Path,
+    address: str,
+    pids: Sequence[int],
+    keep: bool = False,
+    **variant: str,
 ) -> Job:
     """One job through ``jacrun.submit``, its workers' memory sampled; the store is deleted
-    unless ``keep``."""
+    unless ``keep``. ``variant``: mode and compression (see :func:`e2e_config`)."""
     import jacrun
     from jacrun.store import read_attrs
 
-    store = folder / f"e2e-{samples}.zarr"
-    config = jacrun.config_from_dict(e2e_config(shapes, samples, store, address))
+    store = folder / f"e2e-{samples}{''.join('-' + v for v in variant.values())}.zarr"
+    config = jacrun.config_from_dict(e2e_config(shapes, samples, store, address, **variant))
     sampler = RssSampler(pids)
     idle = sampler.current()
     with sampler:
@@ -612,16 +639,21 @@ def run_job(
     return job
 
 
-def in_process_rate(shapes: Shapes, rows: int, reps: int) -> float:
-    """Samples per second of the job's kernel alone, in this process, on a block of ``rows``."""
+def in_process_rate(shapes: Shapes, rows: int, reps: int, mode: str = "vjp") -> float:
+    """Samples per second of the job's kernel alone, in this process, on a block of ``rows``
+    (``jacobian``: the reverse sweep over the output basis that its blocks run)."""
     from jacrun.functions import build_function
 
     spec = e2e_config(shapes, rows, Path("unused"), "tcp://unused:0")["function"]
     f = build_function(spec)
     rng = np.random.default_rng(3)
     x = rng.standard_normal((rows, f.n_in)).astype(f.dtype)
-    v = rng.standard_normal((rows, 1, f.n_out)).astype(f.dtype)
-    seconds = rounds({"kernel": lambda: f.vjp_batch(x, v)}, reps)["kernel"]
+    if mode == "jacobian":
+        kernel = lambda: f.jacobian(x, "rev")  # noqa: E731
+    else:
+        v = rng.standard_normal((rows, 1, f.n_out)).astype(f.dtype)
+        kernel = lambda: f.vjp_batch(x, v)  # noqa: E731
+    seconds = rounds({"kernel": kernel}, reps)["kernel"]
     return rows / seconds
 
 
@@ -692,6 +724,11 @@ class EndToEnd:
     """Seconds of each step of one block in this process with 1 BLAS thread."""
     pipeline_rate: float = math.nan
     """Samples/s of the job's whole block pipeline (sources, kernel, checks, write), in process."""
+    uncompressed: Job | None = None
+    """The 8N job with ``compression: none``."""
+    jacobian: Job | None = None
+    """Per-sample Jacobians, a job writing as much as 8N."""
+    jacobian_kernel_rate: float = math.nan
 
     @property
     def rate(self) -> float:
@@ -700,6 +737,13 @@ class EndToEnd:
     @property
     def ratio(self) -> float:
         return self.rate / self.kernel_rate
+
+    def ratio_of(self, job: Job | None) -> float | None:
+        """A variant job's samples/s against its own in-process kernel."""
+        if job is None:
+            return None
+        kernel = self.jacobian_kernel_rate if job is self.jacobian else self.kernel_rate
+        return job.samples / job.seconds / kernel
 
     @property
     def ratio_with_start(self) -> float:
@@ -733,9 +777,17 @@ def measure_e2e(
         except Exception as exc:  # noqa: BLE001 - jacrun internals another engineer may change
             steps = {f"unavailable ({type(exc).__name__}: {exc})": math.nan}
         pipeline = in_process_pipeline_rate(shapes, large_n, folder / f"e2e-{large_n}.zarr")
+        shutil.rmtree(folder / f"e2e-{large_n}.zarr", ignore_errors=True)
+        log("  the same job with compression: none")
+        uncompressed = run_job(shapes, large_n, folder, address, fresh_workers(), compression="none")
+        n_jacobian = shapes.e2e_jacobian_samples
+        log(f"  {uncompressed.seconds:.1f} s; Jacobians of {n_jacobian} samples")
+        jacobian = run_job(shapes, n_jacobian, folder, address, fresh_workers(), mode="jacobian")
+        log(f"  {jacobian.seconds:.1f} s; in-process Jacobian kernel")
+        jacobian_rate = in_process_rate(shapes, jacobian.rows_per_block, max(3, shapes.reps - 2), "jacobian")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return EndToEnd(cluster_start, small, large, rate, steps, pipeline)
+    return EndToEnd(cluster_start, small, large, rate, steps, pipeline, uncompressed, jacobian, jacobian_rate)
 
 
 def bench_e2e(shapes: Shapes, log: Callable[[str], None]) -> EndToEnd:
@@ -803,6 +855,31 @@ def e2e_table(e2e: EndToEnd, shapes: Shapes) -> str:
         f"{e2e.pipeline_rate:,.0f} samples/s. End to end (8N) = **{e2e.rate / e2e.pipeline_rate:.0%}** "
         "of it: what distributing the same work over Dask workers gains or costs.",
     ]
+    variants = [
+        ("8N, `compression: none`", e2e.uncompressed, e2e.kernel_rate),
+        ("per-sample Jacobians (zstd)", e2e.jacobian, e2e.jacobian_kernel_rate),
+    ]
+    if any(job is not None for _, job, _ in variants):
+        lines += [
+            "",
+            "The same comparison for two other jobs: the 8N job without compression, and "
+            f"per-sample Jacobians (mode `jacobian`, {shapes.e2e_jacobian_samples:,} samples, "
+            "every block's results in one zstd chunk), each against its own in-process kernel "
+            "(for the Jacobians, the reverse sweep over the output basis on one block):",
+            "",
+            "| job | samples | blocks (rows each) | results | wall | samples/s | in-process kernel "
+            "| vs in-process kernel |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, job, kernel_rate in variants:
+            if job is None:
+                continue
+            rate = job.samples / job.seconds
+            lines.append(
+                f"| {name}{'' if job.ok else ' (FAILED)'} | {job.samples:,} | "
+                f"{job.blocks} ({job.rows_per_block:,}) | {job.result_bytes / 1e9:.2f} GB | "
+                f"{job.seconds:.1f} s | {rate:,.0f} | {kernel_rate:,.0f} | **{rate / kernel_rate:.0%}** |"
+            )
     if e2e.steps:
         total = sum(e2e.steps.values())
         lines += [
@@ -854,7 +931,9 @@ def environment(frameworks: dict[str, str]) -> str:
 
     lines = [
         f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, {cpu_model()}",
-        f"- python {platform.python_version()}, numpy {numpy.__version__}",
+        f"- python {platform.python_version()}, numpy {numpy.__version__} "
+        f"(NUMPY_MADVISE_HUGEPAGE={os.environ.get('NUMPY_MADVISE_HUGEPAGE', 'unset')}: "
+        "huge pages for large arrays off, see the top of scripts/bench.py)",
     ]
     for name in FRAMEWORKS:
         lines.append(f"- {name}: {frameworks[name]}")
@@ -894,7 +973,19 @@ def targets(rows: Sequence[Row], e2e: EndToEnd | None) -> str:
         elif row.kernel == "lorenz96 vjp":
             add(f"lorenz96 vjp {row.dtype} >= torch autograd", row.ratio("torch"), 1.0)
     if e2e is not None:
-        add("end to end >= 90% of the in-process kernel", e2e.ratio, 0.9, "{:.0%}")
+        add("end to end >= 90% of the in-process kernel (vjp, zstd)", e2e.ratio, 0.9, "{:.0%}")
+        add(
+            "end to end >= 90% of the in-process kernel (vjp, no compression)",
+            e2e.ratio_of(e2e.uncompressed),
+            0.9,
+            "{:.0%}",
+        )
+        add(
+            "end to end >= 90% of the in-process kernel (Jacobians, zstd)",
+            e2e.ratio_of(e2e.jacobian),
+            0.9,
+            "{:.0%}",
+        )
         for job in (e2e.small, e2e.large):
             add(
                 f"peak worker memory within projection ({job.samples:,} samples)",

@@ -124,6 +124,11 @@ def test_end_to_end_on_a_cluster(bench: ModuleType, scheduler_address: str) -> N
     assert all(seconds > 0 for seconds in e2e.steps.values())
     table = bench.e2e_table(e2e, shapes)
     assert "| total |" in table
-    assert len(table_rows(table, "N")) == 1 and len(table_rows(table, "8N")) == 1
+    assert len(table_rows(table, "N")) == 1 and len(table_rows(table, "8N")) == 2
+    assert e2e.uncompressed is not None and e2e.uncompressed.ok
+    assert e2e.jacobian is not None and e2e.jacobian.ok and e2e.jacobian_kernel_rate > 0
+    assert e2e.jacobian.result_bytes == shapes.e2e_jacobian_samples * (4 * 8 + 4) * 4  # J and y
+    (jacobian,) = table_rows(table, "per-sample Jacobians")
+    assert jacobian[1] == f"{shapes.e2e_jacobian_samples:,}"
     verdicts = table_rows(bench.targets([], e2e), "end to end") + table_rows(bench.targets([], e2e), "peak")
-    assert len(verdicts) == 4
+    assert len(verdicts) == 6 and all(v[1] != "not measured" for v in verdicts)
