@@ -100,7 +100,7 @@ def run_block(job: BlockJob, i: int, j: int) -> BlockResult:
 
     start = time.perf_counter()
     limit_blas(job.blas_threads)
-    keep_freed_memory(job.plan.memory_per_block)
+    keep_freed_memory()
     function = worker_function(job)
     checks = _check(job, function, i) if job.check and j == 0 else None
     x, y, result = compute_block(job, function, i, j)

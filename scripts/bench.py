@@ -49,6 +49,8 @@ from typing import Any
 # stalls in the kernel's page compaction: jacrun's Jacobian row measured 1410 ms instead of
 # 1206 ms. NumPy's documented switch turns that off for the NumPy contenders (jacrun, the GEMM
 # peak, autograd); torch and jax use their own allocators. Set it to 1 to see the effect.
+# The cluster's workers (which run no framework) keep NumPy's default.
+WORKER_HUGEPAGE = os.environ.get("NUMPY_MADVISE_HUGEPAGE", "1")
 os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
 
 import numpy as np  # noqa: E402
@@ -806,6 +808,7 @@ def bench_e2e(shapes: Shapes, log: Callable[[str], None]) -> EndToEnd:
             dashboard_address=None,
             memory_limit="8GiB",
             silence_logs=logging.CRITICAL,
+            env={"NUMPY_MADVISE_HUGEPAGE": WORKER_HUGEPAGE},
         ) as cluster,
         Client(cluster, set_as_default=False) as client,
     ):

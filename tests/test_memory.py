@@ -26,7 +26,7 @@ def faults():  # minor page faults of allocating and filling a 3 MiB array, 20 t
 
 faults()
 plain = faults()
-applied = keep_freed_memory(64 << 20)
+applied = keep_freed_memory()
 print(json.dumps({"plain": plain, "kept": faults(), "applied": applied}))
 """
 
@@ -50,12 +50,11 @@ def test_workers_keep_memory_after_a_block(scheduler_address: str, tmp_path) -> 
     summary = jacrun.submit(config, progress=False)
     assert summary.ok
 
-    def kept() -> list[int]:
+    def applied() -> list[bool]:
         from jacrun import memory
 
-        return list(memory._KEPT)
+        return list(memory._APPLIED)
 
     with Client(scheduler_address, set_as_default=False) as client:
-        held = client.run(kept)
-    plan = jacrun.plan(config)
-    assert any(value == [plan.memory_per_block] for value in held.values())
+        held = client.run(applied)
+    assert [True] in held.values()  # the worker that ran the blocks
