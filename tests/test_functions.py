@@ -317,13 +317,25 @@ WORK_SPECS: list[dict[str, Any]] = [
     {"kind": "lorenz96", "dim": 40, "steps": 1},
     {"kind": "lorenz96", "dim": 40, "steps": 5, "dtype": "float32"},
 ]
-WORK_CASES: list[dict[str, Any]] = [
-    {"spec": spec, "mode": mode, "shared": shared, "k": k, "batch": 1000, "seed": 0, "offset": 0}
-    for spec in WORK_SPECS
-    for mode in ("vjp", "jvp")
-    for shared in (False, True)
-    for k in (1, 3)
-]
+
+
+def kernel_cases(specs: list[dict[str, Any]], ks: tuple[int, int], **fixed: Any) -> list[dict[str, Any]]:
+    """Every spec x vjp/jvp x per-sample/shared vectors x the two vector counts ``ks``."""
+    return [
+        {"spec": spec, "mode": mode, "shared": shared, "k": k, "offset": 0, **fixed}
+        for spec in specs
+        for mode in ("vjp", "jvp")
+        for shared in (False, True)
+        for k in ks
+    ]
+
+
+def case_id(case: dict[str, Any]) -> str:
+    spec = "-".join(map(str, case["spec"].values()))
+    return f"{spec}-{case['mode']}-{'shared' * case['shared']}-k{case['k']}"
+
+
+WORK_CASES = kernel_cases(WORK_SPECS, (1, 3), batch=1000, seed=0)
 
 
 @functools.cache
@@ -336,22 +348,7 @@ PARALLEL_SPECS: list[dict[str, Any]] = [
     {"kind": "mlp", "sizes": [64, 256, 128, 8], "dtype": "float32"},
     {"kind": "lorenz96", "dim": 40, "steps": 2},
 ]
-PARALLEL_CASES: list[dict[str, Any]] = [
-    {
-        "spec": spec,
-        "mode": mode,
-        "shared": shared,
-        "k": k,
-        "batch": 3001,
-        "seed": 1,
-        "offset": 0,
-        "threads": 2,
-    }
-    for spec in PARALLEL_SPECS
-    for mode in ("vjp", "jvp")
-    for shared in (False, True)
-    for k in (1, 4)
-]
+PARALLEL_CASES = kernel_cases(PARALLEL_SPECS, (1, 4), batch=3001, seed=1, threads=2)
 
 
 @functools.cache
@@ -362,17 +359,13 @@ def _parallel_peaks() -> list[dict[str, int]]:
 @pytest.mark.parametrize(
     "index",
     range(len(PARALLEL_CASES)),
-    ids=[
-        "-".join([*map(str, c["spec"].values()), c["mode"], "shared" * c["shared"], f"k{c['k']}"])
-        for c in PARALLEL_CASES
-    ],
+    ids=[case_id(c) for c in PARALLEL_CASES],
 )
 def test_kernel_threads_hold_their_modelled_buffers_and_give_the_same_numbers(index: int) -> None:
     """With BLAS at 2 threads the MLP and Lorenz-96 split their rows over 2 kernel threads: each
     holds its own buffers (modelled exactly, the derivative's scratch and ufunc buffers once per
-    thread), the
-    peak stays within the model, and the results agree with one thread's to rounding (BLAS may
-    round differently for other row counts, as any two chunkings may)."""
+    thread), the peak stays within the model, and the results agree with one thread's to
+    rounding (BLAS may round differently for other row counts, as any two chunkings may)."""
     m = _parallel_peaks()[index]
     if m["threads"] < 2:
         pytest.skip("BLAS runs one thread here: no kernel threads to test")
@@ -388,10 +381,7 @@ def test_kernel_threads_hold_their_modelled_buffers_and_give_the_same_numbers(in
 @pytest.mark.parametrize(
     "index",
     range(len(WORK_CASES)),
-    ids=[
-        "-".join([*map(str, c["spec"].values()), c["mode"], "shared" * c["shared"], f"k{c['k']}"])
-        for c in WORK_CASES
-    ],
+    ids=[case_id(c) for c in WORK_CASES],
 )
 def test_work_bytes_matches_measured_peak(index: int) -> None:
     """The model brackets the measured peak: arrays it counts are really live together, and
