@@ -14,10 +14,11 @@ def _config(config: JobConfig | str | Path) -> JobConfig:
 
 
 def plan(config: JobConfig | str | Path) -> Plan:
-    """The job's frozen Plan (block grid, projected memory and FLOPs); starts and writes nothing."""
+    """The job's frozen Plan (block grid, projected memory, FLOPs and runtime estimate); starts
+    and writes nothing."""
     from jacrun.prepare import prepare
 
-    return prepare(_config(config)).plan
+    return prepare(_config(config), estimate=True).plan
 
 
 def submit(config: JobConfig | str | Path, **options: Any):

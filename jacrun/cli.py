@@ -146,10 +146,11 @@ def validate(config: ConfigArg, overrides: SetOpt = None) -> None:
 @app.command()
 @user_errors
 def plan(config: ConfigArg, overrides: SetOpt = None) -> None:
-    """Print the block grid, projected memory and FLOPs per block, task count and output size."""
+    """Print the block grid, projected memory and FLOPs per block, task count, output size and
+    estimated runtime (the kernel timed on a few rows, in this process)."""
     from jacrun.prepare import prepare
 
-    job = prepare(_load(config, overrides))
+    job = prepare(_load(config, overrides), estimate=True)
     out.print(plan_table(job))
     for warning in job.plan.warnings:
         err.print(f"[yellow]warning:[/] {warning}")
@@ -185,7 +186,8 @@ def plan_table(job) -> Table:
         ("output size", f"{fmt_bytes(p.output_bytes)} uncompressed"),
         (
             "estimated runtime",
-            f"{estimate} on {p.workers} worker(s) ({p.seconds_per_block or 0:.2f} s per block)",
+            f"{estimate} on {p.workers} worker(s)"
+            + ("" if p.seconds_per_block is None else f" ({p.seconds_per_block:.2f} s per block)"),
         ),
         ("threads", f"{threads} per worker x {blas_threads(cluster)} BLAS thread(s) each"),
         ("store", str(job.config.output.store)),

@@ -254,6 +254,8 @@ def make_plan(
         rows = _even_rows(min(rows, balanced, samples), samples)
     else:
         rows = min(chunk_samples, samples)
+        per_row = seconds_per_row(k) if seconds_per_row is not None else None  # for the estimate only
+        per_row = per_row if per_row and per_row > 0 else None
     projected = memory(rows, k)
     warnings: list[str] = []
     if worker_memory is not None and projected > 0.8 * worker_memory:

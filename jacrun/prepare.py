@@ -131,12 +131,15 @@ def _located(prepare_job):
 
 
 @_located
-def prepare(config: JobConfig, function: Function | None = None, calibrate: bool = True) -> PreparedJob:
+def prepare(
+    config: JobConfig, function: Function | None = None, calibrate: bool = True, estimate: bool = False
+) -> PreparedJob:
     """Build, open, check and plan; raise ConfigError on any mismatch.
 
     ``calibrate`` times the kernel on a few rows so ``auto`` chunks aim for ~1 s blocks and
-    the plan can estimate the runtime (only with ``chunks.samples: auto``; a kernel that
-    raises here is left to fail, with a clear message, in its block).
+    the plan can estimate the runtime (a kernel that raises here is left to fail, with a clear
+    message, in its block). With explicit ``chunks.samples`` it times only when ``estimate``
+    asks for the runtime estimate (``jacrun plan``): submitting does not need it.
     """
     function = function or build(config)
     inputs = open_inputs(config.inputs, function.n_in)
@@ -150,7 +153,7 @@ def prepare(config: JobConfig, function: Function | None = None, calibrate: bool
         vectors = open_vectors(config.vectors, width, samples)
     kernel_mode = config.mode if config.mode != "jacobian" else ("vjp" if strategy == "rev" else "jvp")
     timer = None
-    if calibrate and config.chunks.samples == "auto":
+    if calibrate and (config.chunks.samples == "auto" or estimate):
         timer = kernel_timer(function, inputs, vectors, kernel_mode == "vjp", blas_threads(config.cluster))
     with blas_limit(blas_threads(config.cluster)):  # work_bytes counts a worker's kernel threads
         plan = _plan(config, function, samples, vectors, strategy, kernel_mode, timer)

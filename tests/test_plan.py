@@ -168,3 +168,5 @@ def test_timed_auto_blocks_aim_for_about_a_second():
     assert small.n_blocks == 1  # 0.1 s of work: one block, not many tiny ones
     untimed = plan(samples=10_000, **common)
     assert untimed.seconds_per_block is None and untimed.n_blocks > 1
+    explicit = plan(samples=10_000, chunk_samples=1000, seconds_per_row=lambda k: 1e-4, **common)
+    assert explicit.n_blocks == 10 and explicit.seconds_per_block == pytest.approx(0.1)  # estimate only
