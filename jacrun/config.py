@@ -306,11 +306,14 @@ class JobConfig(Strict):
         overwrite, name), so a job can resume on another cluster or with other chunk sizes
         that match the store's chunking.
         """
+        from jacrun.sources import RANDOM_NUMBERS
+
         data = self.to_dict()
         for key in ("cluster", "retries", "chunks", "name"):
             data.pop(key, None)
         for key in ("store", "overwrite"):
             data["output"].pop(key, None)
+        data["random_numbers"] = RANDOM_NUMBERS  # how random inputs and vectors are drawn
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -32,6 +34,44 @@ def test_distributions_have_the_right_moments():
     assert uniform.min() >= -1 and uniform.max() < 1 and abs(uniform.mean()) < 0.02
     signs = random_rows("rademacher", 0, 1, 0, 20000, 10)
     assert set(np.unique(signs)) == {-1.0, 1.0} and abs(signs.mean()) < 0.02
+
+
+def test_normal_values_follow_the_standard_normal_cdf():
+    """Kolmogorov-Smirnov distance to Phi, in the body and (by the counts) in both tails; odd
+    widths check the cosine/sine halves of a tile, and the tails stop at 5.77 sigma."""
+    raw = random_rows("normal", 3, 1, 0, 40 * TILE_ROWS, 33)
+    tiles = raw.reshape(40, TILE_ROWS, 33)  # each tile: cosine rows first, then sine rows
+    half = TILE_ROWS // 2
+    assert abs(np.corrcoef(tiles[:, :half].ravel(), tiles[:, half:].ravel())[0, 1]) < 0.01
+    z = np.sort(raw.ravel())
+    n = z.size
+    phi = 0.5 * (1 + np.vectorize(math.erf)(z / math.sqrt(2)))
+    ks = max(np.max(np.arange(1, n + 1) / n - phi), np.max(phi - np.arange(n) / n))
+    assert ks < 1.63 / math.sqrt(n)  # the 1% critical value
+    for threshold, expected in ((2.0, 0.02275), (3.0, 0.0013499)):
+        for tail in (z > threshold, z < -threshold):
+            assert abs(tail.mean() - expected) < 5 * math.sqrt(expected / n)
+    assert np.abs(z).max() <= 5.78
+
+
+def test_float32_and_float64_jobs_draw_the_same_random_values():
+    for distribution in ("normal", "uniform", "rademacher"):
+        x64 = random_rows(distribution, 2, 1, 5, 600, 9, np.float64)
+        x32 = random_rows(distribution, 2, 1, 5, 600, 9, np.float32)
+        np.testing.assert_array_equal(x32, x64.astype(np.float32))
+    normal = random_rows("normal", 2, 1, 5, 600, 9, np.float64)
+    np.testing.assert_array_equal(normal, normal.astype(np.float32))  # float32 values, exactly
+
+
+def test_random_numbers_definition_is_part_of_the_config_hash(monkeypatch):
+    import jacrun
+    import jacrun.sources
+    from tests.helpers import job_config
+
+    config = jacrun.config_from_dict(job_config())
+    before = config.content_hash()
+    monkeypatch.setattr(jacrun.sources, "RANDOM_NUMBERS", "another generator")
+    assert config.content_hash() != before
 
 
 def test_random_inputs_cast_to_compute_dtype():
