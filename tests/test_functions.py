@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -741,3 +742,37 @@ def test_design_quickstart_spec() -> None:
     x = np.zeros((3, 4))
     y, xbar = f.vjp(x, np.ones((3, 2)))
     assert y.shape == (3, 2) and xbar.shape == (3, 4)
+
+
+def _vjp_in_child(queue) -> None:  # a forked child: runs the kernel on two kernel threads
+    from jacrun.functions.parallel import blas_limit
+
+    f = MLP.random([64, 256, 256, 8], seed=0)
+    x = np.random.default_rng(0).standard_normal((2000, 64))
+    with blas_limit(2):
+        queue.put(float(np.abs(f.vjp(x, np.ones((2000, 8)))[1]).sum()))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_kernel_threads_work_in_a_forked_child() -> None:
+    """The parent's kernel-thread pool does not survive fork; the child must start its own
+    (a stale pool would hang the child's first kernel)."""
+    import multiprocessing
+
+    from jacrun.functions.parallel import blas_limit, kernel_threads
+
+    f = MLP.random([64, 256, 256, 8], seed=0)
+    x = np.random.default_rng(0).standard_normal((2000, 64))
+    with blas_limit(2):
+        if kernel_threads() < 2:
+            pytest.skip("BLAS runs one thread here: no kernel threads to test")
+        expected = float(np.abs(f.vjp(x, np.ones((2000, 8)))[1]).sum())  # the parent's pool starts
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_vjp_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung in its kernel")
+    assert child.exitcode == 0 and queue.get(timeout=5) == pytest.approx(expected, rel=1e-12)

@@ -14,12 +14,23 @@ A worker with one BLAS thread, the default on a LocalCluster, runs kernels exact
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
+
+
+def _forget_pool() -> None:
+    """A forked child has none of the parent's pool threads: start a new pool when needed."""
+    _STATE.pop("pool", None)
+    _STATE.pop("pool_threads", None)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _blas():  # noqa: ANN202 - threadpoolctl's controller of the loaded BLAS libraries
