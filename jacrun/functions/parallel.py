@@ -43,9 +43,11 @@ def _blas():  # noqa: ANN202 - threadpoolctl's controller of the loaded BLAS lib
 
 
 def kernel_threads() -> int:
-    """Threads a kernel may use: the BLAS thread count now in force (at least 1)."""
+    """Threads a kernel may use: the BLAS thread count now in force (at least 1). With several
+    BLAS libraries loaded (torch may bring its own), the smallest count: never more threads
+    than the budget the runner set on NumPy's."""
     libs = _blas().lib_controllers
-    return max((lib.num_threads for lib in libs), default=1) or 1
+    return max(1, min((lib.num_threads or 1 for lib in libs), default=1))
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
