@@ -8,8 +8,8 @@ first touch and go back to the OS on ``free``, block after block.
 :func:`keep_freed_memory` sets, in the running process, the mmap threshold to 4 MiB (NumPy's own
 huge-page threshold: larger arrays still get their own, huge-page-backed mappings) and lets malloc
 keep up to 64 MiB of freed heap. Measured on an MLP vjp job (``docs/performance.md``): 4-7%
-more samples/s at the same peak memory. Raising the threshold to 32 MiB gained 15-18%, but the
-heap then fragments and a worker's peak grows by half, beyond the plan's projection.
+more samples/s at the same peak memory. Raising the threshold to 32 MiB gained 16-18%, but the
+heap then fragments and a worker's peak grew by about 40%, beyond the plan's projection.
 Without glibc (macOS, musl) this does nothing.
 """
 
