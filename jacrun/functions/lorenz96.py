@@ -151,6 +151,11 @@ class Lorenz96(Function):
         vectors = {"ds": (n + 3) * k * s, "dk": n * k * s, "ta": n * k * s, "tb": n * k * s}
         return state | vectors
 
+    def _split(self, batch: int, k: int) -> tuple[int, int]:
+        """(kernel threads, samples per chunk): each thread runs whole chunks (``parallel.split``)."""
+        chunk = self._chunk(batch, k)
+        return split(batch, chunk, chunk)
+
     def _slots(self, kernel: str, threads: int, chunk: int, k: int) -> list[dict[str, np.ndarray]]:
         """One set of work buffers per kernel thread (each thread runs whole L2-sized chunks)."""
         sizes = self._buffer_sizes(kernel, chunk, k)
@@ -162,7 +167,7 @@ class Lorenz96(Function):
         x = np.asarray(x, self.dtype)
         n, batch = self.n_in, x.shape[0]
         y = np.empty((batch, n), self.dtype)
-        threads, chunk = split(batch, self._chunk(batch, 1), self._chunk(batch, 1))
+        threads, chunk = self._split(batch, 1)
         slots = self._slots("forward", threads, chunk, 1)
 
         def run(a: int, b: int, slot: int) -> None:
@@ -188,7 +193,7 @@ class Lorenz96(Function):
         n, (batch, kv) = self.n_in, t.shape[:2]
         y = np.empty((batch, n), self.dtype)
         ydot = np.empty((batch, kv, n), self.dtype)
-        threads, chunk = split(batch, self._chunk(batch, kv), self._chunk(batch, kv))
+        threads, chunk = self._split(batch, kv)
         slots = self._slots("jvp", threads, chunk, kv)
 
         def run(a: int, b: int, slot: int) -> None:
@@ -229,7 +234,7 @@ class Lorenz96(Function):
         n, steps, (batch, kv) = self.n_in, self.steps, v.shape[:2]
         y = np.empty((batch, n), self.dtype)
         xbar = np.empty((batch, kv, n), self.dtype)
-        threads, chunk = split(batch, self._chunk(batch, kv), self._chunk(batch, kv))
+        threads, chunk = self._split(batch, kv)
         slots = self._slots("vjp", threads, chunk, kv)
 
         def run(a: int, b: int, slot: int) -> None:
@@ -293,7 +298,7 @@ class Lorenz96(Function):
         per kernel thread (each runs whole chunks, see ``parallel.split``). They stay allocated
         for the next call."""
         kernel = kernel_mode(mode, self.n_in, self.n_out)
-        threads, chunk = split(batch, self._chunk(batch, k), self._chunk(batch, k))
+        threads, chunk = self._split(batch, k)
         elements = sum(self._buffer_sizes(kernel, chunk, k).values())
         return threads * (elements * self.dtype.itemsize + ufunc_buffer_bytes(self.dtype))
 

@@ -208,9 +208,8 @@ class MLP(Function):
             return y
         hidden = self.sizes[1:-1]
 
-        threads, span = split(batch, self._chunk_rows(batch, 1), self._min_rows(1))
-        sizes = self._buffer_sizes("forward", span, 1)
-        slots = [self._work.get("forward", sizes, self.dtype, slot) for slot in range(threads)]
+        threads, span = self._split(batch, 1)
+        slots = self._slots("forward", threads, span, 1)
 
         def chunk(start: int, stop: int, slot: int) -> None:
             buf = slots[slot]
@@ -246,9 +245,8 @@ class MLP(Function):
             with one_blas_thread():
                 np.matmul(v[0], weights[-1], out=first)
 
-        threads, span = split(batch, self._chunk_rows(batch, k), self._min_rows(k))
-        sizes = self._buffer_sizes("vjp", span, k)
-        slots = [self._work.get("vjp", sizes, self.dtype, slot) for slot in range(threads)]
+        threads, span = self._split(batch, k)
+        slots = self._slots("vjp", threads, span, k)
 
         def chunk(start: int, stop: int, slot: int) -> None:
             buf = slots[slot]
@@ -300,9 +298,8 @@ class MLP(Function):
             with one_blas_thread():
                 np.matmul(t[0], weights[0].T, out=first)
 
-        threads, span = split(batch, self._chunk_rows(batch, k), self._min_rows(k))
-        sizes = self._buffer_sizes("jvp", span, k)
-        slots = [self._work.get("jvp", sizes, self.dtype, slot) for slot in range(threads)]
+        threads, span = self._split(batch, k)
+        slots = self._slots("jvp", threads, span, k)
 
         def chunk(start: int, stop: int, slot: int) -> None:
             buf = slots[slot]
@@ -379,6 +376,15 @@ class MLP(Function):
             return 0
         return k * (hidden[-1] if kernel == "vjp" else hidden[0])
 
+    def _split(self, batch: int, k: int) -> tuple[int, int]:
+        """(kernel threads, rows per range) for this batch (see ``parallel.split``)."""
+        return split(batch, self._chunk_rows(batch, k), self._min_rows(k))
+
+    def _slots(self, kernel: str, threads: int, span: int, k: int) -> list[dict[str, np.ndarray]]:
+        """One set of work buffers per kernel thread, each for ranges of ``span`` rows."""
+        sizes = self._buffer_sizes(kernel, span, k)
+        return [self._work.get(kernel, sizes, self.dtype, slot) for slot in range(threads)]
+
     def _min_rows(self, k: int) -> int:
         """Fewest samples worth a kernel thread: ranges of at least 256 GEMM rows and 64K
         elements of the widest layer, so BLAS stays efficient and threads pay off."""
@@ -401,7 +407,7 @@ class MLP(Function):
         shared vectors' (K, h) product. The buffers stay allocated for the next call.
         Per-sample vectors that are not C-contiguous cost one extra copy (chunk rows*K*width)."""
         kernel = kernel_mode(mode, self.n_in, self.n_out)
-        threads, span = split(batch, self._chunk_rows(batch, k), self._min_rows(k))
+        threads, span = self._split(batch, k)
         per_thread = sum(self._buffer_sizes(kernel, span, k).values())
         if len(self.weights) > 1:
             per_thread += self._scratch_elements(span)
