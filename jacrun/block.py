@@ -105,12 +105,14 @@ def run_block(job: BlockJob, i: int, j: int) -> BlockResult:
     checks = _check(job, function, i) if job.check and j == 0 else None
     x, y, result = compute_block(job, function, i, j)
     nonfinite = _finiteness(job, i, j, x, y, result)
+    rows = x.shape[0]
+    del x  # its memory serves the write's encoded chunks
     dtype = np.dtype(job.config.output_dtype)
     write_block(job.store, job.plan, i, j, y.astype(dtype, copy=False), result.astype(dtype, copy=False))
     return BlockResult(
         i,
         j,
-        rows=x.shape[0],
+        rows=rows,
         products=result.shape[0] * result.shape[1],
         seconds=time.perf_counter() - start,
         nonfinite=nonfinite,
@@ -133,6 +135,16 @@ def _check(job: BlockJob, function: Function, i: int) -> dict[str, float] | None
     return {r.name: float(r.error) for r in report.rows}
 
 
+def nonfinite_count(values: np.ndarray) -> int:
+    """Non-finite values in ``values``. A sum is finite only if every term is (NaN and inf
+    propagate), so the usual all-finite case costs one pass and no mask; a non-finite sum
+    (or one that overflowed) falls back to counting."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.sum(values, dtype=values.dtype)):
+            return 0
+    return values.size - int(np.count_nonzero(np.isfinite(values)))
+
+
 def _finiteness(
     job: BlockJob, i: int, j: int, x: np.ndarray, y: np.ndarray, result: np.ndarray
 ) -> dict[str, int]:
@@ -140,7 +152,7 @@ def _finiteness(
     a, _ = job.plan.block_rows(i)
     counts = {}
     for name, values in (("x", x), ("y", y), (job.plan.result_name, result)):
-        count = values.size - int(np.count_nonzero(np.isfinite(values)))  # 4x (~isfinite).sum()
+        count = nonfinite_count(values)
         counts[name] = count
         if count and job.config.nan_policy == "raise":
             row = int(np.argwhere(~np.isfinite(values))[0][0]) + a

@@ -8,6 +8,7 @@ block twice writes the same bytes. Job metadata lives in the group attribute ``j
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import warnings
 from datetime import datetime, timezone
@@ -17,7 +18,10 @@ from typing import Any, Literal
 import numpy as np
 import zarr
 import zarr.codecs
+from zarr.core.buffer import Buffer
+from zarr.storage import LocalStore
 
+from jacrun import writeback
 from jacrun.errors import ConfigError
 from jacrun.plan import Plan
 
@@ -30,6 +34,20 @@ StoreState = Literal["absent", "empty", "jacrun", "foreign"]
 
 class IncompleteWarning(UserWarning):
     """The store's job has not finished every block."""
+
+
+class WriteBehindStore(LocalStore):
+    """A LocalStore whose large chunk files stream to disk (:mod:`jacrun.writeback`)
+    instead of accumulating as dirty pages in the page cache."""
+
+    async def set(self, key: str, value: Buffer) -> None:
+        await super().set(key, value)
+        if writeback.SUPPORTED and len(value) >= writeback.MIN_BYTES:
+            await asyncio.to_thread(writeback.written, self.root / key, len(value))
+
+    def set_sync(self, key: str, value: Buffer) -> None:
+        super().set_sync(key, value)
+        writeback.written(self.root / key, len(value))
 
 
 def now() -> str:
@@ -135,7 +153,7 @@ def write_block(path: str, plan: Plan, i: int, j: int, y: np.ndarray | None, res
     """Write block (i, j)'s chunks, then its marker. ``result`` is (rows, k, width)."""
     a, b = plan.block_rows(i)
     k0, k1 = plan.block_vectors(j)
-    group = zarr.open_group(path, mode="r+")
+    group = zarr.open_group(WriteBehindStore(path), mode="r+")
     array = group[plan.result_name]
     if plan.mode == "jacobian":
         if plan.strategy == "rev":

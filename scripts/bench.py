@@ -692,6 +692,7 @@ def block_breakdown(shapes: Shapes, samples: int, store: Path, reps: int) -> dic
     from threadpoolctl import threadpool_limits
 
     import jacrun
+    from jacrun.block import nonfinite_count
     from jacrun.prepare import prepare
     from jacrun.store import write_block
 
@@ -707,7 +708,7 @@ def block_breakdown(shapes: Shapes, samples: int, store: Path, reps: int) -> dic
         "inputs (random x)": lambda: job.inputs.read(a, b, f.dtype),
         "vectors (random v)": lambda: job.vectors.read(a, b, k0, k1, f.dtype),
         "kernel": lambda: f.vjp_batch(x, v),
-        "finiteness check": lambda: [int(np.isfinite(arr).sum()) for arr in (x, y, result)],
+        "finiteness check": lambda: [nonfinite_count(arr) for arr in (x, y, result)],
         "write (zstd, zarr)": lambda: write_block(
             str(store), plan, 0, 0, y.astype(out, copy=False), result.astype(out, copy=False)
         ),

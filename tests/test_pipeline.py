@@ -268,6 +268,24 @@ def test_nan_policy(tmp_path, data, scheduler_address):
 
 
 @pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (np.ones((64, 3), np.float32), 0),
+        (np.full((64, 3), 3e38, np.float32), 0),  # the sum overflows: counted, none found
+        (np.array([1.0, np.nan, 2.0]), 1),
+        (np.array([np.inf, -np.inf, 1.0, np.nan]), 3),  # inf - inf: a NaN sum
+        (np.zeros((0, 4)), 0),
+    ],
+)
+def test_nonfinite_count(values, expected):
+    from jacrun.block import nonfinite_count
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow/invalid warnings reach the worker's log
+        assert nonfinite_count(values) == expected
+
+
+@pytest.mark.parametrize(
     ("sections", "message"),
     [
         ({"inputs": {"kind": "npy", "path": "V.npy"}}, "inputs.path: .* has shape \\(90, 4, 3\\)"),

@@ -1,0 +1,152 @@
+"""Write-behind: written chunk files reach the disk and leave the page cache; data unchanged."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jacrun import writeback
+from jacrun.config import config_from_dict
+from jacrun.prepare import prepare
+from jacrun.runner import open_output
+from jacrun.store import WriteBehindStore, write_block
+from tests.helpers import job_config
+
+pytestmark = pytest.mark.skipif(not writeback.SUPPORTED, reason="needs Linux sync_file_range")
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_LIBC.mmap.restype = ctypes.c_void_p
+_LIBC.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_LIBC.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_LIBC.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+
+def resident_pages(path: Path) -> int:
+    """Pages of ``path`` in the page cache (mincore on a read-only mapping; touches nothing)."""
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = _LIBC.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+            vec = (ctypes.c_ubyte * pages)()
+            assert _LIBC.mincore(address, size, vec) == 0, os.strerror(ctypes.get_errno())
+            return sum(v & 1 for v in vec)
+        finally:
+            _LIBC.munmap(address, size)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def droppable(tmp_path: Path) -> Path:
+    """``tmp_path``, if its filesystem lets written pages go (tmpfs keeps them: skip)."""
+    probe = tmp_path / "probe"
+    probe.write_bytes(os.urandom(1 << 20))
+    fd = os.open(probe, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    if resident_pages(probe):
+        pytest.skip("this filesystem keeps written pages in memory (tmpfs?)")
+    probe.unlink()
+    return tmp_path
+
+
+@pytest.fixture
+def small_lag(monkeypatch: pytest.MonkeyPatch) -> int:
+    """A 4 MiB lag and an empty pending list, so a few small files exercise the whole cycle."""
+    monkeypatch.setattr(writeback, "LAG_BYTES", 4 << 20)
+    monkeypatch.setattr(writeback, "_pending", type(writeback._pending)())
+    monkeypatch.setattr(writeback, "_pending_bytes", [0])
+    return writeback.LAG_BYTES
+
+
+def write(path: Path, size: int) -> bytes:
+    data = os.urandom(size)
+    path.write_bytes(data)
+    writeback.written(path, size)
+    return data
+
+
+def test_files_leave_the_page_cache_once_later_writes_pass_the_lag(droppable: Path, small_lag: int) -> None:
+    size = 2 << 20
+    files = [droppable / f"chunk{i}" for i in range(5)]
+    contents = [write(path, size) for path in files]
+    # 10 MiB written with a 4 MiB lag: the first three files were dropped, the last two not yet
+    assert [resident_pages(path) for path in files[:3]] == [0, 0, 0]
+    assert resident_pages(files[-1]) == size // mmap.PAGESIZE
+    assert writeback.pending_bytes() == 2 * size
+    assert [path.read_bytes() for path in files] == contents  # from disk, unchanged
+
+
+def test_small_files_are_left_to_the_kernel(droppable: Path, small_lag: int) -> None:
+    small = droppable / "zarr.json"
+    write(small, 1000)
+    for i in range(4):
+        write(droppable / f"chunk{i}", 2 << 20)
+    assert resident_pages(small) == 1 and writeback.pending_bytes() <= small_lag + (2 << 20)
+
+
+def test_a_file_deleted_before_its_turn_is_skipped(droppable: Path, small_lag: int) -> None:
+    first = droppable / "gone"
+    write(first, 2 << 20)
+    first.unlink()  # a rerun with --overwrite removed the store meanwhile
+    for i in range(3):
+        write(droppable / f"chunk{i}", 2 << 20)
+    assert writeback.pending_bytes() < 3 * (2 << 20)
+
+
+def test_a_jobs_blocks_stream_through_the_store(droppable: Path, small_lag: int) -> None:
+    """write_block goes through WriteBehindStore: early blocks' chunks leave the cache, and the
+    store reads back exactly what was written."""
+    config = config_from_dict(
+        job_config(
+            str(droppable / "out.zarr"),
+            function={"kind": "linear", "n_in": 1024, "n_out": 4, "seed": 0},
+            inputs={"kind": "random", "samples": 2048, "seed": 1},
+            vectors={"kind": "random", "count": 1, "seed": 2},
+            output={"store": str(droppable / "out.zarr"), "compression": "none", "save_outputs": False},
+            chunks={"samples": 512},
+        )
+    )
+    job = open_output(prepare(config, calibrate=False))
+    plan, store = job.plan, Path(config.output.store)
+    assert plan.grid == (4, 1)
+    rng = np.random.default_rng(0)
+    written = []
+    for i in range(4):
+        result = rng.standard_normal((512, 1, 1024))  # float64: 4 MiB per block
+        write_block(str(store), plan, i, 0, None, result)
+        written.append(result)
+    chunk = lambda i: store / plan.result_name / "c" / str(i) / "0"  # noqa: E731
+    assert resident_pages(chunk(0)) == 0 and resident_pages(chunk(1)) == 0
+    assert resident_pages(chunk(3)) > 0
+    import zarr
+
+    stored = zarr.open_group(str(store), mode="r")[plan.result_name][...]
+    np.testing.assert_array_equal(stored, np.concatenate(written)[:, 0, :])
+
+
+def test_the_store_is_a_local_store_for_zarr(tmp_path: Path) -> None:
+    import zarr
+
+    group = zarr.open_group(WriteBehindStore(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    array = group.create_array("a", shape=(4, 600_000), chunks=(1, 600_000), dtype="float32")
+    array[...] = np.arange(2_400_000, dtype="float32").reshape(4, -1)
+    reopened = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["a"][...]
+    np.testing.assert_array_equal(reopened, np.arange(2_400_000, dtype="float32").reshape(4, -1))
