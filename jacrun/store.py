@@ -149,12 +149,17 @@ def store_chunks(path: Path, plan: Plan) -> tuple[int, int] | None:
     return chunks[0], (chunks[1] if plan.vector_dim else 1)
 
 
+_WRITE_CONFIG = {"write_empty_chunks": True}
+"""A block's chunks are always written: zarr's default first scans each chunk for the fill
+value (NaN), a full pass with a temporary mask (7 ms instead of 12 for a 16 MiB chunk)."""
+
+
 def write_block(path: str, plan: Plan, i: int, j: int, y: np.ndarray | None, result: np.ndarray) -> None:
     """Write block (i, j)'s chunks, then its marker. ``result`` is (rows, k, width)."""
     a, b = plan.block_rows(i)
     k0, k1 = plan.block_vectors(j)
     group = zarr.open_group(WriteBehindStore(path), mode="r+")
-    array = group[plan.result_name]
+    array = group[plan.result_name].with_config(_WRITE_CONFIG)
     if plan.mode == "jacobian":
         if plan.strategy == "rev":
             array[a:b, k0:k1, :] = result
@@ -165,7 +170,7 @@ def write_block(path: str, plan: Plan, i: int, j: int, y: np.ndarray | None, res
     else:
         array[a:b, :] = result[:, 0, :]
     if y is not None and j == 0 and plan.save_outputs:
-        group[OUTPUTS][a:b, :] = y
+        group[OUTPUTS].with_config(_WRITE_CONFIG)[a:b, :] = y
     group[MARKERS][i, j] = 1
 
 

@@ -150,3 +150,18 @@ def test_the_store_is_a_local_store_for_zarr(tmp_path: Path) -> None:
     array[...] = np.arange(2_400_000, dtype="float32").reshape(4, -1)
     reopened = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["a"][...]
     np.testing.assert_array_equal(reopened, np.arange(2_400_000, dtype="float32").reshape(4, -1))
+
+
+def test_a_block_of_fill_values_is_still_written(tmp_path: Path) -> None:
+    """Chunks are written without zarr's scan for the fill value: an all-NaN block (nan_policy:
+    propagate) is stored as such, and the next job's reader sees NaN either way."""
+    config = config_from_dict(
+        job_config(str(tmp_path / "out.zarr"), output={"store": str(tmp_path / "out.zarr")})
+    )
+    job = open_output(prepare(config, calibrate=False))
+    plan, store = job.plan, Path(config.output.store)
+    rows = plan.block_rows(0)[1]
+    nan = np.full((rows, 3, 5), np.nan)
+    write_block(str(store), plan, 0, 0, np.full((rows, 3), np.nan), nan)
+    assert (store / plan.result_name / "c" / "0" / "0" / "0").is_file()
+    assert (store / "y" / "c" / "0" / "0").is_file()
