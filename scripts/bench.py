@@ -49,11 +49,17 @@ from typing import Any
 # stalls in the kernel's page compaction: jacrun's Jacobian row measured 1410 ms instead of
 # 1206 ms. NumPy's documented switch turns that off for the NumPy contenders (jacrun, the GEMM
 # peak, autograd); torch and jax use their own allocators. Set it to 1 to see the effect.
-# The cluster's workers (which run no framework) keep NumPy's default.
-WORKER_HUGEPAGE = os.environ.get("NUMPY_MADVISE_HUGEPAGE", "1")
-os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
+# The cluster's workers (which run no framework) keep NumPy's default: the variable is set only
+# while this process imports NumPy, and only when this file runs as the main script (worker
+# processes are spawned, re-import it as __mp_main__, and inherit this process's environment).
+_USER_HUGEPAGE = os.environ.get("NUMPY_MADVISE_HUGEPAGE")
+if __name__ == "__main__" and _USER_HUGEPAGE is None:
+    os.environ["NUMPY_MADVISE_HUGEPAGE"] = "0"
 
 import numpy as np  # noqa: E402
+
+if _USER_HUGEPAGE is None:
+    os.environ.pop("NUMPY_MADVISE_HUGEPAGE", None)
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMEWORKS = ("torch", "jax", "autograd")
@@ -809,7 +815,6 @@ def bench_e2e(shapes: Shapes, log: Callable[[str], None]) -> EndToEnd:
             dashboard_address=None,
             memory_limit="8GiB",
             silence_logs=logging.CRITICAL,
-            env={"NUMPY_MADVISE_HUGEPAGE": WORKER_HUGEPAGE},
         ) as cluster,
         Client(cluster, set_as_default=False) as client,
     ):
@@ -930,14 +935,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.platform()
 
 
+def _hugepages() -> str:
+    """Whether NumPy asks for huge pages in this process (its switch is private: 'unknown')."""
+    try:
+        from numpy._core.multiarray import _get_madvise_hugepage
+    except ImportError:
+        return "unknown"
+    return "on" if _get_madvise_hugepage() else "off"
+
+
 def environment(frameworks: dict[str, str]) -> str:
     import numpy
 
     lines = [
         f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, {cpu_model()}",
-        f"- python {platform.python_version()}, numpy {numpy.__version__} "
-        f"(NUMPY_MADVISE_HUGEPAGE={os.environ.get('NUMPY_MADVISE_HUGEPAGE', 'unset')}: "
-        "huge pages for large arrays off, see the top of scripts/bench.py)",
+        f"- python {platform.python_version()}, numpy {numpy.__version__}; huge pages for large "
+        f"arrays {_hugepages()} in this process, NumPy's default on the cluster's workers "
+        "(see the top of scripts/bench.py)",
     ]
     for name in FRAMEWORKS:
         lines.append(f"- {name}: {frameworks[name]}")

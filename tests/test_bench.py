@@ -132,3 +132,22 @@ def test_end_to_end_on_a_cluster(bench: ModuleType, scheduler_address: str) -> N
     assert jacobian[1] == f"{shapes.e2e_jacobian_samples:,}"
     verdicts = table_rows(bench.targets([], e2e), "end to end") + table_rows(bench.targets([], e2e), "peak")
     assert len(verdicts) == 6 and all(v[1] != "not measured" for v in verdicts)
+
+
+def test_huge_pages_are_off_in_the_bench_and_default_for_its_workers(tmp_path: Path) -> None:
+    """The bench process turns NumPy's huge pages off for itself, but leaves no variable behind
+    for the worker processes it spawns (they keep NumPy's default, as a user's workers do)."""
+    probe = (
+        "import os, runpy, sys\n"
+        f"sys.argv = [{str(SCRIPT)!r}, '--help']\n"
+        "try:\n"
+        f"    runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "from numpy._core.multiarray import _get_madvise_hugepage\n"
+        "print(_get_madvise_hugepage(), os.environ.get('NUMPY_MADVISE_HUGEPAGE'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-2:] == ["False", "None"]
