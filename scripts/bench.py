@@ -1052,9 +1052,10 @@ def run(
     only: str | None = None,
     skip_adapters: bool = False,
     log: Callable[[str], None] = lambda message: print(message, file=sys.stderr, flush=True),
+    skip_kernels: bool = False,
 ) -> str:
     """Run the benchmark and return its report (markdown). ``only`` keeps the kernel rows whose
-    name contains it (``"mlp vjp"``, ``"lorenz96"``)."""
+    name contains it (``"mlp vjp"``, ``"lorenz96"``); ``skip_kernels`` drops them all."""
     shapes = QUICK if quick else FULL
     if reps is not None:
         shapes = dataclasses.replace(shapes, reps=reps)
@@ -1070,7 +1071,7 @@ def run(
     cases = [(f"mlp {mode}", dtype) for dtype in ("float32", "float64") for mode in modes]
     cases += [("lorenz96 vjp", "float64"), ("lorenz96 vjp", "float32")]
     for name, dtype in cases:
-        if only and only not in name:
+        if skip_kernels or (only and only not in name):
             continue
         if name.startswith("mlp"):
             rows.append(bench_mlp(shapes, dtype, name.split()[1], versions, log))
@@ -1103,7 +1104,7 @@ def run(
         "the work needs (forward pass and one pass per vector; lorenz96: the cost model's "
         "elementwise count).",
         "",
-        kernel_table(rows),
+        kernel_table(rows) if not skip_kernels else "Skipped (--skip-kernels).",
         "",
         "## End to end and memory",
         "",
@@ -1138,6 +1139,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, help="timed rounds per row (default 7, --quick 3)")
     parser.add_argument("--only", help="kernel rows whose name contains this (e.g. 'mlp vjp')")
     parser.add_argument("--skip-adapters", action="store_true", help="skip scripts/bench_adapters.py")
+    parser.add_argument(
+        "--skip-kernels", action="store_true", help="skip the in-process kernel rows (cluster jobs only)"
+    )
     args = parser.parse_args(argv)
     frameworks = (
         [] if args.frameworks == "none" else [f.strip() for f in args.frameworks.split(",") if f.strip()]
@@ -1145,7 +1149,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = set(frameworks) - set(FRAMEWORKS)
     if unknown:
         parser.error(f"unknown frameworks: {', '.join(sorted(unknown))}")
-    report = run(args.quick, args.skip_e2e, frameworks, args.reps, args.only, args.skip_adapters)
+    report = run(
+        args.quick,
+        args.skip_e2e,
+        frameworks,
+        args.reps,
+        args.only,
+        args.skip_adapters,
+        skip_kernels=args.skip_kernels,
+    )
     print(report)
     if args.output:
         args.output.write_text(report)

@@ -151,3 +151,26 @@ def test_huge_pages_are_off_in_the_bench_and_default_for_its_workers(tmp_path: P
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-2:] == ["False", "None"]
+
+
+def test_skip_kernels_leaves_only_the_other_sections(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--quick",
+            "--skip-kernels",
+            "--skip-e2e",
+            "--skip-adapters",
+            "--frameworks",
+            "none",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Skipped (--skip-kernels)." in done.stdout
+    assert not table_rows(done.stdout, "mlp ") and not table_rows(done.stdout, "lorenz96 ")
