@@ -950,8 +950,13 @@ def environment(frameworks: dict[str, str]) -> str:
     lines = [
         f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, {cpu_model()}",
         f"- python {platform.python_version()}, numpy {numpy.__version__}; huge pages for large "
-        f"arrays {_hugepages()} in this process, NumPy's default on the cluster's workers "
-        "(see the top of scripts/bench.py)",
+        f"arrays {_hugepages()} in this process; on the cluster's workers "
+        + (
+            "NumPy's default"
+            if _USER_HUGEPAGE is None
+            else f"NUMPY_MADVISE_HUGEPAGE={_USER_HUGEPAGE}, inherited from your environment"
+        )
+        + " (see the top of scripts/bench.py)",
     ]
     for name in FRAMEWORKS:
         lines.append(f"- {name}: {frameworks[name]}")
