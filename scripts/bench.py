@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -723,6 +724,45 @@ def block_breakdown(shapes: Shapes, samples: int, store: Path, reps: int) -> dic
         return rounds(steps, reps, warmup=1)
 
 
+COMPRESSIONS = ("zstd", "blosc", "none")
+
+
+def codec_costs(shapes: Shapes, folder: Path, reps: int) -> dict[str, tuple[float, float]]:
+    """compression -> (seconds to write one block of the job, stored bytes / raw bytes): the
+    block's real results, written through ``write_block`` into a two-block store per codec,
+    in this process with 1 BLAS thread (as on a worker)."""
+    from threadpoolctl import threadpool_limits
+
+    import jacrun
+    from jacrun.prepare import prepare
+    from jacrun.runner import open_output
+    from jacrun.store import write_block
+
+    costs = {}
+    with threadpool_limits(limits=1):
+        for compression in COMPRESSIONS:
+            store = folder / f"codec-{compression}.zarr"
+            spec = e2e_config(
+                shapes, 2 * shapes.e2e_block, store, "tcp://127.0.0.1:1", compression=compression
+            )
+            job = open_output(prepare(jacrun.config_from_dict(spec), calibrate=False), overwrite=True)
+            plan, f = job.plan, job.function
+            (a, b), (k0, k1) = plan.block_rows(0), plan.block_vectors(0)
+            y, result = f.vjp_batch(job.inputs.read(a, b, f.dtype), job.vectors.read(a, b, k0, k1, f.dtype))
+            seconds = rounds(
+                {"write": functools.partial(write_block, str(store), plan, 0, 0, y, result)}, reps, warmup=1
+            )
+            stored = sum(
+                path.stat().st_size
+                for name in (plan.result_name, "y")
+                for path in (store / name).rglob("*")
+                if path.is_file() and path.name != "zarr.json"
+            )
+            costs[compression] = (seconds["write"], stored / (y.nbytes + result.nbytes))
+            shutil.rmtree(store, ignore_errors=True)
+    return costs
+
+
 @dataclass
 class EndToEnd:
     cluster_start: float
@@ -738,6 +778,8 @@ class EndToEnd:
     jacobian: Job | None = None
     """Per-sample Jacobians, a job writing as much as 8N."""
     jacobian_kernel_rate: float = math.nan
+    codecs: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """compression -> (seconds to write one block, stored / raw bytes)."""
 
     @property
     def rate(self) -> float:
@@ -786,6 +828,11 @@ def measure_e2e(
         except Exception as exc:  # noqa: BLE001 - jacrun internals another engineer may change
             steps = {f"unavailable ({type(exc).__name__}: {exc})": math.nan}
         pipeline = in_process_pipeline_rate(shapes, large_n, folder / f"e2e-{large_n}.zarr")
+        try:
+            codecs = codec_costs(shapes, folder, shapes.reps)
+        except Exception as exc:  # noqa: BLE001 - jacrun internals another engineer may change
+            log(f"  codec costs unavailable ({type(exc).__name__}: {exc})")
+            codecs = {}
         shutil.rmtree(folder / f"e2e-{large_n}.zarr", ignore_errors=True)
         log("  the same job with compression: none")
         uncompressed = run_job(shapes, large_n, folder, address, fresh_workers(), compression="none")
@@ -796,7 +843,9 @@ def measure_e2e(
         jacobian_rate = in_process_rate(shapes, jacobian.rows_per_block, max(3, shapes.reps - 2), "jacobian")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return EndToEnd(cluster_start, small, large, rate, steps, pipeline, uncompressed, jacobian, jacobian_rate)
+    return EndToEnd(
+        cluster_start, small, large, rate, steps, pipeline, uncompressed, jacobian, jacobian_rate, codecs
+    )
 
 
 def bench_e2e(shapes: Shapes, log: Callable[[str], None]) -> EndToEnd:
@@ -902,6 +951,18 @@ def e2e_table(e2e: EndToEnd, shapes: Shapes) -> str:
         for step, seconds in e2e.steps.items():
             lines.append(f"| {step} | {seconds * 1e3:,.1f} ms | {seconds / total:.0%} |")
         lines.append(f"| total | {total * 1e3:,.1f} ms | 100% |")
+    if e2e.codecs:
+        raw = e2e.large.rows_per_block * (shapes.e2e_sizes[0] + shapes.e2e_sizes[-1]) * 4
+        lines += [
+            "",
+            f"Writing one such block ({raw / 1e6:.0f} MB of results) by `output.compression`, "
+            "in this process with 1 BLAS thread:",
+            "",
+            "| compression | write | stored size |",
+            "|---|---:|---:|",
+        ]
+        for name, (seconds, ratio) in e2e.codecs.items():
+            lines.append(f"| {name} | {seconds * 1e3:,.1f} ms | {ratio:.1%} |")
     return "\n".join(lines)
 
 

@@ -122,8 +122,12 @@ def test_end_to_end_on_a_cluster(bench: ModuleType, scheduler_address: str) -> N
         "write (zstd, zarr)",
     }
     assert all(seconds > 0 for seconds in e2e.steps.values())
+    assert set(e2e.codecs) == {"zstd", "blosc", "none"}
+    assert all(seconds > 0 and 0 < ratio < 1.2 for seconds, ratio in e2e.codecs.values())
+    assert e2e.codecs["none"][1] == 1.0  # uncompressed chunks hold exactly the raw bytes
     table = bench.e2e_table(e2e, shapes)
     assert "| total |" in table
+    assert len(table_rows(table, "zstd")) == 1 and len(table_rows(table, "none")) == 1
     assert len(table_rows(table, "N")) == 1 and len(table_rows(table, "8N")) == 2
     assert e2e.uncompressed is not None and e2e.uncompressed.ok
     assert e2e.jacobian is not None and e2e.jacobian.ok and e2e.jacobian_kernel_rate > 0
