@@ -42,11 +42,10 @@ def table_rows(report: str, first_cell: str) -> list[list[str]]:
     return rows
 
 
-def test_quick_run_reports_every_kernel(tmp_path: Path) -> None:
-    """``--quick --skip-e2e`` without frameworks: every kernel row, the BLAS, the skips."""
-    out = tmp_path / "bench.md"
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    """``scripts/bench.py`` with ``args`` in a subprocess; it must succeed."""
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--skip-e2e", "--frameworks", "none", "--output", str(out)],
+        [sys.executable, str(SCRIPT), *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -54,6 +53,13 @@ def test_quick_run_reports_every_kernel(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_quick_run_reports_every_kernel(tmp_path: Path) -> None:
+    """``--quick --skip-e2e`` without frameworks: every kernel row, the BLAS, the skips."""
+    out = tmp_path / "bench.md"
+    done = run_bench("--quick", "--skip-e2e", "--frameworks", "none", "--output", str(out))
     report = out.read_text()
     assert report.strip() == done.stdout.strip()
     rows = table_rows(report, "mlp ") + table_rows(report, "lorenz96 ")
@@ -158,23 +164,6 @@ def test_huge_pages_are_off_in_the_bench_and_default_for_its_workers(tmp_path: P
 
 
 def test_skip_kernels_leaves_only_the_other_sections(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--quick",
-            "--skip-kernels",
-            "--skip-e2e",
-            "--skip-adapters",
-            "--frameworks",
-            "none",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_bench("--quick", "--skip-kernels", "--skip-e2e", "--skip-adapters", "--frameworks", "none")
     assert "Skipped (--skip-kernels)." in done.stdout
     assert not table_rows(done.stdout, "mlp ") and not table_rows(done.stdout, "lorenz96 ")
