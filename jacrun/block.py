@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -64,6 +64,36 @@ class BlockResult:
     nonfinite: dict[str, int]
     checks: dict[str, float] | None = None
     """check name -> relative error on this block's rows, when checked."""
+    steps: dict[str, float] = field(default_factory=dict)
+    """Seconds of each step (:data:`STEPS`) of this block on its worker."""
+
+
+STEPS = ("setup", "inputs", "kernel", "checks", "write")
+"""A block's steps: function build and limits (first block of a worker), reading or generating
+x and the vectors, the kernel, finiteness and gradient checks, the write and marker."""
+
+
+def step_shares(seconds: dict[str, float]) -> str:
+    """'kernel 79%, write 15%, ...': each step's share of the blocks' summed time, largest
+    first, steps under 0.5% left out; '' when nothing was timed."""
+    total = sum(seconds.values())
+    if total <= 0:
+        return ""
+    shares = sorted(((value / total, step) for step, value in seconds.items()), reverse=True)
+    return ", ".join(f"{step} {share:.0%}" for share, step in shares if share >= 0.005)
+
+
+class Laps:
+    """Seconds per step of one block, each lap charged to the step that just ended."""
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(STEPS, 0.0)
+        self._last = time.perf_counter()
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self.seconds[step] += now - self._last
+        self._last = now
 
 
 def worker_function(job: BlockJob) -> Function:
@@ -78,19 +108,24 @@ def worker_function(job: BlockJob) -> Function:
 
 
 def compute_block(
-    job: BlockJob, function: Function, i: int, j: int
+    job: BlockJob, function: Function, i: int, j: int, laps: Laps | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x, y, result (rows, k, width)) of block (i, j), in the compute dtype."""
+    """(x, y, result (rows, k, width)) of block (i, j), in the compute dtype; ``laps`` times
+    the reading ("inputs") and the kernel."""
     plan = job.plan
     a, b = plan.block_rows(i)
     k0, k1 = plan.block_vectors(j)
     x = job.inputs.read(a, b, function.dtype)
     vectors = job.vectors.read(a, b, k0, k1, function.dtype)
+    if laps:
+        laps.lap("inputs")
     reverse = plan.mode == "vjp" or (plan.mode == "jacobian" and plan.strategy == "rev")
     if reverse:
         y, result = function.vjp_batch(x, vectors)
     else:
         y, result = function.jvp_batch(x, vectors)
+    if laps:
+        laps.lap("kernel")
     return x, y, result
 
 
@@ -99,16 +134,21 @@ def run_block(job: BlockJob, i: int, j: int) -> BlockResult:
     from jacrun.store import write_block
 
     start = time.perf_counter()
+    laps = Laps()
     limit_blas(job.blas_threads)
     keep_freed_memory()
     function = worker_function(job)
+    laps.lap("setup")
     checks = _check(job, function, i) if job.check and j == 0 else None
-    x, y, result = compute_block(job, function, i, j)
+    laps.lap("checks")
+    x, y, result = compute_block(job, function, i, j, laps)
     nonfinite = _finiteness(job, i, j, x, y, result)
+    laps.lap("checks")
     rows = x.shape[0]
     del x  # its memory serves the write's encoded chunks
     dtype = np.dtype(job.config.output_dtype)
     write_block(job.store, job.plan, i, j, y.astype(dtype, copy=False), result.astype(dtype, copy=False))
+    laps.lap("write")
     return BlockResult(
         i,
         j,
@@ -117,6 +157,7 @@ def run_block(job: BlockJob, i: int, j: int) -> BlockResult:
         seconds=time.perf_counter() - start,
         nonfinite=nonfinite,
         checks=checks,
+        steps=laps.seconds,
     )
 
 

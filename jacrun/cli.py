@@ -121,11 +121,16 @@ def submit(
 
 
 def _print_summary(summary) -> None:
+    from jacrun.block import step_shares
+
     out.print(
         f"[bold]{summary.status}[/]: {summary.blocks_done}/{summary.blocks_total} blocks "
         f"({summary.blocks_run} this run) in {summary.seconds:.1f} s; while computing "
         f"{summary.samples_per_second:,.0f} samples/s, {summary.products_per_second:,.0f} products/s"
     )
+    shares = step_shares(summary.block_seconds)
+    if shares:
+        out.print(f"time in blocks: {shares}")
     out.print(f"store: {summary.store}   open with: jacrun.load({summary.store!r})")
 
 
@@ -223,6 +228,7 @@ def status(store_path: StoreArg) -> None:
 def show(store_path: StoreArg) -> None:
     """Summarize a store: job, function, arrays, runs and throughput."""
     from jacrun import store
+    from jacrun.block import step_shares
 
     attrs = store.read_attrs(store_path)
     marks = store.read_markers(store_path)
@@ -249,6 +255,9 @@ def show(store_path: StoreArg) -> None:
             f"{throughput.get('samples_per_second', 0):,.0f} samples/s, "
             f"{throughput.get('products_per_second', 0):,.0f} products/s (last run)",
         )
+        shares = step_shares(throughput.get("block_seconds") or {})
+        if shares:
+            table.add_row("time in blocks", f"{shares} (last run)")
     if any(attrs.get("nonfinite", {}).values()):
         counts = ", ".join(f"{name}: {count}" for name, count in attrs["nonfinite"].items())
         table.add_row("non-finite values", counts)

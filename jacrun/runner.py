@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from jacrun import store
-from jacrun.block import BlockJob, BlockResult, run_block
+from jacrun.block import STEPS, BlockJob, BlockResult, run_block
 from jacrun.cluster import blas_threads, check_launchable, connect, insecure_address_warning
 from jacrun.config import JobConfig, with_scheduler
 from jacrun.errors import ConfigError
@@ -44,6 +44,8 @@ class Summary:
     failures: list[str] = field(default_factory=list)
     lost: int = 0
     """Blocks left unfinished because the connection to the scheduler was lost."""
+    block_seconds: dict[str, float] = field(default_factory=dict)
+    """Worker seconds per block step (see ``jacrun.block.STEPS``), summed over this run's blocks."""
 
     @property
     def ok(self) -> bool:
@@ -379,10 +381,12 @@ class Run:
             for name, count in result.nonfinite.items():
                 nonfinite[name] = nonfinite.get(name, 0) + count
         computing = time.perf_counter() - (self.compute_started or self.started)
+        block_seconds = {step: round(sum(r.steps.get(step, 0.0) for r in self.results), 6) for step in STEPS}
         throughput = {
             "products_per_second": products / computing if computing > 0 else 0.0,
             "samples_per_second": rows / computing if computing > 0 else 0.0,
             "compute_seconds": round(computing, 3),
+            "block_seconds": block_seconds,
         }
         self.record.update(
             status=status,
@@ -412,4 +416,5 @@ class Run:
             dashboard=dashboard,
             failures=self.failures,
             lost=self.lost,
+            block_seconds=block_seconds,
         )

@@ -97,6 +97,7 @@ def test_status_and_show(tmp_path, scheduler_address):
     result = invoke("show", str(cfg.output.store))
     assert result.exit_code == 0
     assert "vjp" in result.output and "(sample, vector, input)" in result.output
+    assert re.search(r"time in blocks\W+\w+ \d+%", result.output)
     zarr.open_group(str(cfg.output.store), mode="r+")["_blocks"][0, 0] = 0
     result = invoke("status", str(cfg.output.store))
     assert result.exit_code == 1 and "3/4 blocks" in result.output
@@ -111,6 +112,7 @@ def test_quickstart_through_the_real_command(tmp_path):
     assert re.search(r"Dashboard: http://127\.0\.0\.1:\d+/status", result.stdout)
     assert "blocks" in result.stdout and "samples/s" in result.stdout
     assert "complete" in result.stdout
+    assert re.search(r"time in blocks: (\w+ \d+%, )*kernel \d+%", result.stdout)
     ds = xr.open_zarr(store)
     assert ds.vjp.shape == (100_000, 4, 64) and ds.vjp.dtype == np.float32
     assert np.isfinite(ds.vjp[:100].values).all()

@@ -267,6 +267,20 @@ def test_nan_policy(tmp_path, data, scheduler_address):
     assert ds.attrs["jacrun"]["nonfinite"] == {"x": 1, "y": m, "vjp": 0}
 
 
+def test_every_block_times_its_steps(tmp_path, scheduler_address):
+    """Each block reports seconds per step; the run sums them into the store and the summary."""
+    from jacrun.block import STEPS, step_shares
+
+    cfg = config_from_dict(job_config(str(tmp_path / "t.zarr")))
+    summary = jacrun.submit(cfg, scheduler=scheduler_address, progress=False)
+    assert summary.ok and set(summary.block_seconds) == set(STEPS)
+    assert summary.block_seconds["kernel"] > 0 and summary.block_seconds["write"] > 0
+    stored = jacrun.load(tmp_path / "t.zarr").attrs["jacrun"]["throughput"]["block_seconds"]
+    assert stored == summary.block_seconds
+    assert step_shares({"kernel": 3.0, "write": 1.0, "setup": 0.001}) == "kernel 75%, write 25%"
+    assert step_shares(dict.fromkeys(STEPS, 0.0)) == ""
+
+
 @pytest.mark.parametrize(
     ("values", "expected"),
     [
