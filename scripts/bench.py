@@ -579,6 +579,7 @@ class Job:
     peak_rss: int  # the largest worker's peak resident memory during the job
     peak_increase: int  # the largest (peak - idle) over the workers
     projected: int  # plan: projected memory per block
+    block_seconds: dict[str, float] = field(default_factory=dict)  # workers' seconds per block step
 
 
 def e2e_config(
@@ -630,7 +631,8 @@ def run_job(
         start = time.perf_counter()
         summary = jacrun.submit(config, progress=False, overwrite=True)
         seconds = time.perf_counter() - start
-    plan = read_attrs(store)["plan"]
+    attrs = read_attrs(store)
+    plan = attrs["plan"]
     job = Job(
         samples=samples,
         blocks=plan["n_blocks"],
@@ -642,6 +644,7 @@ def run_job(
         peak_rss=max(sampler.peak.values()),
         peak_increase=max(sampler.peak[pid] - idle[pid] for pid in idle),
         projected=plan["memory_per_block"],
+        block_seconds=(attrs.get("throughput") or {}).get("block_seconds", {}),
     )
     if not keep:
         shutil.rmtree(store, ignore_errors=True)
@@ -951,6 +954,21 @@ def e2e_table(e2e: EndToEnd, shapes: Shapes) -> str:
         for step, seconds in e2e.steps.items():
             lines.append(f"| {step} | {seconds * 1e3:,.1f} ms | {seconds / total:.0%} |")
         lines.append(f"| total | {total * 1e3:,.1f} ms | 100% |")
+    worker_steps = e2e.large.block_seconds
+    if worker_steps and sum(worker_steps.values()) > 0:
+        blocks = e2e.large.blocks
+        lines += [
+            "",
+            f"The same split as the workers measured it during the 8N job (the job's "
+            f"`throughput.block_seconds`, per block on average over its {blocks} blocks):",
+            "",
+            "| step | time | share |",
+            "|---|---:|---:|",
+        ]
+        worker_total = sum(worker_steps.values())
+        for step, seconds in worker_steps.items():
+            lines.append(f"| {step} | {seconds / blocks * 1e3:,.1f} ms | {seconds / worker_total:.0%} |")
+        lines.append(f"| total | {worker_total / blocks * 1e3:,.1f} ms | 100% |")
     if e2e.codecs:
         raw = e2e.large.rows_per_block * (shapes.e2e_sizes[0] + shapes.e2e_sizes[-1]) * 4
         lines += [

@@ -135,6 +135,8 @@ def test_end_to_end_on_a_cluster(bench: ModuleType, scheduler_address: str) -> N
     assert "| total |" in table
     assert len(table_rows(table, "zstd")) == 1 and len(table_rows(table, "none")) == 1
     assert len(table_rows(table, "N")) == 1 and len(table_rows(table, "8N")) == 2
+    assert e2e.large.block_seconds["kernel"] > 0  # the workers' own split, from the store
+    assert "as the workers measured it" in table and len(table_rows(table, "kernel")) == 2
     assert e2e.uncompressed is not None and e2e.uncompressed.ok
     assert e2e.jacobian is not None and e2e.jacobian.ok and e2e.jacobian_kernel_rate > 0
     assert e2e.jacobian.result_bytes == shapes.e2e_jacobian_samples * (4 * 8 + 4) * 4  # J and y
