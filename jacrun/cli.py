@@ -152,7 +152,7 @@ def validate(config: ConfigArg, overrides: SetOpt = None) -> None:
 @user_errors
 def plan(config: ConfigArg, overrides: SetOpt = None) -> None:
     """Print the block grid, projected memory and FLOPs per block, task count, output size and
-    estimated runtime (the kernel timed on a few rows, in this process)."""
+    estimated runtime (a block's inputs, kernel and encoding timed on a few rows, in this process)."""
     from jacrun.prepare import prepare
 
     job = prepare(_load(config, overrides), estimate=True)
@@ -168,7 +168,7 @@ def plan_table(job) -> Table:
     p = job.plan
     cluster = job.config.cluster
     threads = getattr(cluster, "threads_per_worker", 1)
-    estimate = "unknown" if p.estimated_seconds is None else f"{p.estimated_seconds:.1f} s of kernels"
+    estimate = "unknown" if p.estimated_seconds is None else f"{p.estimated_seconds:.1f} s of blocks"
     table = Table(title=f"plan: {job.config.name}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
@@ -192,7 +192,11 @@ def plan_table(job) -> Table:
         (
             "estimated runtime",
             f"{estimate} on {p.workers} worker(s)"
-            + ("" if p.seconds_per_block is None else f" ({p.seconds_per_block:.2f} s per block)"),
+            + (
+                ""
+                if p.seconds_per_block is None
+                else f" ({p.seconds_per_block:.2f} s per block: inputs, kernel, encoding; not the disk)"
+            ),
         ),
         ("threads", f"{threads} per worker x {blas_threads(cluster)} BLAS thread(s) each"),
         ("store", str(job.config.output.store)),

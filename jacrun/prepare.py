@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from jacrun.cluster import blas_threads
-from jacrun.config import AddressClusterConfig, JobConfig
+from jacrun.config import AddressClusterConfig, JobConfig, OutputConfig
 from jacrun.errors import ConfigError
 from jacrun.functions import Function, build_function, resolve_strategy
 from jacrun.functions.base import Mode
@@ -75,15 +75,30 @@ def build(config: JobConfig) -> Function:
         raise ConfigError(f"{key}: {exc}") from None
 
 
-def kernel_timer(function: Function, inputs, vectors: VectorSource, reverse: bool, blas_threads: int):
-    """``seconds_per_row(k)``: the kernel timed in process on a few rows (more if fast), cached.
+def block_timer(
+    function: Function,
+    inputs,
+    vectors: VectorSource,
+    reverse: bool,
+    blas_threads: int,
+    output: OutputConfig | None = None,
+):
+    """``seconds_per_row(k)``: a block's work timed in process on a few rows (more while the
+    kernel is fast), cached: reading or generating x and the vectors, the kernel, and, given
+    ``output``, encoding the results with its codec in memory (the disk write is not timed).
 
     Timed with the BLAS thread count a worker thread will have, so the estimate is a worker's.
     """
     from threadpoolctl import threadpool_limits
 
+    from jacrun.store import encode_seconds
+
     kernel = function.vjp_batch if reverse else function.jvp_batch
     cache: dict[int, float] = {}
+
+    def read(rows: int, k: int) -> None:
+        inputs.read(0, rows, function.dtype)
+        vectors.read(0, rows, 0, k, function.dtype)
 
     def seconds_per_row(k: int) -> float:
         if k not in cache:
@@ -96,6 +111,12 @@ def kernel_timer(function: Function, inputs, vectors: VectorSource, reverse: boo
                     elapsed = _best_of(kernel, x, v, repeats=2)
                     if elapsed > CALIBRATION_SECONDS or rows == inputs.shape[0]:
                         break
+                elapsed += _best_of(read, rows, k, repeats=2)
+                if output is not None:
+                    y, result = kernel(x, v)
+                    written = [result, y] if output.save_outputs else [result]
+                    dtype = output.dtype or str(function.dtype)
+                    elapsed += encode_seconds(written, output.compression, dtype)
             cache[k] = elapsed / rows
         return cache[k]
 
@@ -136,8 +157,9 @@ def prepare(
 ) -> PreparedJob:
     """Build, open, check and plan; raise ConfigError on any mismatch.
 
-    ``calibrate`` times the kernel on a few rows so ``auto`` chunks aim for ~1 s blocks and
-    the plan can estimate the runtime (a kernel that raises here is left to fail, with a clear
+    ``calibrate`` times a block's work on a few rows (inputs, kernel, encoding; see
+    :func:`block_timer`) so ``auto`` chunks aim for ~1 s blocks and the plan can estimate the
+    runtime (a kernel that raises here is left to fail, with a clear
     message, in its block). With explicit ``chunks.samples`` it times only when ``estimate``
     asks for the runtime estimate (``jacrun plan``): submitting does not need it.
     """
@@ -154,7 +176,9 @@ def prepare(
     kernel_mode = config.mode if config.mode != "jacobian" else ("vjp" if strategy == "rev" else "jvp")
     timer = None
     if calibrate and (config.chunks.samples == "auto" or estimate):
-        timer = kernel_timer(function, inputs, vectors, kernel_mode == "vjp", blas_threads(config.cluster))
+        timer = block_timer(
+            function, inputs, vectors, kernel_mode == "vjp", blas_threads(config.cluster), config.output
+        )
     with blas_limit(blas_threads(config.cluster)):  # work_bytes counts a worker's kernel threads
         plan = _plan(config, function, samples, vectors, strategy, kernel_mode, timer)
     return PreparedJob(config, function, inputs, vectors, plan)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import zarr
 import zarr.codecs
+import zarr.storage
 from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore
 
@@ -103,6 +105,36 @@ def _compressors(name: str) -> Any:
     return None
 
 
+_WRITE_CONFIG = {"write_empty_chunks": True}
+"""A block's chunks are always written: zarr's default first scans each chunk for the fill
+value (NaN), a full pass with a temporary mask (7 ms instead of 12 for a 16 MiB chunk)."""
+
+
+def encode_seconds(arrays: list[np.ndarray], compression: str, dtype: str) -> float:
+    """Seconds to encode ``arrays`` (cast to ``dtype``) as one chunk each with the job's codec,
+    into an in-memory store: a block's write without the disk (best of two)."""
+    best = float("inf")
+    group = zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3)
+    targets = [
+        group.create_array(
+            f"a{n}",
+            shape=values.shape,
+            chunks=values.shape,
+            dtype=dtype,
+            compressors=_compressors(compression),
+            config=_WRITE_CONFIG,
+        )
+        for n, values in enumerate(arrays)
+        if values.size
+    ]
+    for _ in range(2):
+        start = time.perf_counter()
+        for target, values in zip(targets, (v for v in arrays if v.size), strict=True):
+            target[...] = values.astype(dtype, copy=False)
+        best = min(best, time.perf_counter() - start)
+    return best if targets else 0.0
+
+
 def create_store(path: Path, plan: Plan, attrs: dict[str, Any], *, dtype: str, compression: str) -> None:
     """Create the group, the arrays and the empty marker grid."""
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
@@ -147,11 +179,6 @@ def store_chunks(path: Path, plan: Plan) -> tuple[int, int] | None:
     if plan.mode == "jacobian":
         return chunks[0], (chunks[1] if plan.strategy == "rev" else chunks[2])
     return chunks[0], (chunks[1] if plan.vector_dim else 1)
-
-
-_WRITE_CONFIG = {"write_empty_chunks": True}
-"""A block's chunks are always written: zarr's default first scans each chunk for the fill
-value (NaN), a full pass with a temporary mask (7 ms instead of 12 for a 16 MiB chunk)."""
 
 
 def write_block(path: str, plan: Plan, i: int, j: int, y: np.ndarray | None, result: np.ndarray) -> None:

@@ -50,9 +50,9 @@ def test_validate_and_plan(tmp_path):
     result = invoke("plan", str(path), "--set", "chunks.samples=25")
     assert result.exit_code == 0, result.output
     assert "4 x 1 = 4 tasks" in result.output and "memory per block" in result.output
-    # explicit chunks: the kernel is still timed for the estimate
+    # explicit chunks: a block's work is still timed for the estimate
     assert re.search(
-        r"estimated runtime +│ [0-9.]+ s of kernels on 1 worker\(s\) \([0-9.]+ s per block\)", result.output
+        r"estimated runtime +│ [0-9.]+ s of blocks on 1 worker\(s\) \([0-9.]+ s per block", result.output
     )
     assert not (tmp_path / "out.zarr").exists()
 

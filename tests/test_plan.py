@@ -170,3 +170,32 @@ def test_timed_auto_blocks_aim_for_about_a_second():
     assert untimed.seconds_per_block is None and untimed.n_blocks > 1
     explicit = plan(samples=10_000, chunk_samples=1000, seconds_per_row=lambda k: 1e-4, **common)
     assert explicit.n_blocks == 10 and explicit.seconds_per_block == pytest.approx(0.1)  # estimate only
+
+
+def test_the_runtime_estimate_times_inputs_kernel_and_encoding(tmp_path, monkeypatch):
+    """block_timer adds the reading of x and the vectors and the in-memory encoding of the
+    results (with the job's codec) to the kernel's time."""
+    import numpy as np
+
+    import jacrun.store
+    from jacrun.config import config_from_dict
+    from jacrun.prepare import block_timer, prepare
+    from tests.helpers import job_config
+
+    assert jacrun.store.encode_seconds([np.zeros((0, 3))], "zstd", "float32") == 0.0
+    assert jacrun.store.encode_seconds([np.ones((100, 5)), np.ones((100, 2))], "zstd", "float32") > 0
+    job = prepare(config_from_dict(job_config(str(tmp_path / "o.zarr"))), calibrate=False)
+    encoded = []
+
+    def encode(arrays, compression, dtype):
+        encoded.append(([a.shape for a in arrays], compression, dtype))
+        return 1.0
+
+    monkeypatch.setattr(jacrun.store, "encode_seconds", encode)
+    timer = block_timer(job.function, job.inputs, job.vectors, True, 1, job.config.output)
+    per_row = timer(3)
+    rows = job.inputs.shape[0]  # 100 rows: the kernel is fast, so every row is timed
+    assert per_row >= 1.0 / rows
+    assert encoded == [([(rows, 3, 5), (rows, 3)], "zstd", "float64")]
+    without = block_timer(job.function, job.inputs, job.vectors, True, 1)(3)
+    assert without < 1.0 / rows and len(encoded) == 1
