@@ -186,6 +186,12 @@ def block_memory(
     return memory
 
 
+def _timed(seconds_per_row: Callable[[int], float] | None, k: int) -> float | None:
+    """Seconds per row with ``k`` vectors, or None when untimed (0: the timing failed)."""
+    per_row = seconds_per_row(k) if seconds_per_row is not None else None
+    return per_row if per_row and per_row > 0 else None
+
+
 def make_plan(
     *,
     mode: Mode,
@@ -232,7 +238,6 @@ def make_plan(
         )
 
     budget = task_memory
-    per_row: float | None = None
     k = vectors if chunk_vectors == "auto" else min(chunk_vectors, vectors)
     if chunk_vectors == "auto":
         floor_rows = min(samples, MIN_AUTO_ROWS) if chunk_samples == "auto" else min(chunk_samples, samples)
@@ -246,16 +251,14 @@ def make_plan(
                 f"{k} vector(s) needs {fmt_bytes(memory(1, k))}"
             )
         balanced = max(MIN_AUTO_ROWS, math.ceil(samples / (BLOCKS_PER_WORKER * max(workers, 1))))
-        per_row = seconds_per_row(k) if seconds_per_row is not None else None
-        per_row = per_row if per_row and per_row > 0 else None  # 0: the timing failed
+        per_row = _timed(seconds_per_row, k)
         if per_row is not None:
             rows = min(rows, max(1, int(TARGET_BLOCK_SECONDS / per_row)))
             balanced = max(balanced, math.ceil(MIN_BLOCK_SECONDS / per_row))
         rows = _even_rows(min(rows, balanced, samples), samples)
     else:
         rows = min(chunk_samples, samples)
-        per_row = seconds_per_row(k) if seconds_per_row is not None else None  # for the estimate only
-        per_row = per_row if per_row and per_row > 0 else None
+        per_row = _timed(seconds_per_row, k)  # for the estimate only
     projected = memory(rows, k)
     warnings: list[str] = []
     if worker_memory is not None and projected > 0.8 * worker_memory:

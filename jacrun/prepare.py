@@ -96,9 +96,8 @@ def block_timer(
     kernel = function.vjp_batch if reverse else function.jvp_batch
     cache: dict[int, float] = {}
 
-    def read(rows: int, k: int) -> None:
-        inputs.read(0, rows, function.dtype)
-        vectors.read(0, rows, 0, k, function.dtype)
+    def read(rows: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return inputs.read(0, rows, function.dtype), vectors.read(0, rows, 0, k, function.dtype)
 
     def seconds_per_row(k: int) -> float:
         if k not in cache:
@@ -106,14 +105,11 @@ def block_timer(
             with threadpool_limits(limits=blas_threads), contextlib.suppress(Exception):
                 for size in (8, 128, 1024):
                     rows = min(size, inputs.shape[0])
-                    x = inputs.read(0, rows, function.dtype)
-                    v = vectors.read(0, rows, 0, k, function.dtype)
-                    elapsed = _best_of(kernel, x, v, repeats=2)
+                    elapsed, (y, result) = _best_of(kernel, *read(rows, k), repeats=2)
                     if elapsed > CALIBRATION_SECONDS or rows == inputs.shape[0]:
                         break
-                elapsed += _best_of(read, rows, k, repeats=2)
+                elapsed += _best_of(read, rows, k, repeats=2)[0]
                 if output is not None:
-                    y, result = kernel(x, v)
                     written = [result, y] if output.save_outputs else [result]
                     dtype = output.dtype or str(function.dtype)
                     elapsed += encode_seconds(written, output.compression, dtype)
@@ -127,13 +123,14 @@ CALIBRATION_SECONDS = 0.02
 """Time 8 rows first; while a timing is faster than this, time again on 16x more rows."""
 
 
-def _best_of(run, *args, repeats: int) -> float:
-    best = float("inf")
+def _best_of(run, *args, repeats: int) -> tuple[float, object]:
+    """(fastest of ``repeats`` calls in seconds, the last call's return value)."""
+    best, value = float("inf"), None
     for _ in range(repeats):
         start = time.perf_counter()
-        run(*args)
+        value = run(*args)
         best = min(best, time.perf_counter() - start)
-    return best
+    return best, value
 
 
 def _located(prepare_job):
