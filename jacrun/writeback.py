@@ -64,11 +64,16 @@ SUPPORTED = sys.platform.startswith("linux") and hasattr(os, "posix_fadvise")
 """Whether this platform streams writes (Linux); elsewhere :func:`written` does nothing."""
 
 
+def streams(size: int) -> bool:
+    """Whether a file of ``size`` bytes is streamed (Linux, at least :data:`MIN_BYTES`)."""
+    return SUPPORTED and size >= MIN_BYTES
+
+
 def written(path: Path, size: int) -> None:
     """``path`` (``size`` bytes) was just written: start its writeback, and drop the files
     written at least :data:`LAG_BYTES` earlier. OSError if the wait for one of those reports a
     write error (after every due file has been handled)."""
-    if not SUPPORTED or size < MIN_BYTES:
+    if not streams(size):
         return
     _advise_dontneed(path)  # dirty pages: starts their writeback, drops nothing yet
     with _lock:
