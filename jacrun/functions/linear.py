@@ -97,6 +97,12 @@ class Workspace:
         cache[key] = buffers
         return buffers
 
+    def slots(
+        self, tag: str, sizes: dict[str, int], dtype: np.dtype, threads: int
+    ) -> list[dict[str, np.ndarray]]:
+        """One set of ``sizes`` buffers per kernel thread (slots 0 .. threads-1), see :meth:`get`."""
+        return [self.get(tag, sizes, dtype, slot) for slot in range(threads)]
+
     def nbytes(self) -> int:
         """Bytes of the buffers this thread holds."""
         cache = getattr(self._local, "cache", {})

@@ -158,8 +158,7 @@ class Lorenz96(Function):
 
     def _slots(self, kernel: str, threads: int, chunk: int, k: int) -> list[dict[str, np.ndarray]]:
         """One set of work buffers per kernel thread (each thread runs whole L2-sized chunks)."""
-        sizes = self._buffer_sizes(kernel, chunk, k)
-        return [self._work.get(kernel, sizes, self.dtype, slot) for slot in range(threads)]
+        return self._work.slots(kernel, self._buffer_sizes(kernel, chunk, k), self.dtype, threads)
 
     # ---- kernels -------------------------------------------------------------------------------
 

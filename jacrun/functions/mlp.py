@@ -232,18 +232,13 @@ class MLP(Function):
         hidden, n, m = sizes[1:-1], self.n_in, self.n_out
         y = np.empty((batch, m), self.dtype)
         xbar = np.empty((batch, k, n), self.dtype)
-        shared = is_shared(v)
         if batch == 0:
             return y, xbar
         if layers == 1:
             self._output(x, y)
             vectors_times(v, weights[0], xbar)
             return y, xbar
-        first = None
-        if shared:  # one (K, h) product serves every sample
-            first = view(self._work.get("vjp-shared", {"s": k * hidden[-1]}, self.dtype)["s"], k, hidden[-1])
-            with one_blas_thread():
-                np.matmul(v[0], weights[-1], out=first)
+        first = self._shared_product("vjp", v)
 
         threads, span = self._split(batch, k)
         slots = self._slots("vjp", threads, span, k)
@@ -285,18 +280,13 @@ class MLP(Function):
         hidden, n, m = sizes[1:-1], self.n_in, self.n_out
         y = np.empty((batch, m), self.dtype)
         ydot = np.empty((batch, k, m), self.dtype)
-        shared = is_shared(t)
         if batch == 0:
             return y, ydot
         if layers == 1:
             self._output(x, y)
             vectors_times(t, weights[0].T, ydot)
             return y, ydot
-        first = None
-        if shared:
-            first = view(self._work.get("jvp-shared", {"s": k * hidden[0]}, self.dtype)["s"], k, hidden[0])
-            with one_blas_thread():
-                np.matmul(t[0], weights[0].T, out=first)
+        first = self._shared_product("jvp", t)
 
         threads, span = self._split(batch, k)
         slots = self._slots("jvp", threads, span, k)
@@ -369,12 +359,27 @@ class MLP(Function):
             sizes["t2"] = rows * k * max(hidden[1::2])
         return sizes
 
+    def _shared_matrix(self, kernel: str) -> np.ndarray:
+        """The matrix shared vectors meet first: W_last (vjp) or W_0^T (jvp)."""
+        return self.weights[-1] if kernel == "vjp" else self.weights[0].T
+
+    def _shared_product(self, kernel: str, vectors: np.ndarray) -> np.ndarray | None:
+        """For shared vectors, the one (K, h) product every sample uses, in a work buffer
+        (computed on one BLAS thread, see ``parallel.one_blas_thread``); else None."""
+        if not is_shared(vectors):
+            return None
+        w = self._shared_matrix(kernel)
+        k, h = vectors.shape[1], w.shape[1]
+        first = view(self._work.get(f"{kernel}-shared", {"s": k * h}, self.dtype)["s"], k, h)
+        with one_blas_thread():
+            np.matmul(vectors[0], w, out=first)
+        return first
+
     def _shared_elements(self, kernel: str, k: int) -> int:
         """The (K, h) product that shared vectors compute once per call (vjp, jvp)."""
-        hidden = self.sizes[1:-1]
         if len(self.weights) == 1 or kernel == "forward":
             return 0
-        return k * (hidden[-1] if kernel == "vjp" else hidden[0])
+        return k * self._shared_matrix(kernel).shape[1]
 
     def _split(self, batch: int, k: int) -> tuple[int, int]:
         """(kernel threads, rows per range) for this batch (see ``parallel.split``)."""
@@ -382,8 +387,7 @@ class MLP(Function):
 
     def _slots(self, kernel: str, threads: int, span: int, k: int) -> list[dict[str, np.ndarray]]:
         """One set of work buffers per kernel thread, each for ranges of ``span`` rows."""
-        sizes = self._buffer_sizes(kernel, span, k)
-        return [self._work.get(kernel, sizes, self.dtype, slot) for slot in range(threads)]
+        return self._work.slots(kernel, self._buffer_sizes(kernel, span, k), self.dtype, threads)
 
     def _min_rows(self, k: int) -> int:
         """Fewest samples worth a kernel thread: ranges of at least 256 GEMM rows and 64K
