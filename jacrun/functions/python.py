@@ -61,6 +61,18 @@ class TargetError(ConfigError, ValueError):
     """
 
 
+def return_annotation(target: str, function: Any, advice: str) -> Any:
+    """The return annotation of the target's ``function`` (None if absent); TargetError naming
+    the target, followed by ``advice``, when its annotations cannot be resolved."""
+    try:
+        return typing.get_type_hints(function).get("return")
+    except Exception as exc:
+        raise TargetError(
+            f"target {target!r}: the annotations of {function.__qualname__} cannot be resolved "
+            f"({type(exc).__name__}: {exc}); {advice}"
+        ) from exc
+
+
 class PythonSpec(FunctionSpec):
     """Config of ``kind: python``."""
 
@@ -345,13 +357,7 @@ def _check_accepted(obj: Any, target: str) -> None:
             )
         return
     if inspect.isfunction(obj) or inspect.ismethod(obj):
-        try:
-            returns = typing.get_type_hints(obj).get("return")
-        except Exception as exc:
-            raise TargetError(
-                f"target {target!r}: the annotations of {obj.__qualname__} cannot be resolved "
-                f"({type(exc).__name__}: {exc}); {ACCEPTED}"
-            ) from exc
+        returns = return_annotation(target, obj, ACCEPTED)
         if isinstance(returns, type) and issubclass(returns, Function):
             return
         shown = "no return annotation" if returns is None else f"return annotation {returns!r}"

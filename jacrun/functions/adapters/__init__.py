@@ -49,6 +49,7 @@ from jacrun.functions.python import (
     _describe,
     accepts,
     resolve_target,
+    return_annotation,
     signature_of,
 )
 
@@ -290,13 +291,7 @@ def classify(obj: Any, target: str, autodiff: str, classes: tuple[type, ...]) ->
         raise TargetError(
             f"target {target!r} is a function of the Python standard library ({module}); {accepted}"
         )
-    try:
-        returns = typing.get_type_hints(function).get("return")
-    except Exception as exc:
-        raise TargetError(
-            f"target {target!r}: the annotations of {function.__qualname__} cannot be resolved "
-            f"({type(exc).__name__}: {exc}); import the names they use in its module"
-        ) from exc
+    returns = return_annotation(target, function, "import the names they use in its module")
     return "factory" if _is_callable_type(returns, classes) else "function"
 
 
