@@ -8,14 +8,27 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DASK = [str(Path(sys.executable).with_name("dask"))]  # the real `dask` command of this environment
+
+
+@pytest.fixture(autouse=True)
+def fresh_targets() -> Iterator[None]:
+    """For modules that import it: sys.path restored and kind: python targets forgotten after
+    each test (targets are cached per process, and tests add their folders to sys.path)."""
+    from jacrun.functions.python import clear_cache
+
+    saved = list(sys.path)
+    yield
+    sys.path[:] = saved
+    clear_cache()
 
 
 def write_config(folder: Path, config: dict, name: str = "job.yaml") -> Path:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,8 @@ from jacrun.config import config_from_dict
 from jacrun.errors import ConfigError
 from jacrun.functions import Function, build_function, parse_spec
 from jacrun.functions import adapters as adapters_pkg
-from jacrun.functions.python import TargetError, clear_cache
-from tests.helpers import REPO, job_config, rel_err
+from jacrun.functions.python import TargetError
+from tests.helpers import REPO, fresh_targets, job_config, rel_err  # noqa: F401 - an autouse fixture
 
 HERE = __name__
 EXAMPLES = REPO / "examples"
@@ -42,14 +42,6 @@ needs = {
     name: pytest.mark.skipif(not adapters_pkg.available(name), reason=f"{name} is not installed")
     for name in BACKENDS
 }
-
-
-@pytest.fixture(autouse=True)
-def _restore_sys_path() -> Iterator[None]:
-    saved = list(sys.path)
-    yield
-    sys.path[:] = saved
-    clear_cache()
 
 
 # ---- targets defined here (frameworks imported on call, so this module imports without them) ---

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,8 @@ from pydantic import ValidationError
 
 from jacrun.errors import ConfigError
 from jacrun.functions import Function, build_function, kinds, parse_spec
-from jacrun.functions.python import PythonSpec, TargetError, clear_cache, load_target
+from jacrun.functions.python import PythonSpec, TargetError, load_target
+from tests.helpers import fresh_targets  # noqa: F401 - an autouse fixture
 
 HERE = __name__  # "tests.test_python_kind" or "test_python_kind", however pytest imports us
 
@@ -83,14 +83,6 @@ def returns_int(n: int) -> int:
 
 INSTANCE = SinScale(3)
 CONSTANT = 42
-
-
-@pytest.fixture(autouse=True)
-def _restore_sys_path() -> Iterator[None]:
-    saved = list(sys.path)
-    yield
-    sys.path[:] = saved
-    clear_cache()
 
 
 def spec(target: str, **extra: object) -> dict[str, object]:
