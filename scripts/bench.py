@@ -881,6 +881,14 @@ def bench_e2e(shapes: Shapes, log: Callable[[str], None]) -> EndToEnd:
         return measure_e2e(shapes, cluster.scheduler_address, fresh_workers, cluster_start, log)
 
 
+def steps_table(seconds: dict[str, float]) -> list[str]:
+    """Markdown rows: each step's time (ms) and share of one block, then the total."""
+    total = sum(seconds.values())
+    lines = ["| step | time | share |", "|---|---:|---:|"]
+    lines += [f"| {step} | {value * 1e3:,.1f} ms | {value / total:.0%} |" for step, value in seconds.items()]
+    return [*lines, f"| total | {total * 1e3:,.1f} ms | 100% |"]
+
+
 def e2e_table(e2e: EndToEnd, shapes: Shapes) -> str:
     mib = 2**20
     lines = [
@@ -942,18 +950,13 @@ def e2e_table(e2e: EndToEnd, shapes: Shapes) -> str:
                 f"{job.seconds:.1f} s | {rate:,.0f} | {kernel_rate:,.0f} | **{rate / kernel_rate:.0%}** |"
             )
     if e2e.steps:
-        total = sum(e2e.steps.values())
         lines += [
             "",
             f"Where one block's time goes ({e2e.large.rows_per_block:,} rows, in this process with "
             "1 BLAS thread, as on a worker):",
             "",
-            "| step | time | share |",
-            "|---|---:|---:|",
+            *steps_table(e2e.steps),
         ]
-        for step, seconds in e2e.steps.items():
-            lines.append(f"| {step} | {seconds * 1e3:,.1f} ms | {seconds / total:.0%} |")
-        lines.append(f"| total | {total * 1e3:,.1f} ms | 100% |")
     worker_steps = e2e.large.block_seconds
     if worker_steps and sum(worker_steps.values()) > 0:
         blocks = e2e.large.blocks
@@ -962,13 +965,8 @@ def e2e_table(e2e: EndToEnd, shapes: Shapes) -> str:
             f"The same split as the workers measured it during the 8N job (the job's "
             f"`throughput.block_seconds`, per block on average over its {blocks} blocks):",
             "",
-            "| step | time | share |",
-            "|---|---:|---:|",
+            *steps_table({step: seconds / blocks for step, seconds in worker_steps.items()}),
         ]
-        worker_total = sum(worker_steps.values())
-        for step, seconds in worker_steps.items():
-            lines.append(f"| {step} | {seconds / blocks * 1e3:,.1f} ms | {seconds / worker_total:.0%} |")
-        lines.append(f"| total | {worker_total / blocks * 1e3:,.1f} ms | 100% |")
     if e2e.codecs:
         raw = e2e.large.rows_per_block * (shapes.e2e_sizes[0] + shapes.e2e_sizes[-1]) * 4
         lines += [
