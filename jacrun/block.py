@@ -117,14 +117,14 @@ def compute_block(
     k0, k1 = plan.block_vectors(j)
     x = job.inputs.read(a, b, function.dtype)
     vectors = job.vectors.read(a, b, k0, k1, function.dtype)
-    if laps:
+    if laps is not None:
         laps.lap("inputs")
     reverse = plan.mode == "vjp" or (plan.mode == "jacobian" and plan.strategy == "rev")
     if reverse:
         y, result = function.vjp_batch(x, vectors)
     else:
         y, result = function.jvp_batch(x, vectors)
-    if laps:
+    if laps is not None:
         laps.lap("kernel")
     return x, y, result
 
