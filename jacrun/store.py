@@ -101,7 +101,7 @@ def _compressors(name: str) -> Any:
     if name == "zstd":
         return zarr.codecs.ZstdCodec(level=1)  # float results barely compress: favour speed
     if name == "blosc":
-        return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+        return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
     return None
 
 

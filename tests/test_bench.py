@@ -133,17 +133,18 @@ def test_end_to_end_on_a_cluster(bench: ModuleType, scheduler_address: str) -> N
     assert e2e.codecs["none"][1] == 1.0  # uncompressed chunks hold exactly the raw bytes
     table = bench.e2e_table(e2e, shapes)
     assert "| total |" in table
-    assert len(table_rows(table, "zstd")) == 1 and len(table_rows(table, "none")) == 1
-    assert len(table_rows(table, "N")) == 1 and len(table_rows(table, "8N")) == 2
+    assert [len(table_rows(table, name)) for name in ("zstd", "blosc", "none")] == [1, 1, 1]
+    assert len(table_rows(table, "N")) == 1 and len(table_rows(table, "8N")) == 3
     assert e2e.large.block_seconds["kernel"] > 0  # the workers' own split, from the store
     assert "as the workers measured it" in table and len(table_rows(table, "kernel")) == 2
     assert e2e.uncompressed is not None and e2e.uncompressed.ok
+    assert e2e.blosc is not None and e2e.blosc.ok
     assert e2e.jacobian is not None and e2e.jacobian.ok and e2e.jacobian_kernel_rate > 0
     assert e2e.jacobian.result_bytes == shapes.e2e_jacobian_samples * (4 * 8 + 4) * 4  # J and y
     (jacobian,) = table_rows(table, "per-sample Jacobians")
     assert jacobian[1] == f"{shapes.e2e_jacobian_samples:,}"
     verdicts = table_rows(bench.targets([], e2e), "end to end") + table_rows(bench.targets([], e2e), "peak")
-    assert len(verdicts) == 6 and all(v[1] != "not measured" for v in verdicts)
+    assert len(verdicts) == 7 and all(v[1] != "not measured" for v in verdicts)
 
 
 def test_huge_pages_are_off_in_the_bench_and_default_for_its_workers(tmp_path: Path) -> None:

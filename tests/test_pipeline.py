@@ -194,6 +194,38 @@ def test_output_dtype_compression_and_plain_xarray(tmp_path, scheduler_address):
     assert json.dumps(ds.attrs["jacrun"]["config"])  # resolved config stored as JSON
 
 
+def test_every_compression_stores_the_same_values_with_its_codec(tmp_path, scheduler_address):
+    """zstd (level 1), blosc (lz4 over bit-shuffled values) and none: lossless, each recorded in
+    the arrays' metadata so any Zarr v3 reader decodes them."""
+    expected_codecs = {
+        "zstd": [{"name": "zstd", "configuration": {"level": 1, "checksum": False}}],
+        "blosc": [
+            {
+                "name": "blosc",
+                "configuration": {
+                    "typesize": 4,
+                    "cname": "lz4",
+                    "clevel": 5,
+                    "shuffle": "bitshuffle",
+                    "blocksize": 0,
+                },
+            }
+        ],
+        "none": [],
+    }
+    values = {}
+    for compression, codecs in expected_codecs.items():
+        output = {"store": f"{compression}.zarr", "dtype": "float32", "compression": compression}
+        cfg = mlp_job(tmp_path, vectors={"kind": "random", "count": 2}, output=output)
+        values[compression] = run(cfg, scheduler_address).vjp.values
+        for name in ("vjp", "y"):
+            meta = json.loads((tmp_path / f"{compression}.zarr" / name / "zarr.json").read_text())
+            assert meta["codecs"][1:] == codecs, (compression, name)
+    np.testing.assert_array_equal(values["zstd"], values["none"])
+    np.testing.assert_array_equal(values["blosc"], values["none"])
+    assert np.isfinite(values["none"]).all()
+
+
 def test_rerun_computes_only_missing_blocks(tmp_path, scheduler_address):
     cfg = mlp_job(tmp_path, vectors={"kind": "random", "count": 2}, chunks={"samples": 10})
     full = run(cfg, scheduler_address).vjp.values
