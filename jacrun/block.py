@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -159,6 +160,14 @@ def run_block(job: BlockJob, i: int, j: int) -> BlockResult:
         checks=checks,
         steps=laps.seconds,
     )
+
+
+def flush_writes(store: str) -> list[tuple[str | None, str]]:
+    """On a worker, when a run ends: wait until its chunk files of ``store`` still being
+    written are on disk; (marker, message) for each that is not (its block's marker cleared)."""
+    from jacrun import writeback
+
+    return [(str(marker) if marker else None, message) for marker, message in writeback.flush(Path(store))]
 
 
 def _check(job: BlockJob, function: Function, i: int) -> dict[str, float] | None:

@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from jacrun import store
-from jacrun.block import STEPS, BlockJob, BlockResult, run_block
+from jacrun.block import STEPS, BlockJob, BlockResult, flush_writes, run_block
 from jacrun.cluster import blas_threads, check_launchable, connect, insecure_address_warning
 from jacrun.config import JobConfig, with_scheduler
 from jacrun.errors import ConfigError
@@ -315,6 +315,22 @@ class Run:
             except OSError:  # the scheduler went away while we waited (CommClosedError is one)
                 self.disconnected = True
         self.disconnected = self.disconnected or client.status != "running"
+        if not self.disconnected:
+            self._flush_writes(client)
+
+    def _flush_writes(self, client) -> None:
+        """Wait until every worker's chunk files of this job are on disk; a block whose data
+        did not get there has lost its marker (see jacrun.writeback) and is reported failed."""
+        try:
+            reports = client.run(flush_writes, self.path, on_error="ignore")
+        except Exception:  # noqa: BLE001 - the scheduler went away: the markers still tell the truth
+            return
+        for errors in reports.values():
+            for marker, message in errors:
+                block = store.marker_block(marker) if marker else None
+                if block is not None:
+                    a, b = self.plan.block_rows(block[0])
+                    self.failed[block] = f"block {block} samples {a}:{b}: {message}"
 
     def _collect(self, future, block: tuple[int, int], bar: BlockProgress) -> None:
         """Record one finished task: a result, a failure naming the block, or nothing if lost."""

@@ -40,16 +40,21 @@ class IncompleteWarning(UserWarning):
 
 class WriteBehindStore(LocalStore):
     """A LocalStore whose large chunk files stream to disk (:mod:`jacrun.writeback`)
-    instead of accumulating as dirty pages in the page cache."""
+    instead of accumulating as dirty pages in the page cache. ``marker``: the marker file of
+    the block being written, cleared if its data later turns out not to have reached the disk."""
+
+    def __init__(self, root: str | Path, *, read_only: bool = False, marker: Path | None = None) -> None:
+        super().__init__(root, read_only=read_only)
+        self.marker = marker
 
     async def set(self, key: str, value: Buffer) -> None:
         await super().set(key, value)
         if writeback.streams(len(value)):  # else no thread hop for a call that does nothing
-            await asyncio.to_thread(writeback.written, self.root / key, len(value))
+            await asyncio.to_thread(writeback.written, self.root / key, len(value), self.marker)
 
     def set_sync(self, key: str, value: Buffer) -> None:
         super().set_sync(key, value)
-        writeback.written(self.root / key, len(value))
+        writeback.written(self.root / key, len(value), self.marker)
 
 
 def now() -> str:
@@ -187,7 +192,10 @@ def write_block(path: str, plan: Plan, i: int, j: int, y: np.ndarray | None, res
     """Write block (i, j)'s chunks, then its marker. ``result`` is (rows, k, width)."""
     a, b = plan.block_rows(i)
     k0, k1 = plan.block_vectors(j)
-    group = zarr.open_group(WriteBehindStore(path), mode="r+")
+    target = WriteBehindStore(path)
+    group = zarr.open_group(target, mode="r+")
+    markers = group[MARKERS]
+    target.marker = target.root / MARKERS / markers.metadata.encode_chunk_key((i, j))
     array = group[plan.result_name].with_config(_WRITE_CONFIG)
     if plan.mode == "jacobian":
         if plan.strategy == "rev":
@@ -200,7 +208,15 @@ def write_block(path: str, plan: Plan, i: int, j: int, y: np.ndarray | None, res
         array[a:b, :] = result[:, 0, :]
     if y is not None and j == 0 and plan.save_outputs:
         group[OUTPUTS].with_config(_WRITE_CONFIG)[a:b, :] = y
-    group[MARKERS][i, j] = 1
+    markers[i, j] = 1
+
+
+def marker_block(marker: str | Path) -> tuple[int, int] | None:
+    """The block (i, j) whose marker chunk file is ``marker`` (``.../_blocks/c/i/j``), or None."""
+    parts = Path(marker).parts
+    if len(parts) < 4 or parts[-4:-2] != (MARKERS, "c") or not (parts[-2].isdigit() and parts[-1].isdigit()):
+        return None
+    return int(parts[-2]), int(parts[-1])
 
 
 def describe_arrays(path: str | Path) -> dict[str, str]:

@@ -18,9 +18,14 @@ after data" order are unchanged.
 The wait is ``sync_file_range``, which waits for the data without forcing a journal commit
 (1.8 ms a file here, against 7.6 ms for ``fdatasync``); where it is missing or refused, it is
 ``fdatasync``. On overlayfs (Docker's default) ``sync_file_range`` does nothing: pages are then
-dropped once the writeback started at write time has finished. A write error the wait reports
-(EIO, ENOSPC) is raised, naming the file, so the block that finds it fails instead of the error
-being lost. Without ``posix_fadvise`` (macOS, Windows) this module does nothing.
+dropped once the writeback started at write time has finished.
+
+A write error the wait reports (EIO; ENOSPC or EDQUOT on network filesystems, which report them
+at writeback) belongs to a block that already wrote its marker. That marker file is deleted, so
+the block counts as not done and a rerun recomputes it, and the error is raised naming the file,
+so the block that finds it fails instead of the error being lost. :func:`flush`, called on every
+worker when a run ends, does the same for the files still pending. Without ``posix_fadvise``
+(macOS, Windows) this module does nothing.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ LAG_BYTES = 64 << 20
 _WAIT_WRITE_WAIT = 7  # SYNC_FILE_RANGE_WAIT_BEFORE | WRITE | WAIT_AFTER: the file is on disk
 
 _lock = threading.Lock()
-_pending: deque[tuple[Path, int]] = deque()
+_pending: deque[tuple[Path, int, Path | None]] = deque()
+"""(file, size, marker of the block it belongs to) of the files whose pages are not dropped yet."""
 _pending_bytes = [0]
 
 
@@ -69,24 +75,37 @@ def streams(size: int) -> bool:
     return SUPPORTED and size >= MIN_BYTES
 
 
-def written(path: Path, size: int) -> None:
+def written(path: Path, size: int, marker: Path | None = None) -> None:
     """``path`` (``size`` bytes) was just written: start its writeback, and drop the files
-    written at least :data:`LAG_BYTES` earlier. OSError if the wait for one of those reports a
-    write error (after every due file has been handled)."""
+    written at least :data:`LAG_BYTES` earlier. ``marker``: the marker file of the block the
+    data belongs to, deleted if the data turns out not to have reached the disk. OSError if the
+    wait for one of the due files reports a write error (after every due file has been handled)."""
     if not streams(size):
         return
     _advise_dontneed(path)  # dirty pages: starts their writeback, drops nothing yet
     with _lock:
-        _pending.append((path, size))
+        _pending.append((path, size, marker))
         _pending_bytes[0] += size
         due = []
         while _pending and _pending_bytes[0] - _pending[0][1] >= LAG_BYTES:
-            old, old_size = _pending.popleft()
+            old, old_size, old_marker = _pending.popleft()
             _pending_bytes[0] -= old_size
-            due.append(old)
-    errors = [error for error in map(_drop, due) if error is not None]
+            due.append((old, old_marker))
+    errors = [error for error in (_drop(old, old_marker) for old, old_marker in due) if error is not None]
     if errors:
         raise errors[0]
+
+
+def flush(under: Path | None = None) -> list[tuple[Path | None, str]]:
+    """Wait for every pending file (``under`` a folder, if given) to be on disk and drop its
+    pages: (marker, message) for each write error found, its marker deleted as in :func:`written`."""
+    with _lock:
+        due = [item for item in _pending if under is None or item[0].is_relative_to(under)]
+        for item in due:
+            _pending.remove(item)
+            _pending_bytes[0] -= item[1]
+    errors = ((marker, _drop(path, marker)) for path, _, marker in due)
+    return [(marker, error.strerror or str(error)) for marker, error in errors if error is not None]
 
 
 def pending_bytes() -> int:
@@ -107,8 +126,9 @@ def _advise_dontneed(path: Path) -> None:
         os.close(fd)
 
 
-def _drop(path: Path) -> OSError | None:
-    """Wait until ``path`` is on disk, then drop its pages; the write error found, if any."""
+def _drop(path: Path, marker: Path | None = None) -> OSError | None:
+    """Wait until ``path`` is on disk, then drop its pages; the write error found, if any,
+    after deleting ``marker`` (its block is then not done)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -117,10 +137,22 @@ def _drop(path: Path) -> OSError | None:
         _wait(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     except OSError as exc:
-        return OSError(exc.errno, f"writing {path} to disk failed: {exc.strerror}")
+        message = f"writing {path} to disk failed: {exc.strerror}"
+        if marker is not None:
+            message += f"; {_unmark(marker)}"
+        return OSError(exc.errno, message)
     finally:
         os.close(fd)
     return None
+
+
+def _unmark(marker: Path) -> str:
+    """Delete a block's marker file (a missing chunk reads as 0: not done); what happened, in words."""
+    try:
+        marker.unlink(missing_ok=True)
+    except OSError as exc:
+        return f"its block's marker {marker} could not be cleared ({exc.strerror}): delete it, then rerun"
+    return f"its block's marker {marker} was cleared, so rerunning the job recomputes it"
 
 
 def _wait(fd: int) -> None:

@@ -235,3 +235,115 @@ def test_a_block_of_fill_values_is_still_written(tmp_path: Path) -> None:
     write_block(str(store), plan, 0, 0, np.full((rows, 3), np.nan), nan)
     assert (store / plan.result_name / "c" / "0" / "0" / "0").is_file()
     assert (store / "y" / "c" / "0" / "0").is_file()
+
+
+def _fail_waits_for(fragment: str):
+    """A sync_file_range that reports EIO for files whose path contains ``fragment``."""
+    import errno
+
+    def wait(fd: int, offset: int, nbytes: int, flags: int) -> int:
+        if fragment in os.readlink(f"/proc/self/fd/{fd}"):
+            ctypes.set_errno(errno.EIO)
+            return -1
+        return 0
+
+    return wait
+
+
+def four_block_job(folder: Path):
+    """A linear job of 4 blocks, each writing one 4 MiB chunk (float64, 512 x 1024)."""
+    store = folder / "out.zarr"
+    config = config_from_dict(
+        job_config(
+            str(store),
+            function={"kind": "linear", "n_in": 1024, "n_out": 4, "seed": 0},
+            inputs={"kind": "random", "samples": 2048, "seed": 1},
+            vectors={"kind": "random", "count": 1, "seed": 2},
+            output={"store": str(store), "compression": "none", "save_outputs": False},
+            chunks={"samples": 512},
+        )
+    )
+    return config, open_output(prepare(config, calibrate=False)).plan
+
+
+def test_a_write_error_clears_the_marker_of_the_block_it_belongs_to(
+    tmp_path: Path, small_lag: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Block 0's chunk fails to reach the disk, found while block 1 writes: block 1 fails, and
+    block 0's marker (already set) is cleared, so a rerun recomputes both."""
+    import errno
+
+    from jacrun.store import read_markers
+
+    config, plan = four_block_job(tmp_path)
+    store = str(config.output.store)
+    monkeypatch.setattr(writeback, "_SYNC_FILE_RANGE", [_fail_waits_for(f"{plan.result_name}/c/0/0")])
+    result = np.ones((512, 1, 1024))
+    write_block(store, plan, 0, 0, None, result)
+    assert read_markers(store)[:, 0].tolist() == [True, False, False, False]
+    with pytest.raises(OSError, match=r"c/0/0 to disk failed.*_blocks/c/0/0 was cleared") as info:
+        write_block(store, plan, 1, 0, None, result)
+    assert info.value.errno == errno.EIO
+    assert not read_markers(store).any()  # neither block counts as done
+    write_block(store, plan, 2, 0, None, result)  # later blocks are not affected
+    assert read_markers(store)[:, 0].tolist() == [False, False, True, False]
+
+
+def test_flush_waits_for_one_stores_pending_files_and_reports_their_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jacrun.block import flush_writes
+    from jacrun.store import read_markers
+
+    monkeypatch.setattr(writeback, "_pending", type(writeback._pending)())
+    monkeypatch.setattr(writeback, "_pending_bytes", [0])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    config, plan = four_block_job(tmp_path / "a")
+    store = str(config.output.store)
+    result = np.ones((512, 1, 1024))
+    for i in range(4):
+        write_block(store, plan, i, 0, None, result)
+    other = write(tmp_path / "b" / "chunk", 2 << 20)  # another store's file: left pending
+    assert writeback.pending_bytes() == 4 * result.nbytes + len(other)
+    monkeypatch.setattr(writeback, "_SYNC_FILE_RANGE", [_fail_waits_for(f"{plan.result_name}/c/2/0")])
+    (marker, message), *rest = flush_writes(store)
+    assert rest == [] and marker == f"{store}/_blocks/c/2/0"
+    assert "vjp/c/2/0 to disk failed" in message and "was cleared" in message
+    assert read_markers(store)[:, 0].tolist() == [True, True, False, True]
+    assert writeback.pending_bytes() == len(other)
+    assert flush_writes(store) == []
+
+
+def test_a_run_reports_blocks_whose_data_did_not_reach_the_disk_and_a_rerun_redoes_them(
+    tmp_path: Path, scheduler_address: str
+) -> None:
+    """On the cluster: the workers' disk 'fails' for block 1's chunk. The run ends with the
+    other blocks done, block 1 failed and unmarked; once the disk is back, a rerun finishes."""
+    from distributed import Client
+
+    import jacrun
+
+    config, _ = four_block_job(tmp_path)
+    wait = _fail_waits_for("vjp/c/1/0")
+
+    def break_disk() -> None:
+        writeback._SYNC_FILE_RANGE[:] = [wait]
+
+    def mend_disk() -> None:
+        writeback._SYNC_FILE_RANGE[:] = [writeback._sync_file_range()]
+
+    with Client(scheduler_address, set_as_default=False) as client:
+        client.run(break_disk)
+        try:
+            summary = jacrun.submit(config, scheduler=scheduler_address, progress=False)
+        finally:
+            client.run(mend_disk)
+    assert summary.status == "failed" and summary.blocks_done == 3
+    (failure,) = summary.failures
+    assert (
+        failure.startswith("block (1, 0) samples 512:1024: writing ")
+        and "vjp/c/1/0 to disk failed" in failure
+    )
+    again = jacrun.submit(config, scheduler=scheduler_address, progress=False)
+    assert again.status == "complete" and again.blocks_run == 1
