@@ -162,12 +162,15 @@ def run_block(job: BlockJob, i: int, j: int) -> BlockResult:
     )
 
 
-def flush_writes(store: str) -> list[tuple[str | None, str]]:
-    """On a worker, when a run ends: wait until its chunk files of ``store`` still being
-    written are on disk; (marker, message) for each that is not (its block's marker cleared)."""
+async def flush_writes(store: str) -> list[tuple[str | None, str, bool]]:
+    """On a worker, when a run ends: wait (off the event loop) until its chunk files of
+    ``store`` are on disk; (marker, message, marker cleared) for each write error found."""
+    import asyncio
+
     from jacrun import writeback
 
-    return [(str(marker) if marker else None, message) for marker, message in writeback.flush(Path(store))]
+    errors = await asyncio.to_thread(writeback.flush, Path(store))
+    return [(str(e.marker) if e.marker else None, e.message, e.cleared) for e in errors]
 
 
 def _check(job: BlockJob, function: Function, i: int) -> dict[str, float] | None:

@@ -257,6 +257,8 @@ class Run:
         self.pending = [(i, j) for i in range(grid[0]) for j in range(grid[1]) if not done[i, j]]
         self.results: list[BlockResult] = []
         self.failed: dict[tuple[int, int], str] = {}
+        self.write_failures: dict[tuple[int, int], str] = {}
+        """Blocks whose data the workers found not on disk after the fact (marker cleared)."""
         self.lost = 0
         self.disconnected = False
         self.interrupted = False
@@ -319,18 +321,22 @@ class Run:
             self._flush_writes(client)
 
     def _flush_writes(self, client) -> None:
-        """Wait until every worker's chunk files of this job are on disk; a block whose data
+        """Wait until every worker's chunk files of this job are on disk. A block whose data
         did not get there has lost its marker (see jacrun.writeback) and is reported failed."""
         try:
             reports = client.run(flush_writes, self.path, on_error="ignore")
         except Exception:  # noqa: BLE001 - the scheduler went away: the markers still tell the truth
             return
         for errors in reports.values():
-            for marker, message in errors:
+            for marker, message, cleared in errors:
                 block = store.marker_block(marker) if marker else None
-                if block is not None:
-                    a, b = self.plan.block_rows(block[0])
-                    self.failed[block] = f"block {block} samples {a}:{b}: {message}"
+                if block is None:
+                    continue
+                if not cleared:
+                    with contextlib.suppress(Exception):
+                        store.unmark_block(self.path, block)
+                a, b = self.plan.block_rows(block[0])
+                self.write_failures[block] = f"block {block} samples {a}:{b}: {message}"
 
     def _collect(self, future, block: tuple[int, int], bar: BlockProgress) -> None:
         """Record one finished task: a result, a failure naming the block, or nothing if lost."""
@@ -377,6 +383,7 @@ class Run:
         # markers are the truth: a task reported failed (say, its worker died after it wrote its
         # marker) whose block is done is no failure
         self.failed = {block: message for block, message in self.failed.items() if not marks[block]}
+        self.failed.update(self.write_failures)  # kept even if the marker could not be cleared
         unfinished = [b for b in self.pending if not marks[b] and b not in self.failed]
         if self.interrupted or self.disconnected:
             self.lost = len(unfinished)
@@ -384,7 +391,7 @@ class Run:
             for i, j in unfinished:
                 a, b = self.plan.block_rows(i)
                 self.failed[i, j] = f"block ({i}, {j}) samples {a}:{b}: did not finish (its result was lost)"
-        if done == total:
+        if done == total and not self.failed:
             status = "complete"
         elif self.interrupted:
             status = "interrupted"

@@ -211,6 +211,11 @@ def write_block(path: str, plan: Plan, i: int, j: int, y: np.ndarray | None, res
     markers[i, j] = 1
 
 
+def unmark_block(path: str | Path, block: tuple[int, int]) -> None:
+    """Mark a block not done (its data turned out not to be on disk)."""
+    zarr.open_group(str(path), mode="r+")[MARKERS][block] = 0
+
+
 def marker_block(marker: str | Path) -> tuple[int, int] | None:
     """The block (i, j) whose marker chunk file is ``marker`` (``.../_blocks/c/i/j``), or None."""
     parts = Path(marker).parts

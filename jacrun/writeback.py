@@ -21,22 +21,26 @@ The wait is ``sync_file_range``, which waits for the data without forcing a jour
 dropped once the writeback started at write time has finished.
 
 A write error the wait reports (EIO; ENOSPC or EDQUOT on network filesystems, which report them
-at writeback) belongs to a block that already wrote its marker. That marker file is deleted, so
-the block counts as not done and a rerun recomputes it, and the error is raised naming the file,
-so the block that finds it fails instead of the error being lost. :func:`flush`, called on every
-worker when a run ends, does the same for the files still pending. Without ``posix_fadvise``
-(macOS, Windows) this module does nothing.
+only at writeback) belongs to a block that has already written its marker. That marker file is
+deleted, so the block counts as not done and a rerun recomputes it, and the error is kept for
+:func:`flush`, which the runner calls on every worker when a run ends: it checks the files still
+pending and reports every error found, naming the file and its block. A process that exits
+flushes too (atexit), so an error found then still clears its block's marker. Without
+``posix_fadvise`` (macOS, Windows) this module does nothing.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
 import sys
 import threading
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 MIN_BYTES = 1 << 20
@@ -46,10 +50,28 @@ LAG_BYTES = 64 << 20
 
 _WAIT_WRITE_WAIT = 7  # SYNC_FILE_RANGE_WAIT_BEFORE | WRITE | WAIT_AFTER: the file is on disk
 
-_lock = threading.Lock()
+
+@dataclass(frozen=True)
+class WriteError:
+    """A chunk file whose data did not reach the disk."""
+
+    path: Path
+    marker: Path | None
+    """The marker file of the block the data belongs to."""
+    message: str
+    cleared: bool
+    """Whether that marker is gone (deleted now, or never written)."""
+
+
+_state = threading.Condition()
+"""Guards the four below; notified when a check ends."""
 _pending: deque[tuple[Path, int, Path | None]] = deque()
-"""(file, size, marker of the block it belongs to) of the files whose pages are not dropped yet."""
+"""(file, size, marker of its block) of the files not checked yet, oldest first."""
 _pending_bytes = [0]
+_checking: list[Path] = []
+"""Files taken off ``_pending`` whose check (wait, drop) is under way in some thread."""
+_errors: list[WriteError] = []
+"""Write errors found by checks, until :func:`flush` reports them."""
 
 
 def _sync_file_range():  # noqa: ANN202 - a ctypes function or None
@@ -76,14 +98,14 @@ def streams(size: int) -> bool:
 
 
 def written(path: Path, size: int, marker: Path | None = None) -> None:
-    """``path`` (``size`` bytes) was just written: start its writeback, and drop the files
-    written at least :data:`LAG_BYTES` earlier. ``marker``: the marker file of the block the
-    data belongs to, deleted if the data turns out not to have reached the disk. OSError if the
-    wait for one of the due files reports a write error (after every due file has been handled)."""
+    """``path`` (``size`` bytes) was just written: start its writeback, and check the files
+    written at least :data:`LAG_BYTES` earlier (wait until on disk, drop their pages).
+    ``marker``: the marker file of the block the data belongs to, deleted if the data turns
+    out not to have reached the disk; the error is kept for :func:`flush`."""
     if not streams(size):
         return
     _advise_dontneed(path)  # dirty pages: starts their writeback, drops nothing yet
-    with _lock:
+    with _state:
         _pending.append((path, size, marker))
         _pending_bytes[0] += size
         due = []
@@ -91,26 +113,54 @@ def written(path: Path, size: int, marker: Path | None = None) -> None:
             old, old_size, old_marker = _pending.popleft()
             _pending_bytes[0] -= old_size
             due.append((old, old_marker))
-    errors = [error for error in (_drop(old, old_marker) for old, old_marker in due) if error is not None]
-    if errors:
-        raise errors[0]
+        _checking.extend(old for old, _ in due)
+    _check(due)
 
 
-def flush(under: Path | None = None) -> list[tuple[Path | None, str]]:
-    """Wait for every pending file (``under`` a folder, if given) to be on disk and drop its
-    pages: (marker, message) for each write error found, its marker deleted as in :func:`written`."""
-    with _lock:
-        due = [item for item in _pending if under is None or item[0].is_relative_to(under)]
-        for item in due:
-            _pending.remove(item)
-            _pending_bytes[0] -= item[1]
-    errors = ((marker, _drop(path, marker)) for path, _, marker in due)
-    return [(marker, error.strerror or str(error)) for marker, error in errors if error is not None]
+def flush(under: Path | None = None) -> list[WriteError]:
+    """Check every pending file (``under`` a folder, if given), wait for the checks other
+    threads have under way there, and return the write errors found there since the last
+    flush (each file's block marker already deleted)."""
+
+    def inside(path: Path) -> bool:
+        return under is None or path.is_relative_to(under)
+
+    with _state:
+        due = [(path, marker) for path, _, marker in _pending if inside(path)]
+        kept = [item for item in _pending if not inside(item[0])]
+        _pending.clear()
+        _pending.extend(kept)
+        _pending_bytes[0] = sum(size for _, size, _ in kept)
+        _checking.extend(path for path, _ in due)
+    _check(due)
+    with _state:
+        _state.wait_for(lambda: not any(inside(path) for path in _checking))
+        found = [error for error in _errors if inside(error.path)]
+        _errors[:] = [error for error in _errors if not inside(error.path)]
+    return found
 
 
 def pending_bytes() -> int:
     """Bytes this process wrote whose pages it has not dropped yet."""
     return _pending_bytes[0]
+
+
+def _check(due: list[tuple[Path, Path | None]]) -> None:
+    """Wait for each file to be on disk and drop its pages, recording write errors."""
+    for path, marker in due:
+        error = _drop(path, marker)
+        with _state:
+            _checking.remove(path)
+            if error is not None:
+                _errors.append(error)
+            _state.notify_all()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    """A worker that exits (retired, restarted, its cluster closed) checks its last files."""
+    for error in flush():
+        logging.getLogger("jacrun").error("%s", error.message)
 
 
 def _advise_dontneed(path: Path) -> None:
@@ -126,7 +176,7 @@ def _advise_dontneed(path: Path) -> None:
         os.close(fd)
 
 
-def _drop(path: Path, marker: Path | None = None) -> OSError | None:
+def _drop(path: Path, marker: Path | None = None) -> WriteError | None:
     """Wait until ``path`` is on disk, then drop its pages; the write error found, if any,
     after deleting ``marker`` (its block is then not done)."""
     try:
@@ -138,21 +188,21 @@ def _drop(path: Path, marker: Path | None = None) -> OSError | None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     except OSError as exc:
         message = f"writing {path} to disk failed: {exc.strerror}"
-        if marker is not None:
-            message += f"; {_unmark(marker)}"
-        return OSError(exc.errno, message)
+        cleared, what = _unmark(marker) if marker is not None else (True, "")
+        return WriteError(path, marker, f"{message}; {what}" if what else message, cleared)
     finally:
         os.close(fd)
     return None
 
 
-def _unmark(marker: Path) -> str:
-    """Delete a block's marker file (a missing chunk reads as 0: not done); what happened, in words."""
+def _unmark(marker: Path) -> tuple[bool, str]:
+    """Delete a block's marker file (a missing chunk reads as 0: not done): whether it is gone,
+    and what happened, in words."""
     try:
         marker.unlink(missing_ok=True)
     except OSError as exc:
-        return f"its block's marker {marker} could not be cleared ({exc.strerror}): delete it, then rerun"
-    return f"its block's marker {marker} was cleared, so rerunning the job recomputes it"
+        return False, f"its block's marker {marker} could not be cleared ({exc.strerror})"
+    return True, f"its block's marker {marker} was cleared, so rerunning the job recomputes it"
 
 
 def _wait(fd: int) -> None:
