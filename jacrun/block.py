@@ -162,15 +162,15 @@ def run_block(job: BlockJob, i: int, j: int) -> BlockResult:
     )
 
 
-async def flush_writes(store: str) -> list[tuple[str | None, str, bool]]:
+async def flush_writes(store: str) -> list[tuple[str | None, str]]:
     """On a worker, when a run ends: wait (off the event loop) until its chunk files of
-    ``store`` are on disk; (marker, message, marker cleared) for each write error found."""
+    ``store`` are on disk; (marker, what failed) for each write error found."""
     import asyncio
 
     from jacrun import writeback
 
     errors = await asyncio.to_thread(writeback.flush, Path(store))
-    return [(str(e.marker) if e.marker else None, e.message, e.cleared) for e in errors]
+    return [(str(error.marker) if error.marker else None, error.reason) for error in errors]
 
 
 def _check(job: BlockJob, function: Function, i: int) -> dict[str, float] | None:

@@ -8,6 +8,7 @@ chunks, say which blocks are done, so rerunning the same job computes only the r
 from __future__ import annotations
 
 import contextlib
+import logging
 import platform
 import time
 from concurrent.futures import CancelledError
@@ -25,6 +26,7 @@ from jacrun.errors import ConfigError
 from jacrun.prepare import PreparedJob, prepare
 from jacrun.progress import BlockProgress
 
+log = logging.getLogger("jacrun")
 ATTR_UPDATE_SECONDS = 2.0
 
 
@@ -322,21 +324,28 @@ class Run:
 
     def _flush_writes(self, client) -> None:
         """Wait until every worker's chunk files of this job are on disk. A block whose data
-        did not get there has lost its marker (see jacrun.writeback) and is reported failed."""
+        did not get there is unmarked (see jacrun.writeback) and reported failed."""
         try:
-            reports = client.run(flush_writes, self.path, on_error="ignore")
-        except Exception:  # noqa: BLE001 - the scheduler went away: the markers still tell the truth
+            reports = client.run(flush_writes, self.path, on_error="return")
+        except Exception as exc:  # noqa: BLE001 - the scheduler went away: markers still tell the truth
+            log.warning("could not check the workers' last writes: %s", exc)
             return
-        for errors in reports.values():
-            for marker, message, cleared in errors:
+        for worker, errors in reports.items():
+            if isinstance(errors, BaseException):
+                log.warning("could not check the last writes of worker %s: %s", worker, errors)
+                continue
+            for marker, reason in errors:
                 block = store.marker_block(marker) if marker else None
                 if block is None:
+                    log.warning("%s", reason)
                     continue
-                if not cleared:
-                    with contextlib.suppress(Exception):
-                        store.unmark_block(self.path, block)
+                try:  # again: the block may have written its marker after its data was found bad
+                    store.unmark_block(self.path, block)
+                    what = "its marker was cleared, so a rerun recomputes it"
+                except Exception as exc:  # noqa: BLE001 - the store's disk is failing too
+                    what = f"its marker could not be cleared ({exc}): delete {marker}, then rerun"
                 a, b = self.plan.block_rows(block[0])
-                self.write_failures[block] = f"block {block} samples {a}:{b}: {message}"
+                self.write_failures[block] = f"block {block} samples {a}:{b}: {reason}; {what}"
 
     def _collect(self, future, block: tuple[int, int], bar: BlockProgress) -> None:
         """Record one finished task: a result, a failure naming the block, or nothing if lost."""

@@ -208,6 +208,9 @@ def write_block(path: str, plan: Plan, i: int, j: int, y: np.ndarray | None, res
         array[a:b, :] = result[:, 0, :]
     if y is not None and j == 0 and plan.save_outputs:
         group[OUTPUTS].with_config(_WRITE_CONFIG)[a:b, :] = y
+    error = writeback.failed(target.marker)  # this block's data, found bad by a later write
+    if error is not None:
+        raise OSError(error.code, error.reason)
     markers[i, j] = 1
 
 

@@ -21,11 +21,13 @@ The wait is ``sync_file_range``, which waits for the data without forcing a jour
 dropped once the writeback started at write time has finished.
 
 A write error the wait reports (EIO; ENOSPC or EDQUOT on network filesystems, which report them
-only at writeback) belongs to a block that has already written its marker. That marker file is
-deleted, so the block counts as not done and a rerun recomputes it, and the error is kept for
-:func:`flush`, which the runner calls on every worker when a run ends: it checks the files still
-pending and reports every error found, naming the file and its block. A process that exits
-flushes too (atexit), so an error found then still clears its block's marker. Without
+only at writeback) belongs to a block that has usually written its marker already. That marker
+file is deleted, so the block counts as not done and a rerun recomputes it, and the error is
+kept: a block about to write its marker first asks :func:`failed` whether its own data failed,
+and :func:`flush`, which the runner calls on every worker when a run ends, checks the files
+still pending and reports the errors found, naming each file. An error for a file rewritten
+since (a retry, a rerun) is dropped. A process that exits normally flushes too (atexit), so an
+error found then still clears its block's marker; a process killed outright cannot. Without
 ``posix_fadvise`` (macOS, Windows) this module does nothing.
 """
 
@@ -40,7 +42,7 @@ import os
 import sys
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 MIN_BYTES = 1 << 20
@@ -58,11 +60,34 @@ class WriteError:
     path: Path
     marker: Path | None
     """The marker file of the block the data belongs to."""
-    message: str
+    code: int
+    """The errno the disk reported."""
+    reason: str
+    """'writing PATH to disk failed: ...'"""
+    version: tuple[int, int]
+    """(inode, mtime in ns) of the file that failed: a rewritten file is another version."""
     cleared: bool
-    """Whether that marker is gone (deleted now, or never written)."""
+    """Whether the marker was deleted when the error was found (or there is none)."""
+
+    @property
+    def message(self) -> str:
+        if self.marker is None:
+            return self.reason
+        if self.cleared:
+            return f"{self.reason}; its block's marker {self.marker} was cleared, so a rerun recomputes it"
+        return f"{self.reason}; its block's marker {self.marker} could not be cleared: delete it, then rerun"
+
+    def current(self) -> bool:
+        """Whether the failed version is still the file at ``path`` (not rewritten or deleted)."""
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return False
+        return (stat.st_ino, stat.st_mtime_ns) == self.version
 
 
+MAX_ERRORS = 10_000
+"""Write errors a process keeps for :func:`flush` (the oldest are dropped beyond this)."""
 _state = threading.Condition()
 """Guards the four below; notified when a check ends."""
 _pending: deque[tuple[Path, int, Path | None]] = deque()
@@ -70,8 +95,8 @@ _pending: deque[tuple[Path, int, Path | None]] = deque()
 _pending_bytes = [0]
 _checking: list[Path] = []
 """Files taken off ``_pending`` whose check (wait, drop) is under way in some thread."""
-_errors: list[WriteError] = []
-"""Write errors found by checks, until :func:`flush` reports them."""
+_errors: deque[WriteError] = deque(maxlen=MAX_ERRORS)
+"""Write errors found by checks, until :func:`failed` or :func:`flush` takes them."""
 
 
 def _sync_file_range():  # noqa: ANN202 - a ctypes function or None
@@ -117,10 +142,21 @@ def written(path: Path, size: int, marker: Path | None = None) -> None:
     _check(due)
 
 
-def flush(under: Path | None = None) -> list[WriteError]:
-    """Check every pending file (``under`` a folder, if given), wait for the checks other
-    threads have under way there, and return the write errors found there since the last
-    flush (each file's block marker already deleted)."""
+def failed(marker: Path) -> WriteError | None:
+    """A write error found for the current data of the block whose marker is ``marker``, taken
+    off the list: that block must fail instead of writing its marker."""
+    with _state:
+        mine = [error for error in _errors if error.marker == marker]
+        for error in mine:
+            _errors.remove(error)
+    return next((error for error in mine if error.current()), None)
+
+
+def flush(under: Path | None = None, timeout: float | None = None) -> list[WriteError]:
+    """Check every pending file (``under`` a folder, if given), wait (up to ``timeout``
+    seconds) for the checks other threads have under way there, and return the write errors
+    found there, each for a file not rewritten since. Their markers are deleted once more: a
+    block may have written its marker after its data was found bad."""
 
     def inside(path: Path) -> bool:
         return under is None or path.is_relative_to(under)
@@ -134,10 +170,12 @@ def flush(under: Path | None = None) -> list[WriteError]:
         _checking.extend(path for path, _ in due)
     _check(due)
     with _state:
-        _state.wait_for(lambda: not any(inside(path) for path in _checking))
+        _state.wait_for(lambda: not any(inside(path) for path in _checking), timeout)
         found = [error for error in _errors if inside(error.path)]
-        _errors[:] = [error for error in _errors if not inside(error.path)]
-    return found
+        for error in found:
+            _errors.remove(error)
+    found = [error for error in found if error.current()]
+    return [replace(error, cleared=_unmark(error.marker)) if error.marker else error for error in found]
 
 
 def pending_bytes() -> int:
@@ -148,18 +186,25 @@ def pending_bytes() -> int:
 def _check(due: list[tuple[Path, Path | None]]) -> None:
     """Wait for each file to be on disk and drop its pages, recording write errors."""
     for path, marker in due:
-        error = _drop(path, marker)
-        with _state:
-            _checking.remove(path)
-            if error is not None:
-                _errors.append(error)
-            _state.notify_all()
+        error = None
+        try:
+            error = _drop(path, marker)
+        finally:
+            with _state:
+                _checking.remove(path)
+                if error is not None:
+                    _errors.append(error)
+                _state.notify_all()
+
+
+EXIT_TIMEOUT = 60.0
+"""Seconds a process waits, on exit, for checks under way in its other threads."""
 
 
 @atexit.register
 def _flush_at_exit() -> None:
-    """A worker that exits (retired, restarted, its cluster closed) checks its last files."""
-    for error in flush():
+    """A worker that exits normally (retired, restarted, its cluster closed) checks its last files."""
+    for error in flush(timeout=EXIT_TIMEOUT):
         logging.getLogger("jacrun").error("%s", error.message)
 
 
@@ -183,26 +228,28 @@ def _drop(path: Path, marker: Path | None = None) -> WriteError | None:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None  # deleted or replaced since: nothing of it to wait for
+    version = (0, 0)
     try:
+        stat = os.fstat(fd)
+        version = (stat.st_ino, stat.st_mtime_ns)
         _wait(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     except OSError as exc:
-        message = f"writing {path} to disk failed: {exc.strerror}"
-        cleared, what = _unmark(marker) if marker is not None else (True, "")
-        return WriteError(path, marker, f"{message}; {what}" if what else message, cleared)
+        reason = f"writing {path} to disk failed: {exc.strerror}"
+        cleared = _unmark(marker) if marker is not None else True
+        return WriteError(path, marker, exc.errno or errno.EIO, reason, version, cleared)
     finally:
         os.close(fd)
     return None
 
 
-def _unmark(marker: Path) -> tuple[bool, str]:
-    """Delete a block's marker file (a missing chunk reads as 0: not done): whether it is gone,
-    and what happened, in words."""
+def _unmark(marker: Path) -> bool:
+    """Delete a block's marker file (a missing chunk reads as 0: not done); whether it is gone."""
     try:
         marker.unlink(missing_ok=True)
-    except OSError as exc:
-        return False, f"its block's marker {marker} could not be cleared ({exc.strerror})"
-    return True, f"its block's marker {marker} was cleared, so rerunning the job recomputes it"
+    except OSError:
+        return False
+    return True
 
 
 def _wait(fd: int) -> None:
