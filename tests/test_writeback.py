@@ -84,6 +84,23 @@ def write(path: Path, size: int) -> bytes:
     return data
 
 
+def linear_job(folder: Path, samples: int = 2048, n_out: int = 4, save_outputs: bool = False):
+    """(config, plan) of a linear job in blocks of 512 samples, each writing one 4 MiB chunk
+    of VJPs (float64, 512 x 1024), and its y when ``save_outputs``; the store is created."""
+    store = folder / "out.zarr"
+    config = config_from_dict(
+        job_config(
+            str(store),
+            function={"kind": "linear", "n_in": 1024, "n_out": n_out, "seed": 0},
+            inputs={"kind": "random", "samples": samples, "seed": 1},
+            vectors={"kind": "random", "count": 1, "seed": 2},
+            output={"store": str(store), "compression": "none", "save_outputs": save_outputs},
+            chunks={"samples": 512},
+        )
+    )
+    return config, open_output(prepare(config, calibrate=False)).plan
+
+
 def test_files_leave_the_page_cache_once_later_writes_pass_the_lag(droppable: Path, small_lag: int) -> None:
     size = 2 << 20
     files = [droppable / f"chunk{i}" for i in range(5)]
@@ -231,18 +248,8 @@ def test_a_refused_wait_falls_back_to_fdatasync(
 def test_a_jobs_blocks_stream_through_the_store(droppable: Path, small_lag: int) -> None:
     """write_block goes through WriteBehindStore: early blocks' chunks leave the cache, and the
     store reads back exactly what was written."""
-    config = config_from_dict(
-        job_config(
-            str(droppable / "out.zarr"),
-            function={"kind": "linear", "n_in": 1024, "n_out": 4, "seed": 0},
-            inputs={"kind": "random", "samples": 2048, "seed": 1},
-            vectors={"kind": "random", "count": 1, "seed": 2},
-            output={"store": str(droppable / "out.zarr"), "compression": "none", "save_outputs": False},
-            chunks={"samples": 512},
-        )
-    )
-    job = open_output(prepare(config, calibrate=False))
-    plan, store = job.plan, Path(config.output.store)
+    config, plan = linear_job(droppable)
+    store = Path(config.output.store)
     assert plan.grid == (4, 1)
     rng = np.random.default_rng(0)
     written = []
@@ -297,22 +304,6 @@ def _fail_waits_for(fragment: str):
     return wait
 
 
-def four_block_job(folder: Path):
-    """A linear job of 4 blocks, each writing one 4 MiB chunk (float64, 512 x 1024)."""
-    store = folder / "out.zarr"
-    config = config_from_dict(
-        job_config(
-            str(store),
-            function={"kind": "linear", "n_in": 1024, "n_out": 4, "seed": 0},
-            inputs={"kind": "random", "samples": 2048, "seed": 1},
-            vectors={"kind": "random", "count": 1, "seed": 2},
-            output={"store": str(store), "compression": "none", "save_outputs": False},
-            chunks={"samples": 512},
-        )
-    )
-    return config, open_output(prepare(config, calibrate=False)).plan
-
-
 def test_a_write_error_clears_the_marker_of_the_block_it_belongs_to(
     tmp_path: Path, small_lag: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -323,7 +314,7 @@ def test_a_write_error_clears_the_marker_of_the_block_it_belongs_to(
     from jacrun.block import flush_writes
     from jacrun.store import read_markers
 
-    config, plan = four_block_job(tmp_path)
+    config, plan = linear_job(tmp_path)
     store = str(config.output.store)
     monkeypatch.setattr(writeback, "_SYNC_FILE_RANGE", [_fail_waits_for(f"{plan.result_name}/c/0/0")])
     result = np.ones((512, 1, 1024))
@@ -350,7 +341,7 @@ def test_flush_waits_for_one_stores_pending_files_and_reports_their_errors(
     monkeypatch.setattr(writeback, "_errors", type(writeback._errors)(maxlen=writeback.MAX_ERRORS))
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    config, plan = four_block_job(tmp_path / "a")
+    config, plan = linear_job(tmp_path / "a")
     store = str(config.output.store)
     result = np.ones((512, 1, 1024))
     for i in range(4):
@@ -379,7 +370,7 @@ def test_a_run_reports_blocks_whose_data_did_not_reach_the_disk_and_a_rerun_redo
     import jacrun
     from jacrun import store
 
-    config, _ = four_block_job(tmp_path)
+    config, _ = linear_job(tmp_path)
     wait = _fail_waits_for("vjp/c/1/0")
     worker_clears = who_clears == "worker"
 
@@ -429,18 +420,8 @@ def test_a_block_whose_own_chunk_failed_before_its_marker_fails_itself(
     from jacrun.block import flush_writes
     from jacrun.store import read_markers
 
-    store = tmp_path / "out.zarr"
-    config = config_from_dict(
-        job_config(
-            str(store),
-            function={"kind": "linear", "n_in": 1024, "n_out": 1024, "seed": 0},
-            inputs={"kind": "random", "samples": 1024, "seed": 1},
-            vectors={"kind": "random", "count": 1, "seed": 2},
-            output={"store": str(store), "compression": "none", "save_outputs": True},
-            chunks={"samples": 512},
-        )
-    )
-    plan = open_output(prepare(config, calibrate=False)).plan
+    config, plan = linear_job(tmp_path, samples=1024, n_out=1024, save_outputs=True)
+    store = config.output.store
     monkeypatch.setattr(writeback, "_SYNC_FILE_RANGE", [_fail_waits_for("vjp/c/0/0")])
     y, result = np.ones((512, 1024)), np.ones((512, 1, 1024))  # 4 MiB each
     with pytest.raises(OSError, match=r"vjp/c/0/0 to disk failed: Input/output error$"):
