@@ -144,7 +144,7 @@ def test_end_to_end_on_a_cluster(bench: ModuleType, scheduler_address: str) -> N
     (jacobian,) = table_rows(table, "per-sample Jacobians")
     assert jacobian[1] == f"{shapes.e2e_jacobian_samples:,}"
     verdicts = table_rows(bench.targets([], e2e), "end to end") + table_rows(bench.targets([], e2e), "peak")
-    assert len(verdicts) == 7 and all(v[1] != "not measured" for v in verdicts)
+    assert len(verdicts) == 10 and all(v[1] != "not measured" for v in verdicts)
 
 
 def test_huge_pages_are_off_in_the_bench_and_default_for_its_workers(tmp_path: Path) -> None:
