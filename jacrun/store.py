@@ -43,9 +43,7 @@ class WriteBehindStore(LocalStore):
     instead of accumulating as dirty pages in the page cache. ``marker``: the marker file of
     the block being written, cleared if its data later turns out not to have reached the disk."""
 
-    def __init__(self, root: str | Path, *, read_only: bool = False, marker: Path | None = None) -> None:
-        super().__init__(root, read_only=read_only)
-        self.marker = marker
+    marker: Path | None = None
 
     async def set(self, key: str, value: Buffer) -> None:
         await super().set(key, value)

@@ -42,6 +42,7 @@ import os
 import sys
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -146,9 +147,7 @@ def failed(marker: Path) -> WriteError | None:
     """A write error found for the current data of the block whose marker is ``marker``, taken
     off the list: that block must fail instead of writing its marker."""
     with _state:
-        mine = [error for error in _errors if error.marker == marker]
-        for error in mine:
-            _errors.remove(error)
+        mine = _take_errors(lambda error: error.marker == marker)
     return next((error for error in mine if error.current()), None)
 
 
@@ -171,9 +170,7 @@ def flush(under: Path | None = None, timeout: float | None = None) -> list[Write
     _check(due)
     with _state:
         _state.wait_for(lambda: not any(inside(path) for path in _checking), timeout)
-        found = [error for error in _errors if inside(error.path)]
-        for error in found:
-            _errors.remove(error)
+        found = _take_errors(lambda error: inside(error.path))
     found = [error for error in found if error.current()]
     return [replace(error, cleared=_unmark(error.marker)) if error.marker else error for error in found]
 
@@ -181,6 +178,14 @@ def flush(under: Path | None = None, timeout: float | None = None) -> list[Write
 def pending_bytes() -> int:
     """Bytes this process wrote whose pages it has not dropped yet."""
     return _pending_bytes[0]
+
+
+def _take_errors(select: Callable[[WriteError], bool]) -> list[WriteError]:
+    """Take the recorded errors ``select`` picks off the list (call holding ``_state``)."""
+    taken = [error for error in _errors if select(error)]
+    for error in taken:
+        _errors.remove(error)
+    return taken
 
 
 def _check(due: list[tuple[Path, Path | None]]) -> None:
