@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from jacrun.config import AddressClusterConfig, JobqueueClusterConfig, LocalClusterConfig
 from jacrun.errors import ConfigError
+from jacrun.memory import worker_environ
 
 
 @contextlib.contextmanager
@@ -39,6 +40,7 @@ def connect(config: LocalClusterConfig | AddressClusterConfig | JobqueueClusterC
             yield client
         return
     with (
+        local_worker_settings(),
         LocalCluster(
             n_workers=config.workers,
             threads_per_worker=config.threads_per_worker,
@@ -51,6 +53,17 @@ def connect(config: LocalClusterConfig | AddressClusterConfig | JobqueueClusterC
         Client(cluster, set_as_default=False) as client,
     ):
         yield client
+
+
+def local_worker_settings() -> contextlib.AbstractContextManager:
+    """Dask settings for the workers of a local cluster started inside the block: their
+    environment (:func:`jacrun.memory.worker_environ`), which Dask's nanny sets before it
+    starts each worker process, restarts included."""
+    import dask
+
+    return dask.config.set(
+        {f"distributed.nanny.pre-spawn-environ.{name}": value for name, value in worker_environ().items()}
+    )
 
 
 def blas_threads(config: LocalClusterConfig | AddressClusterConfig | JobqueueClusterConfig) -> int:
@@ -115,10 +128,21 @@ def jobqueue_kwargs(config: JobqueueClusterConfig) -> dict:
         "interface": config.interface,
         "local_directory": config.local_directory,
         "job_extra_directives": list(config.job_extra_directives),
-        "job_script_prologue": list(config.job_script_prologue),
+        "job_script_prologue": _prologue(config.job_script_prologue),
         "silence_logs": "error",
     }
     return {key: value for key, value in kwargs.items() if value is not None}
+
+
+def _prologue(lines: Sequence[str]) -> list[str]:
+    """The batch job's shell lines before its workers start: :func:`jacrun.memory.worker_environ`
+    exported first (unless the user's own lines set those variables), then the user's lines."""
+    exports = [
+        f"export {name}={value}"
+        for name, value in worker_environ({}).items()
+        if not any(name in line for line in lines)
+    ]
+    return [*exports, *lines]
 
 
 def jobqueue_cluster(config: JobqueueClusterConfig):

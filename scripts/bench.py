@@ -871,8 +871,11 @@ def bench_e2e(shapes: Shapes, log: Callable[[str], None]) -> EndToEnd:
 
     from distributed import Client, LocalCluster
 
+    from jacrun.cluster import local_worker_settings
+
     start = time.perf_counter()
     with (
+        local_worker_settings(),  # the workers' environment, as jacrun's own local clusters
         LocalCluster(
             n_workers=2,
             threads_per_worker=1,
@@ -1051,6 +1054,12 @@ def environment(frameworks: dict[str, str]) -> str:
             else f"NUMPY_MADVISE_HUGEPAGE={_USER_HUGEPAGE}, inherited from your environment"
         )
         + " (see the top of scripts/bench.py)",
+        "- the cluster's workers' malloc: "
+        + (
+            f"GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']}, inherited from your environment"
+            if "GLIBC_TUNABLES" in os.environ
+            else "huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as jacrun's local clusters)"
+        ),
     ]
     for name in FRAMEWORKS:
         lines.append(f"- {name}: {frameworks[name]}")

@@ -29,3 +29,19 @@ def test_public_api_round_trip(tmp_path, scheduler_address):
     y, xbar = f.vjp(x, np.ones((5, 2)))
     assert y.shape == (5, 2) and xbar.shape == (5, 4)
     assert jacrun.check(f, x).passed
+
+
+def test_submit_records_library_versions_without_importing_xarray():
+    """The store names the versions that wrote it; xarray's comes from its metadata, because
+    importing it (and pandas) would cost every `jacrun submit` about 0.3 s."""
+    import subprocess
+    import sys
+
+    import xarray
+
+    script = (
+        "import sys, json; from jacrun.runner import library_versions; v = library_versions(); "
+        "print(json.dumps([v['xarray'], 'xarray' in sys.modules, 'pandas' in sys.modules]))"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f'["{xarray.__version__}", false, false]'

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import jacrun
-from jacrun.cluster import blas_threads, insecure_address_warning, jobqueue_cluster
+from jacrun.cluster import blas_threads, connect, insecure_address_warning, jobqueue_cluster
 from jacrun.config import JobqueueClusterConfig, LocalClusterConfig, config_from_dict
 from jacrun.errors import ConfigError
+from jacrun.memory import HUGE_PAGE_MALLOC, worker_environ
 from tests.helpers import DaskProcesses, job_config, write_config
 
 
@@ -165,6 +167,32 @@ def test_jobqueue_job_scripts(tmp_path, kind, directives):
         cluster.close()
     for directive in [*directives, "module load python", "--nworkers 2", "--nthreads 2"]:
         assert directive in script, script
+    # the workers' malloc setting comes first, so the user's own lines may change it
+    export = f"export GLIBC_TUNABLES={HUGE_PAGE_MALLOC}"
+    assert script.index(export) < script.index("module load python"), script
+
+
+def test_a_prologue_that_sets_glibc_tunables_keeps_its_own():
+    mine = "export GLIBC_TUNABLES=glibc.malloc.arena_max=2"
+    cluster = jobqueue_cluster(JobqueueClusterConfig(kind="slurm", job_script_prologue=[mine]))
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert mine in script and HUGE_PAGE_MALLOC not in script, script
+
+
+def test_local_cluster_workers_start_with_huge_page_malloc(monkeypatch):
+    """glibc reads GLIBC_TUNABLES only at start: the nanny must set it before each worker
+    starts, and a user's own setting wins."""
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    config = LocalClusterConfig(workers=1, memory_limit="1GiB", dashboard=None)
+    with connect(config) as client:
+        assert set(client.run(os.environ.get, "GLIBC_TUNABLES").values()) == {HUGE_PAGE_MALLOC}
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    with connect(config) as client:
+        assert set(client.run(os.environ.get, "GLIBC_TUNABLES").values()) == {"glibc.malloc.arena_max=2"}
+    assert worker_environ({"GLIBC_TUNABLES": "x"}) == {}
 
 
 def test_jobqueue_refuses_more_processes_than_cores(tmp_path):
