@@ -1041,6 +1041,15 @@ def _hugepages() -> str:
     return "on" if _get_madvise_hugepage() else "off"
 
 
+def _profile_interval() -> str:
+    import dask
+
+    from jacrun.cluster import local_worker_settings
+
+    with local_worker_settings():
+        return dask.config.get("distributed.worker.profile.interval")
+
+
 def environment(frameworks: dict[str, str]) -> str:
     import numpy
 
@@ -1054,12 +1063,13 @@ def environment(frameworks: dict[str, str]) -> str:
             else f"NUMPY_MADVISE_HUGEPAGE={_USER_HUGEPAGE}, inherited from your environment"
         )
         + " (see the top of scripts/bench.py)",
-        "- the cluster's workers' malloc: "
+        "- the cluster's workers, as in jacrun's local clusters (`cluster.local_worker_settings`): "
         + (
             f"GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']}, inherited from your environment"
             if "GLIBC_TUNABLES" in os.environ
-            else "huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as jacrun's local clusters)"
-        ),
+            else "malloc with huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)"
+        )
+        + f", Dask's profiler sampling every {_profile_interval()}",
     ]
     for name in FRAMEWORKS:
         lines.append(f"- {name}: {frameworks[name]}")

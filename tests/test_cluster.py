@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jacrun
-from jacrun.cluster import blas_threads, connect, insecure_address_warning, jobqueue_cluster
+from jacrun.cluster import PROFILE_INTERVAL, blas_threads, connect, insecure_address_warning, jobqueue_cluster
 from jacrun.config import JobqueueClusterConfig, LocalClusterConfig, config_from_dict
 from jacrun.errors import ConfigError
 from jacrun.memory import HUGE_PAGE_MALLOC, worker_environ
@@ -189,10 +189,25 @@ def test_local_cluster_workers_start_with_huge_page_malloc(monkeypatch):
     config = LocalClusterConfig(workers=1, memory_limit="1GiB", dashboard=None)
     with connect(config) as client:
         assert set(client.run(os.environ.get, "GLIBC_TUNABLES").values()) == {HUGE_PAGE_MALLOC}
+        assert set(client.run(_profile_interval).values()) == {PROFILE_INTERVAL}
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
     with connect(config) as client:
         assert set(client.run(os.environ.get, "GLIBC_TUNABLES").values()) == {"glibc.malloc.arena_max=2"}
     assert worker_environ({"GLIBC_TUNABLES": "x"}) == {}
+
+
+def _profile_interval() -> str:
+    import dask
+
+    return dask.config.get("distributed.worker.profile.interval")
+
+
+def test_a_profile_interval_the_user_chose_is_kept():
+    import dask
+
+    config = LocalClusterConfig(workers=1, memory_limit="1GiB", dashboard=None)
+    with dask.config.set({"distributed.worker.profile.interval": "20ms"}), connect(config) as client:
+        assert set(client.run(_profile_interval).values()) == {"20ms"}
 
 
 def test_jobqueue_refuses_more_processes_than_cores(tmp_path):
