@@ -120,6 +120,7 @@ def test_end_to_end_on_a_cluster(bench: ModuleType, scheduler_address: str) -> N
     assert e2e.large.result_bytes == 4800 * (8 + 4) * 4
     assert e2e.small.peak_rss >= e2e.small.idle_rss > 0 and e2e.large.projected > 0
     assert e2e.kernel_rate > 0 and e2e.ratio > 0
+    assert len(e2e.kernel_rates) == 3 and e2e.kernel_rate == sorted(e2e.kernel_rates)[1]  # the median
     assert set(e2e.steps) == {
         "inputs (random x)",
         "vectors (random v)",
@@ -132,7 +133,7 @@ def test_end_to_end_on_a_cluster(bench: ModuleType, scheduler_address: str) -> N
     assert all(seconds > 0 and 0 < ratio < 1.2 for seconds, ratio in e2e.codecs.values())
     assert e2e.codecs["none"][1] == 1.0  # uncompressed chunks hold exactly the raw bytes
     table = bench.e2e_table(e2e, shapes)
-    assert "| total |" in table
+    assert "| total |" in table and "median of 3 measurements" in table
     assert [len(table_rows(table, name)) for name in ("zstd", "blosc", "none")] == [1, 1, 1]
     assert len(table_rows(table, "N")) == 1 and len(table_rows(table, "8N")) == 3
     assert e2e.large.block_seconds["kernel"] > 0  # the workers' own split, from the store
