@@ -1057,13 +1057,21 @@ def _hugepages() -> str:
     return "on" if _get_madvise_hugepage() else "off"
 
 
-def _profile_interval() -> str:
+def _worker_settings() -> str:
+    """What the benchmark's workers get from :func:`jacrun.cluster.local_worker_settings`."""
     import dask
 
     from jacrun.cluster import local_worker_settings
 
     with local_worker_settings():
-        return dask.config.get("distributed.worker.profile.interval")
+        environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
+        interval = dask.config.get("distributed.worker.profile.interval")
+    tunables = (
+        f"GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']}, inherited from your environment"
+        if "GLIBC_TUNABLES" in os.environ  # the nanny prefers the environment's value
+        else f"GLIBC_TUNABLES={environ.get('GLIBC_TUNABLES', 'unset')}"
+    )
+    return f"{tunables}; Dask's profiler every {interval}"
 
 
 def environment(frameworks: dict[str, str]) -> str:
@@ -1079,13 +1087,7 @@ def environment(frameworks: dict[str, str]) -> str:
             else f"NUMPY_MADVISE_HUGEPAGE={_USER_HUGEPAGE}, inherited from your environment"
         )
         + " (see the top of scripts/bench.py)",
-        "- the cluster's workers, as in jacrun's local clusters (`cluster.local_worker_settings`): "
-        + (
-            f"GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']}, inherited from your environment"
-            if "GLIBC_TUNABLES" in os.environ
-            else "malloc with huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)"
-        )
-        + f", Dask's profiler sampling every {_profile_interval()}",
+        f"- the cluster's workers, as jacrun's local clusters set them: {_worker_settings()}",
     ]
     for name in FRAMEWORKS:
         lines.append(f"- {name}: {frameworks[name]}")
