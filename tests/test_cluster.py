@@ -190,6 +190,14 @@ def test_local_cluster_workers_start_with_huge_page_malloc(monkeypatch):
     with connect(config) as client:
         assert set(client.run(os.environ.get, "GLIBC_TUNABLES").values()) == {HUGE_PAGE_MALLOC}
         assert set(client.run(_profile_interval).values()) == {PROFILE_INTERVAL}
+        before = set(client.run(os.getpid).values())
+        # a worker Dask restarts (after a crash, or on request) gets them too: from the nanny's
+        # settings, not from this process's environment, where the nanny also leaves them
+        monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+        client.restart()
+        assert set(client.run(os.getpid).values()).isdisjoint(before)
+        assert set(client.run(os.environ.get, "GLIBC_TUNABLES").values()) == {HUGE_PAGE_MALLOC}
+        assert set(client.run(_profile_interval).values()) == {PROFILE_INTERVAL}
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
     with connect(config) as client:
         assert set(client.run(os.environ.get, "GLIBC_TUNABLES").values()) == {"glibc.malloc.arena_max=2"}
