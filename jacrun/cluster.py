@@ -62,23 +62,35 @@ loop); one sample in 100 ms still profiles a job of minutes well."""
 _DASK_PROFILE_INTERVAL = "10ms"
 
 
-def local_worker_settings() -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def local_worker_settings() -> Iterator[None]:
     """Dask settings for the workers of a local cluster started inside the block.
 
     Their environment (:func:`jacrun.memory.worker_environ`), which Dask's nanny sets before it
     starts each worker process, restarts included; and :data:`PROFILE_INTERVAL`, unless the
-    user's Dask config already changed the interval.
+    user's Dask config already changed the interval. The nanny also copies the environment
+    into this process's ``os.environ``: on exit those variables are as they were before.
     """
     import dask
     import distributed  # noqa: F401 - loads Dask's distributed defaults into dask.config
 
+    environ = worker_environ()
     settings: dict[str, str] = {
-        f"distributed.nanny.pre-spawn-environ.{name}": value for name, value in worker_environ().items()
+        f"distributed.nanny.pre-spawn-environ.{name}": value for name, value in environ.items()
     }
     key = "distributed.worker.profile.interval"
     if dask.config.get(key) == _DASK_PROFILE_INTERVAL:
         settings[key] = PROFILE_INTERVAL
-    return dask.config.set(settings)
+    before = {name: os.environ.get(name) for name in environ}
+    try:
+        with dask.config.set(settings):
+            yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def blas_threads(config: LocalClusterConfig | AddressClusterConfig | JobqueueClusterConfig) -> int:

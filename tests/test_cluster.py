@@ -198,9 +198,11 @@ def test_local_cluster_workers_start_with_huge_page_malloc(monkeypatch):
         assert set(client.run(os.getpid).values()).isdisjoint(before)
         assert set(client.run(os.environ.get, "GLIBC_TUNABLES").values()) == {HUGE_PAGE_MALLOC}
         assert set(client.run(_profile_interval).values()) == {PROFILE_INTERVAL}
+    assert "GLIBC_TUNABLES" not in os.environ  # the nanny's copy in this process is undone
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
     with connect(config) as client:
         assert set(client.run(os.environ.get, "GLIBC_TUNABLES").values()) == {"glibc.malloc.arena_max=2"}
+    assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
     assert worker_environ({"GLIBC_TUNABLES": "x"}) == {}
 
 
