@@ -68,13 +68,16 @@ def local_worker_settings() -> Iterator[None]:
 
     Their environment (:func:`jacrun.memory.worker_environ`), which Dask's nanny sets before it
     starts each worker process, restarts included; and :data:`PROFILE_INTERVAL`, unless the
-    user's Dask config already changed the interval. The nanny also copies the environment
-    into this process's ``os.environ``: on exit those variables are as they were before.
+    user's Dask config already changed the interval. A variable that the environment or the
+    Dask config (``pre-spawn-environ``, even as null) already sets is left as it is. The nanny
+    also copies the environment into this process's ``os.environ``: on exit those variables
+    are as they were before.
     """
     import dask
     import distributed  # noqa: F401 - loads Dask's distributed defaults into dask.config
 
-    environ = worker_environ()
+    chosen = dask.config.get("distributed.nanny.pre-spawn-environ")  # the user's Dask config
+    environ = {name: value for name, value in worker_environ().items() if name not in chosen}
     settings: dict[str, str] = {
         f"distributed.nanny.pre-spawn-environ.{name}": value for name, value in environ.items()
     }
@@ -155,17 +158,29 @@ def jobqueue_kwargs(config: JobqueueClusterConfig) -> dict:
         "interface": config.interface,
         "local_directory": config.local_directory,
         "job_extra_directives": list(config.job_extra_directives),
-        "job_script_prologue": _prologue(config.job_script_prologue),
+        "job_script_prologue": _prologue(config.kind, config.job_script_prologue),
         "silence_logs": "error",
     }
     return {key: value for key, value in kwargs.items() if value is not None}
 
 
-def _prologue(lines: Sequence[str]) -> list[str]:
-    """The batch job's shell lines before its workers start: :func:`jacrun.memory.worker_environ`
-    exported first (unless the user's own lines set those variables), then the user's lines."""
+def _prologue(kind: str, lines: Sequence[str]) -> list[str]:
+    """The batch job's shell lines before its workers start.
+
+    The user's lines (from the config, else from dask-jobqueue's own config, as dask-jobqueue
+    would take them), after an export of each :func:`jacrun.memory.worker_environ` variable
+    that keeps a value the job already has (sbatch passes the submitting environment on) and
+    that is left out where the user's lines set the variable themselves.
+    """
+    import dask
+
+    lines = list(lines) or list(
+        dask.config.get(f"jobqueue.{kind}.job-script-prologue", None)
+        or dask.config.get(f"jobqueue.{kind}.env-extra", None)
+        or []
+    )
     exports = [
-        f"export {name}={value}"
+        f'export {name}="${{{name}-{value}}}"'
         for name, value in worker_environ({}).items()
         if not any(name in line for line in lines)
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ from jacrun.config import JobqueueClusterConfig, LocalClusterConfig, config_from
 from jacrun.errors import ConfigError
 from jacrun.memory import HUGE_PAGE_MALLOC, worker_environ
 from tests.helpers import DaskProcesses, job_config, write_config
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables")
 
 
 def make_certificates(folder: Path) -> dict[str, str]:
@@ -167,11 +170,14 @@ def test_jobqueue_job_scripts(tmp_path, kind, directives):
         cluster.close()
     for directive in [*directives, "module load python", "--nworkers 2", "--nthreads 2"]:
         assert directive in script, script
-    # the workers' malloc setting comes first, so the user's own lines may change it
-    export = f"export GLIBC_TUNABLES={HUGE_PAGE_MALLOC}"
-    assert script.index(export) < script.index("module load python"), script
+    # the workers' malloc setting comes first (keeping a value the job already has), so the
+    # user's own lines may change it; glibc tunables exist on Linux only
+    if sys.platform.startswith("linux"):
+        export = f'export GLIBC_TUNABLES="${{GLIBC_TUNABLES-{HUGE_PAGE_MALLOC}}}"'
+        assert script.index(export) < script.index("module load python"), script
 
 
+@linux_only
 def test_a_prologue_that_sets_glibc_tunables_keeps_its_own():
     mine = "export GLIBC_TUNABLES=glibc.malloc.arena_max=2"
     cluster = jobqueue_cluster(JobqueueClusterConfig(kind="slurm", job_script_prologue=[mine]))
@@ -182,13 +188,40 @@ def test_a_prologue_that_sets_glibc_tunables_keeps_its_own():
     assert mine in script and HUGE_PAGE_MALLOC not in script, script
 
 
+@linux_only
+def test_a_prologue_from_dask_jobqueues_config_still_counts():
+    """With no job_script_prologue in the job's config, dask-jobqueue's own config supplies
+    the lines, as it would without jacrun; the malloc export goes before them."""
+    import dask
+
+    with dask.config.set({"jobqueue.slurm.job-script-prologue": ["module load site-python"]}):
+        cluster = jobqueue_cluster(JobqueueClusterConfig(kind="slurm"))
+        try:
+            script = cluster.job_script()
+        finally:
+            cluster.close()
+    assert script.index(HUGE_PAGE_MALLOC) < script.index("module load site-python"), script
+
+
+def _started_with(name: str) -> str | None:
+    """``name`` in the environment this process started with (what glibc read), not as
+    changed since (Dask's worker also copies its nanny's environment in after it starts)."""
+    with open("/proc/self/environ", "rb") as environ:
+        for entry in environ.read().split(b"\0"):
+            key, _, value = entry.decode().partition("=")
+            if key == name:
+                return value
+    return None
+
+
+@linux_only
 def test_local_cluster_workers_start_with_huge_page_malloc(monkeypatch):
     """glibc reads GLIBC_TUNABLES only at start: the nanny must set it before each worker
     starts, and a user's own setting wins."""
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     config = LocalClusterConfig(workers=1, memory_limit="1GiB", dashboard=None)
     with connect(config) as client:
-        assert set(client.run(os.environ.get, "GLIBC_TUNABLES").values()) == {HUGE_PAGE_MALLOC}
+        assert set(client.run(_started_with, "GLIBC_TUNABLES").values()) == {HUGE_PAGE_MALLOC}
         assert set(client.run(_profile_interval).values()) == {PROFILE_INTERVAL}
         before = set(client.run(os.getpid).values())
         # a worker Dask restarts (after a crash, or on request) gets them too: from the nanny's
@@ -196,14 +229,28 @@ def test_local_cluster_workers_start_with_huge_page_malloc(monkeypatch):
         monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
         client.restart()
         assert set(client.run(os.getpid).values()).isdisjoint(before)
-        assert set(client.run(os.environ.get, "GLIBC_TUNABLES").values()) == {HUGE_PAGE_MALLOC}
+        assert set(client.run(_started_with, "GLIBC_TUNABLES").values()) == {HUGE_PAGE_MALLOC}
         assert set(client.run(_profile_interval).values()) == {PROFILE_INTERVAL}
     assert "GLIBC_TUNABLES" not in os.environ  # the nanny's copy in this process is undone
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
     with connect(config) as client:
-        assert set(client.run(os.environ.get, "GLIBC_TUNABLES").values()) == {"glibc.malloc.arena_max=2"}
+        assert set(client.run(_started_with, "GLIBC_TUNABLES").values()) == {"glibc.malloc.arena_max=2"}
     assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
     assert worker_environ({"GLIBC_TUNABLES": "x"}) == {}
+
+
+@linux_only
+def test_glibc_tunables_in_the_users_dask_config_are_kept(monkeypatch):
+    """Dask's own way to set (or, with null, unset) a worker variable wins over jacrun's."""
+    import dask
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    config = LocalClusterConfig(workers=1, memory_limit="1GiB", dashboard=None)
+    with (
+        dask.config.set({"distributed.nanny.pre-spawn-environ.GLIBC_TUNABLES": None}),
+        connect(config) as client,
+    ):
+        assert set(client.run(_started_with, "GLIBC_TUNABLES").values()) == {None}
 
 
 def _profile_interval() -> str:
