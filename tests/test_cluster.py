@@ -19,6 +19,7 @@ from jacrun.memory import HUGE_PAGE_MALLOC, worker_environ
 from tests.helpers import DaskProcesses, job_config, write_config
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables")
+ONE_WORKER = LocalClusterConfig(workers=1, memory_limit="1GiB", dashboard=None)
 
 
 def make_certificates(folder: Path) -> dict[str, str]:
@@ -219,8 +220,7 @@ def test_local_cluster_workers_start_with_huge_page_malloc(monkeypatch):
     """glibc reads GLIBC_TUNABLES only at start: the nanny must set it before each worker
     starts, and a user's own setting wins."""
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    config = LocalClusterConfig(workers=1, memory_limit="1GiB", dashboard=None)
-    with connect(config) as client:
+    with connect(ONE_WORKER) as client:
         assert set(client.run(_started_with, "GLIBC_TUNABLES").values()) == {HUGE_PAGE_MALLOC}
         assert set(client.run(_profile_interval).values()) == {PROFILE_INTERVAL}
         before = set(client.run(os.getpid).values())
@@ -233,7 +233,7 @@ def test_local_cluster_workers_start_with_huge_page_malloc(monkeypatch):
         assert set(client.run(_profile_interval).values()) == {PROFILE_INTERVAL}
     assert "GLIBC_TUNABLES" not in os.environ  # the nanny's copy in this process is undone
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
-    with connect(config) as client:
+    with connect(ONE_WORKER) as client:
         assert set(client.run(_started_with, "GLIBC_TUNABLES").values()) == {"glibc.malloc.arena_max=2"}
     assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
     assert worker_environ({"GLIBC_TUNABLES": "x"}) == {}
@@ -245,10 +245,9 @@ def test_glibc_tunables_in_the_users_dask_config_are_kept(monkeypatch):
     import dask
 
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    config = LocalClusterConfig(workers=1, memory_limit="1GiB", dashboard=None)
     with (
         dask.config.set({"distributed.nanny.pre-spawn-environ.GLIBC_TUNABLES": None}),
-        connect(config) as client,
+        connect(ONE_WORKER) as client,
     ):
         assert set(client.run(_started_with, "GLIBC_TUNABLES").values()) == {None}
 
@@ -262,8 +261,7 @@ def _profile_interval() -> str:
 def test_a_profile_interval_the_user_chose_is_kept():
     import dask
 
-    config = LocalClusterConfig(workers=1, memory_limit="1GiB", dashboard=None)
-    with dask.config.set({"distributed.worker.profile.interval": "20ms"}), connect(config) as client:
+    with dask.config.set({"distributed.worker.profile.interval": "20ms"}), connect(ONE_WORKER) as client:
         assert set(client.run(_profile_interval).values()) == {"20ms"}
 
 
