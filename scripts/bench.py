@@ -40,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -771,7 +771,10 @@ class EndToEnd:
     cluster_start: float
     small: Job
     large: Job
-    kernel_rate: float
+    kernel_rates: list[float]
+    """Each measurement of the in-process kernel, taken while no cluster runs (one before the
+    jobs, two after); ``kernel_rate`` is their median: one measurement on a shared machine
+    moves a ratio by several points."""
     steps: dict[str, float] = field(default_factory=dict)
     """Seconds of each step of one block in this process with 1 BLAS thread."""
     pipeline_rate: float = math.nan
@@ -782,12 +785,18 @@ class EndToEnd:
     """The 8N job with ``compression: blosc`` (lz4, bitshuffle)."""
     jacobian: Job | None = None
     """Per-sample Jacobians, a job writing as much as 8N."""
-    jacobian_kernel_rate: float = math.nan
+    jacobian_kernel_rates: list[float] = field(default_factory=list)
+    """The in-process Jacobian kernel, measured before and after the jobs, like the vjp's."""
     codecs: dict[str, tuple[float, float]] = field(default_factory=dict)
     """compression -> (seconds to write one block, stored / raw bytes)."""
-    kernel_rates: list[float] = field(default_factory=list)
-    """Each measurement of the in-process kernel (one after each 8N job); ``kernel_rate`` is
-    their median: one measurement on a shared machine moves a ratio by several points."""
+
+    @property
+    def kernel_rate(self) -> float:
+        return statistics.median(self.kernel_rates)
+
+    @property
+    def jacobian_kernel_rate(self) -> float:
+        return statistics.median(self.jacobian_kernel_rates) if self.jacobian_kernel_rates else math.nan
 
     @property
     def rate(self) -> float:
@@ -813,105 +822,121 @@ class EndToEnd:
         return self.large.peak_increase / max(self.small.peak_increase, 1) - 1
 
 
+Cluster = tuple[str, Callable[[], Sequence[int]], float]
+"""(scheduler address, a callable that restarts the workers and returns their pids, seconds
+the cluster took to start)."""
+
+
 def measure_e2e(
     shapes: Shapes,
-    address: str,
-    fresh_workers: Callable[[], Sequence[int]],
-    cluster_start: float,
+    cluster: Callable[[], contextlib.AbstractContextManager[Cluster]],
     log: Callable[[str], None],
 ) -> EndToEnd:
-    """The N and 8N jobs on the cluster at ``address``, each on fresh workers (``fresh_workers``
-    returns their pids), then the in-process kernel and one block's steps, same block shape."""
+    """The cluster jobs (N, 8N, 8N with blosc and without compression, Jacobians), each on
+    fresh workers, inside ``cluster()``; the in-process kernels before and after it, while no
+    cluster runs (idle Dask workers and a scheduler in this process cost the kernel 3-5%, more
+    right after a job: a baseline measured beside them flatters every ratio); then one
+    block's steps, the in-process pipeline and the codecs, on the 8N job's store."""
     folder = Path(tempfile.mkdtemp(prefix="jacrun-bench-"))
+    large_n = 8 * shapes.e2e_samples
     try:
-        log(f"  job of {shapes.e2e_samples} samples")
-        small = run_job(shapes, shapes.e2e_samples, folder, address, fresh_workers())
-        large_n = 8 * shapes.e2e_samples
-        log(f"  {small.seconds:.1f} s; job of {large_n} samples")
-        large = run_job(shapes, large_n, folder, address, fresh_workers(), keep=True)
-        log(f"  {large.seconds:.1f} s; in-process kernel and block steps")
-        kernel_rates = [in_process_rate(shapes, large.rows_per_block, shapes.reps)]
+        log("  in-process kernels, before the cluster starts")
+        kernel_rates, jacobian_rates = _in_process_rates(shapes)
+        with cluster() as (address, fresh_workers, cluster_start):
+            log(f"  cluster up in {cluster_start:.1f} s; job of {shapes.e2e_samples} samples")
+            small = run_job(shapes, shapes.e2e_samples, folder, address, fresh_workers())
+            log(f"  {small.seconds:.1f} s; job of {large_n} samples")
+            large = run_job(shapes, large_n, folder, address, fresh_workers(), keep=True)
+            log(f"  {large.seconds:.1f} s; the same job with compression: blosc")
+            blosc = run_job(shapes, large_n, folder, address, fresh_workers(), compression="blosc")
+            log(f"  {blosc.seconds:.1f} s; the same job with compression: none")
+            uncompressed = run_job(shapes, large_n, folder, address, fresh_workers(), compression="none")
+            n_jacobian = shapes.e2e_jacobian_samples
+            log(f"  {uncompressed.seconds:.1f} s; Jacobians of {n_jacobian} samples")
+            jacobian = run_job(shapes, n_jacobian, folder, address, fresh_workers(), mode="jacobian")
+            log(f"  {jacobian.seconds:.1f} s")
+        log("  in-process kernels, block steps, pipeline and codecs, after the cluster closed")
+        for rates, more in zip((kernel_rates, jacobian_rates), _in_process_rates(shapes), strict=True):
+            rates.extend(more)
+        kernel_rates.append(in_process_rate(shapes, shapes.e2e_block, shapes.reps))
+        store = folder / f"e2e-{large_n}.zarr"
         try:
-            steps = block_breakdown(shapes, large_n, folder / f"e2e-{large_n}.zarr", shapes.reps)
+            steps = block_breakdown(shapes, large_n, store, shapes.reps)
         except Exception as exc:  # noqa: BLE001 - jacrun internals another engineer may change
             steps = {f"unavailable ({type(exc).__name__}: {exc})": math.nan}
-        pipeline = in_process_pipeline_rate(shapes, large_n, folder / f"e2e-{large_n}.zarr")
+        pipeline = in_process_pipeline_rate(shapes, large_n, store)
         try:
             codecs = codec_costs(shapes, folder, shapes.reps)
         except Exception as exc:  # noqa: BLE001 - jacrun internals another engineer may change
             log(f"  codec costs unavailable ({type(exc).__name__}: {exc})")
             codecs = {}
-        shutil.rmtree(folder / f"e2e-{large_n}.zarr", ignore_errors=True)
-        log("  the same job with compression: blosc")
-        blosc = run_job(shapes, large_n, folder, address, fresh_workers(), compression="blosc")
-        log(f"  {blosc.seconds:.1f} s; in-process kernel")
-        kernel_rates.append(in_process_rate(shapes, large.rows_per_block, shapes.reps))
-        log("  the same job with compression: none")
-        uncompressed = run_job(shapes, large_n, folder, address, fresh_workers(), compression="none")
-        log(f"  {uncompressed.seconds:.1f} s; in-process kernel")
-        kernel_rates.append(in_process_rate(shapes, large.rows_per_block, shapes.reps))
-        n_jacobian = shapes.e2e_jacobian_samples
-        log(f"  Jacobians of {n_jacobian} samples")
-        jacobian = run_job(shapes, n_jacobian, folder, address, fresh_workers(), mode="jacobian")
-        log(f"  {jacobian.seconds:.1f} s; in-process Jacobian kernel")
-        jacobian_rate = in_process_rate(shapes, jacobian.rows_per_block, max(3, shapes.reps - 2), "jacobian")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return EndToEnd(
         cluster_start,
         small,
         large,
-        statistics.median(kernel_rates),
+        kernel_rates,
         steps,
         pipeline,
         uncompressed,
         blosc,
         jacobian,
-        jacobian_rate,
+        jacobian_rates,
         codecs,
-        kernel_rates,
     )
 
 
+def _in_process_rates(shapes: Shapes) -> tuple[list[float], list[float]]:
+    """([vjp kernel samples/s], [Jacobian kernel samples/s]) on the jobs' block shapes."""
+    vjp = in_process_rate(shapes, shapes.e2e_block, shapes.reps)
+    jacobian = in_process_rate(shapes, shapes.e2e_jacobian_block, max(3, shapes.reps - 2), "jacobian")
+    return [vjp], [jacobian]
+
+
 def bench_e2e(shapes: Shapes, log: Callable[[str], None]) -> EndToEnd:
-    """Start a LocalCluster of 2 worker processes x 1 thread and measure on it."""
-    import logging
+    """Measure on a LocalCluster of 2 worker processes x 1 thread, started for the jobs only."""
 
-    from distributed import Client, LocalCluster
+    @contextlib.contextmanager
+    def local_cluster() -> Iterator[Cluster]:
+        import logging
 
-    from jacrun.cluster import local_worker_settings
+        from distributed import Client, LocalCluster
 
-    start = time.perf_counter()
-    with (
-        local_worker_settings(),  # the workers' environment, as jacrun's own local clusters
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-            memory_limit="8GiB",
-            silence_logs=logging.CRITICAL,
-        ) as cluster,
-        Client(cluster, set_as_default=False) as client,
-    ):
-        client.run(_warm_worker)
-        cluster_start = time.perf_counter() - start
-        log(f"  cluster up in {cluster_start:.1f} s")
+        from jacrun.cluster import local_worker_settings
 
-        def fresh_workers() -> list[int]:
-            client.restart()
-            return list(client.run(_warm_worker).values())
+        start = time.perf_counter()
+        with (
+            local_worker_settings(),  # the workers' environment, as jacrun's own local clusters
+            LocalCluster(
+                n_workers=2,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=None,
+                memory_limit="8GiB",
+                silence_logs=logging.CRITICAL,
+            ) as cluster,
+            Client(cluster, set_as_default=False) as client,
+        ):
+            client.run(_warm_worker)
 
-        return measure_e2e(shapes, cluster.scheduler_address, fresh_workers, cluster_start, log)
+            def fresh_workers() -> list[int]:
+                client.restart()
+                return list(client.run(_warm_worker).values())
+
+            yield cluster.scheduler_address, fresh_workers, time.perf_counter() - start
+
+    return measure_e2e(shapes, local_cluster, log)
 
 
 def _spread(rates: Sequence[float]) -> str:
-    """' (median of 3 measurements, one after each 8N job: 48,083-52,912)', or ''."""
+    """' (median of 3 measurements with no cluster running, ...: 48,083-52,912)', or ''."""
     if len(rates) < 2:
         return ""
     return (
-        f" (median of {len(rates)} measurements, one after each 8N job: {min(rates):,.0f}-{max(rates):,.0f})"
+        f" (median of {len(rates)} measurements with no cluster running, one before the jobs and "
+        f"{len(rates) - 1} after: {min(rates):,.0f}-{max(rates):,.0f})"
     )
 
 
@@ -949,7 +974,8 @@ def e2e_table(e2e: EndToEnd, shapes: Shapes) -> str:
     lines += [
         "",
         f"In-process kernel (same function, block of {e2e.large.rows_per_block:,} rows, this "
-        f"process's BLAS threads): {e2e.kernel_rate:,.0f} samples/s{_spread(e2e.kernel_rates)}. "
+        f"process's BLAS threads, no cluster running): {e2e.kernel_rate:,.0f} samples/s"
+        f"{_spread(e2e.kernel_rates)}. "
         "End to end (8N): "
         f"{e2e.rate:,.0f} samples/s = **{e2e.ratio:.0%}** of it ({e2e.ratio_with_start:.0%} counting the "
         f"cluster start). Peak worker memory above idle at 8N vs N: **{e2e.growth:+.1%}**.",

@@ -3,6 +3,7 @@ cells and verdicts. They check the script, not the speed (``--quick`` shapes mea
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -107,14 +108,32 @@ def test_framework_cells_and_targets(bench: ModuleType) -> None:
     assert verdicts["mlp vjp float32 >= 1.1x jax jit(vjp)"] == "**no**"
 
 
-def test_end_to_end_on_a_cluster(bench: ModuleType, scheduler_address: str) -> None:
+def test_end_to_end_on_a_cluster(
+    bench: ModuleType, scheduler_address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The end-to-end part on the test cluster: two small jobs, memory sampled, a table."""
     from distributed import Client
 
     shapes = dataclasses.replace(bench.QUICK, e2e_samples=600, e2e_block=300, e2e_sizes=(8, 16, 4), reps=1)
     with Client(scheduler_address, set_as_default=False) as client:
         pids = list(client.run(os.getpid).values())
-    e2e = bench.measure_e2e(shapes, scheduler_address, lambda: pids, 0.0, lambda message: None)
+    inside: list[bool] = []  # whether the cluster is "running": no kernel baseline beside it
+    kernels: list[tuple[str, bool]] = []
+    measure = bench.in_process_rate
+
+    def recorded(*args, **kwargs):
+        kernels.append((args[3] if len(args) > 3 else kwargs.get("mode", "vjp"), bool(inside)))
+        return measure(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def test_cluster():  # the session's cluster, "started" for the jobs only
+        inside.append(True)
+        yield scheduler_address, lambda: pids, 0.0
+        inside.clear()
+
+    monkeypatch.setattr(bench, "in_process_rate", recorded)
+    e2e = bench.measure_e2e(shapes, test_cluster, lambda message: None)
+    assert sorted(kernels) == [("jacobian", False)] * 2 + [("vjp", False)] * 3
     assert e2e.small.ok and e2e.large.ok
     assert (e2e.small.blocks, e2e.large.blocks) == (2, 16)
     assert e2e.large.result_bytes == 4800 * (8 + 4) * 4
@@ -133,7 +152,7 @@ def test_end_to_end_on_a_cluster(bench: ModuleType, scheduler_address: str) -> N
     assert all(seconds > 0 and 0 < ratio < 1.2 for seconds, ratio in e2e.codecs.values())
     assert e2e.codecs["none"][1] == 1.0  # uncompressed chunks hold exactly the raw bytes
     table = bench.e2e_table(e2e, shapes)
-    assert "| total |" in table and "median of 3 measurements" in table
+    assert "| total |" in table and "median of 3 measurements with no cluster running" in table
     assert [len(table_rows(table, name)) for name in ("zstd", "blosc", "none")] == [1, 1, 1]
     assert len(table_rows(table, "N")) == 1 and len(table_rows(table, "8N")) == 3
     assert e2e.large.block_seconds["kernel"] > 0  # the workers' own split, from the store
@@ -141,6 +160,7 @@ def test_end_to_end_on_a_cluster(bench: ModuleType, scheduler_address: str) -> N
     assert e2e.uncompressed is not None and e2e.uncompressed.ok
     assert e2e.blosc is not None and e2e.blosc.ok
     assert e2e.jacobian is not None and e2e.jacobian.ok and e2e.jacobian_kernel_rate > 0
+    assert len(e2e.jacobian_kernel_rates) == 2  # before and after the jobs
     assert e2e.jacobian.result_bytes == shapes.e2e_jacobian_samples * (4 * 8 + 4) * 4  # J and y
     (jacobian,) = table_rows(table, "per-sample Jacobians")
     assert jacobian[1] == f"{shapes.e2e_jacobian_samples:,}"
