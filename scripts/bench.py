@@ -1093,13 +1093,14 @@ def _worker_settings() -> str:
 
     with local_worker_settings():
         environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
-        interval = dask.config.get("distributed.worker.profile.interval")
+        profile = dask.config.get("distributed.worker.profile.interval")
+        tick = dask.config.get("distributed.admin.tick.interval")
     tunables = (
         f"GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']}, inherited from your environment"
         if "GLIBC_TUNABLES" in os.environ  # the nanny prefers the environment's value
         else f"GLIBC_TUNABLES={environ.get('GLIBC_TUNABLES', 'unset')}"
     )
-    return f"{tunables}; Dask's profiler every {interval}"
+    return f"{tunables}; Dask's profiler every {profile}, its event-loop tick every {tick}"
 
 
 def environment(frameworks: dict[str, str]) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jacrun
-from jacrun.cluster import PROFILE_INTERVAL, blas_threads, connect, insecure_address_warning, jobqueue_cluster
+from jacrun.cluster import LOCAL_INTERVALS, blas_threads, connect, insecure_address_warning, jobqueue_cluster
 from jacrun.config import JobqueueClusterConfig, LocalClusterConfig, config_from_dict
 from jacrun.errors import ConfigError
 from jacrun.memory import HUGE_PAGE_MALLOC, worker_environ
@@ -222,7 +222,7 @@ def test_local_cluster_workers_start_with_huge_page_malloc(monkeypatch):
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     with connect(ONE_WORKER) as client:
         assert set(client.run(_started_with, "GLIBC_TUNABLES").values()) == {HUGE_PAGE_MALLOC}
-        assert set(client.run(_profile_interval).values()) == {PROFILE_INTERVAL}
+        assert set(client.run(_intervals).values()) == {INTERVALS}
         before = set(client.run(os.getpid).values())
         # a worker Dask restarts (after a crash, or on request) gets them too: from the nanny's
         # settings, not from this process's environment, where the nanny also leaves them
@@ -230,7 +230,7 @@ def test_local_cluster_workers_start_with_huge_page_malloc(monkeypatch):
         client.restart()
         assert set(client.run(os.getpid).values()).isdisjoint(before)
         assert set(client.run(_started_with, "GLIBC_TUNABLES").values()) == {HUGE_PAGE_MALLOC}
-        assert set(client.run(_profile_interval).values()) == {PROFILE_INTERVAL}
+        assert set(client.run(_intervals).values()) == {INTERVALS}
     assert "GLIBC_TUNABLES" not in os.environ  # the nanny's copy in this process is undone
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
     with connect(ONE_WORKER) as client:
@@ -252,17 +252,39 @@ def test_glibc_tunables_in_the_users_dask_config_are_kept(monkeypatch):
         assert set(client.run(_started_with, "GLIBC_TUNABLES").values()) == {None}
 
 
-def _profile_interval() -> str:
+INTERVALS = (0.1, 1.0)
+"""LOCAL_INTERVALS as a running worker's (profile, tick) periodic callbacks see them, in seconds."""
+
+
+def _intervals(dask_worker) -> tuple[float, float]:
+    """The periods a running worker's profiler and tick callbacks really use."""
+    callbacks = dask_worker.periodic_callbacks
+    return (callbacks["profile"].callback_time / 1000, callbacks["tick"].callback_time / 1000)
+
+
+def test_local_clusters_run_at_jacrun_intervals():
+    """The workers' profiler and tick, and the scheduler's tick (in this process)."""
+    from dask.utils import parse_timedelta
+
+    assert tuple(parse_timedelta(value) for value in LOCAL_INTERVALS.values()) == INTERVALS
+    with connect(ONE_WORKER) as client:
+        assert set(client.run(_intervals).values()) == {INTERVALS}
+        tick = client.run_on_scheduler(_tick_milliseconds)
+        assert tick == 1000
+
+
+def _tick_milliseconds(dask_scheduler) -> float:
+    return dask_scheduler.periodic_callbacks["tick"].callback_time
+
+
+def test_intervals_the_user_chose_are_kept():
     import dask
 
-    return dask.config.get("distributed.worker.profile.interval")
-
-
-def test_a_profile_interval_the_user_chose_is_kept():
-    import dask
-
-    with dask.config.set({"distributed.worker.profile.interval": "20ms"}), connect(ONE_WORKER) as client:
-        assert set(client.run(_profile_interval).values()) == {"20ms"}
+    chosen = {"distributed.worker.profile.interval": "20ms", "distributed.admin.tick.interval": "50ms"}
+    with dask.config.set(chosen), connect(ONE_WORKER) as client:
+        assert set(client.run(_intervals).values()) == {(0.02, 0.05)}
+    with dask.config.set({"distributed.admin.tick.interval": "50ms"}), connect(ONE_WORKER) as client:
+        assert set(client.run(_intervals).values()) == {(0.1, 0.05)}  # one chosen, one jacrun's
 
 
 def test_jobqueue_refuses_more_processes_than_cores(tmp_path):
