@@ -89,8 +89,9 @@ def local_worker_settings() -> Iterator[None]:
     starts each worker process, restarts included; and :data:`LOCAL_INTERVALS`, each unless
     the user's Dask config already changed it. A variable that the environment or the Dask
     config (``pre-spawn-environ``, even as null) already sets is left as it is. The nanny
-    also copies the environment into this process's ``os.environ``: on exit those variables
-    are as they were before.
+    also copies that whole environment, Dask's own variables included (``OMP_NUM_THREADS=1``
+    and the like), into this process's ``os.environ``, where every program the caller starts
+    later would inherit it: on exit all those variables are as they were before.
     """
     import dask
     import distributed  # noqa: F401 - loads Dask's distributed defaults into dask.config
@@ -103,7 +104,7 @@ def local_worker_settings() -> Iterator[None]:
     for key, value in LOCAL_INTERVALS.items():
         if dask.config.get(key) == _dask_default(key):
             settings[key] = value
-    before = {name: os.environ.get(name) for name in environ}
+    before = {name: os.environ.get(name) for name in {*chosen, *environ}}
     try:
         with dask.config.set(settings):
             yield

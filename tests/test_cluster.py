@@ -277,6 +277,25 @@ def _tick_milliseconds(dask_scheduler) -> float:
     return dask_scheduler.periodic_callbacks["tick"].callback_time
 
 
+@linux_only
+def test_a_local_cluster_leaves_this_process_environment_as_it_was(monkeypatch):
+    """Dask's nanny copies its pre-spawn variables (OMP_NUM_THREADS=1, ...) into the process
+    that starts the cluster; after the job, programs this process starts must not get them."""
+    import dask
+    import distributed  # noqa: F401 - Dask's defaults
+
+    names = [*dask.config.get("distributed.nanny.pre-spawn-environ"), "GLIBC_TUNABLES"]
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own value stays
+    with connect(ONE_WORKER) as client:
+        assert set(client.run(_started_with, "OMP_NUM_THREADS").values()) == {"3"}
+        assert set(client.run(_started_with, "MKL_NUM_THREADS").values()) == {"1"}  # Dask's
+    assert {name: os.environ.get(name) for name in names} == {
+        name: "3" if name == "OMP_NUM_THREADS" else None for name in names
+    }
+
+
 def test_intervals_the_user_chose_are_kept():
     import dask
 
