@@ -528,7 +528,8 @@ def kernel_table(rows: Sequence[Row]) -> str:
 
 
 class RssSampler:
-    """Peak resident memory of some processes, sampled every ``interval`` seconds in a thread."""
+    """Peak resident memory of some processes, sampled every ``interval`` seconds in a thread,
+    and the CPU seconds they and this process used while it ran (``cpu``, on exit)."""
 
     def __init__(self, pids: Sequence[int], interval: float = 0.01) -> None:
         import psutil
@@ -536,8 +537,18 @@ class RssSampler:
         self.processes = [psutil.Process(pid) for pid in pids]
         self.interval = interval
         self.peak = {p.pid: 0 for p in self.processes}
+        self.cpu = {"workers": 0.0, "this process": 0.0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _cpu_now(self) -> dict[str, float]:
+        import psutil
+
+        def used(process: psutil.Process) -> float:
+            times = process.cpu_times()
+            return times.user + times.system
+
+        return {"workers": sum(map(used, self.processes)), "this process": used(psutil.Process())}
 
     def current(self) -> dict[int, int]:
         return {p.pid: p.memory_info().rss for p in self.processes}
@@ -549,12 +560,14 @@ class RssSampler:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> RssSampler:
+        self._cpu_start = self._cpu_now()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self.cpu = {who: seconds - self._cpu_start[who] for who, seconds in self._cpu_now().items()}
 
 
 def _warm_worker() -> int:
@@ -580,6 +593,7 @@ class Job:
     peak_increase: int  # the largest (peak - idle) over the workers
     projected: int  # plan: projected memory per block
     block_seconds: dict[str, float] = field(default_factory=dict)  # workers' seconds per block step
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds of the workers, this process
 
 
 def e2e_config(
@@ -645,6 +659,7 @@ def run_job(
         peak_increase=max(sampler.peak[pid] - idle[pid] for pid in idle),
         projected=plan["memory_per_block"],
         block_seconds=(attrs.get("throughput") or {}).get("block_seconds", {}),
+        cpu=sampler.cpu,
     )
     if not keep:
         shutil.rmtree(store, ignore_errors=True)
@@ -940,6 +955,21 @@ def _spread(rates: Sequence[float]) -> str:
     )
 
 
+def cpu_line(job: Job) -> str:
+    """How much of the machine's CPU the 8N job used, and who used it."""
+    cores = os.cpu_count() or 1
+    available = job.seconds * cores
+    workers, here = job.cpu.get("workers", math.nan), job.cpu.get("this process", math.nan)
+    return (
+        f"CPU during the 8N job: the workers used {workers:.1f} s and this process (scheduler, "
+        f"client, nannies, the memory sampler) {here:.1f} s, of {available:.1f} core-seconds "
+        f"({job.seconds:.1f} s x {cores} cores): **{(workers + here) / available:.0%}** of the "
+        "machine. Near 100%, the job is bound by CPU: its ratio to the in-process kernel is "
+        "then about the kernel's share of all that CPU, and only less work around the kernel "
+        "(inputs, encoding, writing, Dask) raises it."
+    )
+
+
 def steps_table(seconds: dict[str, float]) -> list[str]:
     """Markdown rows: each step's time (ms) and share of one block, then the total."""
     total = sum(seconds.values())
@@ -979,6 +1009,8 @@ def e2e_table(e2e: EndToEnd, shapes: Shapes) -> str:
         "End to end (8N): "
         f"{e2e.rate:,.0f} samples/s = **{e2e.ratio:.0%}** of it ({e2e.ratio_with_start:.0%} counting the "
         f"cluster start). Peak worker memory above idle at 8N vs N: **{e2e.growth:+.1%}**.",
+        "",
+        cpu_line(e2e.large),
         "",
         f"In-process pipeline (the job's whole blocks one after the other, without Dask: "
         f"generate x and v, kernel, finiteness, write; this process's BLAS threads): "
