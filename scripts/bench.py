@@ -545,7 +545,10 @@ class RssSampler:
         import psutil
 
         def used(process: psutil.Process) -> float:
-            times = process.cpu_times()
+            try:
+                times = process.cpu_times()
+            except psutil.Error:  # a worker that died (its job is then reported as failed)
+                return math.nan
             return times.user + times.system
 
         return {"workers": sum(map(used, self.processes)), "this process": used(psutil.Process())}
@@ -801,7 +804,8 @@ class EndToEnd:
     jacobian: Job | None = None
     """Per-sample Jacobians, a job writing as much as 8N."""
     jacobian_kernel_rates: list[float] = field(default_factory=list)
-    """The in-process Jacobian kernel, measured before and after the jobs, like the vjp's."""
+    """The in-process Jacobian kernel, measured with no cluster running: once before the jobs
+    and once after (``jacobian_kernel_rate`` is their mean)."""
     codecs: dict[str, tuple[float, float]] = field(default_factory=dict)
     """compression -> (seconds to write one block, stored / raw bytes)."""
 
@@ -849,8 +853,8 @@ def measure_e2e(
 ) -> EndToEnd:
     """The cluster jobs (N, 8N, 8N with blosc and without compression, Jacobians), each on
     fresh workers, inside ``cluster()``; the in-process kernels before and after it, while no
-    cluster runs (idle Dask workers and a scheduler in this process cost the kernel 3-5%, more
-    right after a job: a baseline measured beside them flatters every ratio); then one
+    cluster runs (idle Dask workers and a scheduler in this process cost the kernel 3-5%, up
+    to 15% right after a job: a baseline measured beside them flatters every ratio); then one
     block's steps, the in-process pipeline and the codecs, on the 8N job's store."""
     folder = Path(tempfile.mkdtemp(prefix="jacrun-bench-"))
     large_n = 8 * shapes.e2e_samples

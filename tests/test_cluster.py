@@ -284,16 +284,17 @@ def test_a_local_cluster_leaves_this_process_environment_as_it_was(monkeypatch):
     import dask
     import distributed  # noqa: F401 - Dask's defaults
 
-    names = [*dask.config.get("distributed.nanny.pre-spawn-environ"), "GLIBC_TUNABLES"]
+    names = [*dask.config.get("distributed.nanny.pre-spawn-environ"), "GLIBC_TUNABLES", "PYTHONHASHSEED"]
     for name in names:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own value stays
     with connect(ONE_WORKER) as client:
         assert set(client.run(_started_with, "OMP_NUM_THREADS").values()) == {"3"}
         assert set(client.run(_started_with, "MKL_NUM_THREADS").values()) == {"1"}  # Dask's
-    assert {name: os.environ.get(name) for name in names} == {
-        name: "3" if name == "OMP_NUM_THREADS" else None for name in names
-    }
+        assert set(client.run(_started_with, "PYTHONHASHSEED").values()) != {None}  # the nanny's
+        os.environ["OPENBLAS_NUM_THREADS"] = "4"  # the caller's own, set inside: kept
+    expected = {name: None for name in names} | {"OMP_NUM_THREADS": "3", "OPENBLAS_NUM_THREADS": "4"}
+    assert {name: os.environ.get(name) for name in names} == expected
 
 
 def test_intervals_the_user_chose_are_kept():
