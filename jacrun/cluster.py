@@ -71,14 +71,14 @@ a second; at 1 s an idle local cluster uses a third less CPU and an 8N MLP job r
 faster (8 paired runs)."""
 
 
-def _dask_default(key: str) -> object:
-    """``key``'s value in Dask's own defaults, before any user config."""
+def _dask_defaults() -> dict:
+    """Dask's own defaults, before any user config (a config for ``dask.config.get``)."""
     import dask
 
     merged: dict = {}
     for defaults in dask.config.defaults:
         dask.config.update(merged, defaults)
-    return dask.config.get(key, config=merged)
+    return merged
 
 
 @contextlib.contextmanager
@@ -101,8 +101,9 @@ def local_worker_settings() -> Iterator[None]:
     settings: dict[str, str] = {
         f"distributed.nanny.pre-spawn-environ.{name}": value for name, value in environ.items()
     }
+    defaults = _dask_defaults()
     for key, value in LOCAL_INTERVALS.items():
-        if dask.config.get(key) == _dask_default(key):
+        if dask.config.get(key) == dask.config.get(key, config=defaults):
             settings[key] = value
     before = {name: os.environ.get(name) for name in {*chosen, *environ, _HASH_SEED}}
     # what the nanny writes: a config value where this process has none (Dask's own

@@ -859,8 +859,15 @@ def measure_e2e(
     folder = Path(tempfile.mkdtemp(prefix="jacrun-bench-"))
     large_n = 8 * shapes.e2e_samples
     try:
+
+        def vjp_rate() -> float:
+            return in_process_rate(shapes, shapes.e2e_block, shapes.reps)
+
+        def jacobian_rate() -> float:
+            return in_process_rate(shapes, shapes.e2e_jacobian_block, max(3, shapes.reps - 2), "jacobian")
+
         log("  in-process kernels, before the cluster starts")
-        kernel_rates, jacobian_rates = _in_process_rates(shapes)
+        kernel_rates, jacobian_rates = [vjp_rate()], [jacobian_rate()]
         with cluster() as (address, fresh_workers, cluster_start):
             log(f"  cluster up in {cluster_start:.1f} s; job of {shapes.e2e_samples} samples")
             small = run_job(shapes, shapes.e2e_samples, folder, address, fresh_workers())
@@ -875,9 +882,8 @@ def measure_e2e(
             jacobian = run_job(shapes, n_jacobian, folder, address, fresh_workers(), mode="jacobian")
             log(f"  {jacobian.seconds:.1f} s")
         log("  in-process kernels, block steps, pipeline and codecs, after the cluster closed")
-        for rates, more in zip((kernel_rates, jacobian_rates), _in_process_rates(shapes), strict=True):
-            rates.extend(more)
-        kernel_rates.append(in_process_rate(shapes, shapes.e2e_block, shapes.reps))
+        kernel_rates += [vjp_rate(), vjp_rate()]
+        jacobian_rates.append(jacobian_rate())
         store = folder / f"e2e-{large_n}.zarr"
         try:
             steps = block_breakdown(shapes, large_n, store, shapes.reps)
@@ -904,13 +910,6 @@ def measure_e2e(
         jacobian_rates,
         codecs,
     )
-
-
-def _in_process_rates(shapes: Shapes) -> tuple[list[float], list[float]]:
-    """([vjp kernel samples/s], [Jacobian kernel samples/s]) on the jobs' block shapes."""
-    vjp = in_process_rate(shapes, shapes.e2e_block, shapes.reps)
-    jacobian = in_process_rate(shapes, shapes.e2e_jacobian_block, max(3, shapes.reps - 2), "jacobian")
-    return [vjp], [jacobian]
 
 
 def bench_e2e(shapes: Shapes, log: Callable[[str], None]) -> EndToEnd:
