@@ -6,6 +6,7 @@ The public API::
     plan = jacrun.plan(cfg)            # frozen Plan, no side effects
     res  = jacrun.submit(cfg)          # runs the job; returns a Summary
     ds   = jacrun.load("results/job.zarr")
+    J    = jacrun.jacobian("results/sparse.zarr", 0)   # one sample's scipy.sparse.csr_array
     f    = jacrun.build_function({"kind": "mlp", "sizes": [4, 8, 2], "seed": 0})
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from jacrun.api import check_job, load, plan, submit
+from jacrun.api import check_job, jacobian, jacobians, load, plan, submit
 from jacrun.checks import check
 from jacrun.config import JobConfig, config_from_dict, load_config
 from jacrun.errors import ConfigError, JacrunError, JobFailed
@@ -32,6 +33,8 @@ __all__ = [
     "check",
     "check_job",
     "config_from_dict",
+    "jacobian",
+    "jacobians",
     "load",
     "load_config",
     "plan",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,7 @@ from jacrun.functions import Function
 from jacrun.memory import keep_freed_memory
 from jacrun.plan import Plan
 from jacrun.sources import ArrayRows, RandomRows, VectorSource
+from jacrun.sparsity import SparseJacobian
 
 _FUNCTIONS: dict[str, Function] = {}
 _BLAS_THREADS: list[int] = []
@@ -45,6 +46,8 @@ class BlockJob:
     """Run the gradient checks on a few rows of every block (``submit --check``)."""
     blas_threads: int = 1
     """BLAS threads per worker thread (no oversubscription), set once per worker process."""
+    sparse: SparseJacobian | None = None
+    """A sparse Jacobian job's pattern and colouring: blocks store nonzeros."""
 
 
 CHECK_ROWS = 4
@@ -112,11 +115,18 @@ def compute_block(
     job: BlockJob, function: Function, i: int, j: int, laps: Laps | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(x, y, result (rows, k, width)) of block (i, j), in the compute dtype; ``laps`` times
-    the reading ("inputs") and the kernel."""
+    the reading ("inputs") and the kernel. A sparse Jacobian's result is its nonzeros (rows, nnz)."""
     plan = job.plan
     a, b = plan.block_rows(i)
     k0, k1 = plan.block_vectors(j)
     x = job.inputs.read(a, b, function.dtype)
+    if job.sparse is not None:
+        if laps is not None:
+            laps.lap("inputs")
+        y, result = job.sparse.evaluate(function, x)
+        if laps is not None:
+            laps.lap("kernel")
+        return x, y, result
     vectors = job.vectors.read(a, b, k0, k1, function.dtype)
     if laps is not None:
         laps.lap("inputs")
@@ -146,6 +156,7 @@ def run_block(job: BlockJob, i: int, j: int) -> BlockResult:
     nonfinite = _finiteness(job, i, j, x, y, result)
     laps.lap("checks")
     rows = x.shape[0]
+    k0, k1 = job.plan.block_vectors(j)
     del x  # its memory serves the write's encoded chunks
     dtype = np.dtype(job.config.output_dtype)
     write_block(job.store, job.plan, i, j, y.astype(dtype, copy=False), result.astype(dtype, copy=False))
@@ -154,7 +165,7 @@ def run_block(job: BlockJob, i: int, j: int) -> BlockResult:
         i,
         j,
         rows=rows,
-        products=result.shape[0] * result.shape[1],
+        products=rows * (k1 - k0),
         seconds=time.perf_counter() - start,
         nonfinite=nonfinite,
         checks=checks,
@@ -182,6 +193,11 @@ def _check(job: BlockJob, function: Function, i: int) -> dict[str, float] | None
     if rows.shape[0] < 2 or not np.isfinite(rows).all():
         return None
     report = check(function, rows)
+    if job.sparse is not None:
+        from jacrun.checks import check_sparse
+
+        sparse_report = check_sparse(function, job.sparse, rows)
+        report = replace(report, rows=report.rows + sparse_report.rows)
     failed = [f"{r.name} error {r.error:.3g} > {r.tolerance:.3g}" for r in report.rows if not r.passed]
     if failed:
         raise CheckFailed(f"gradient check failed on samples {a}:{a + rows.shape[0]}: " + "; ".join(failed))

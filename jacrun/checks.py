@@ -28,13 +28,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.table import Table
 from rich.text import Text
 
 from jacrun.functions import Function, FunctionSpec, build_function, parse_spec
+
+if TYPE_CHECKING:
+    from jacrun.sparsity import SparseJacobian
 
 TOLERANCES: dict[str, dict[str, float]] = {
     "float64": {
@@ -44,6 +47,9 @@ TOLERANCES: dict[str, dict[str, float]] = {
         "dot_product": 1e-10,
         "basis": 1e-10,
         "row_independence": 1e-10,
+        "sparse_jvp": 1e-10,
+        "sparse_vjp": 1e-10,
+        "sparse_dense": 1e-10,
     },
     "float32": {
         "shapes": 0.0,
@@ -52,6 +58,9 @@ TOLERANCES: dict[str, dict[str, float]] = {
         "dot_product": 1e-4,
         "basis": 1e-4,
         "row_independence": 1e-4,
+        "sparse_jvp": 1e-4,
+        "sparse_vjp": 1e-4,
+        "sparse_dense": 1e-4,
     },
 }
 """Default tolerance of each check per compute dtype; ``shapes`` counts problems (none allowed)."""
@@ -364,6 +373,99 @@ CHECKS: dict[str, CheckFn] = {
     "row_independence": _row_independence,
 }
 """Every check, in the order they run and appear in a report."""
+
+
+# ---- sparse Jacobians: (function, sparse, x, K, rng) -> (error, detail) ----------------------
+
+SparseCheckFn = Callable[
+    [Function, "SparseJacobian", np.ndarray, int, np.random.Generator], tuple[float, str]
+]
+MAX_DENSE_ENTRIES = 1 << 22
+"""``sparse_dense`` runs when one sample's dense Jacobian has at most this many entries."""
+
+
+def _sparse_products(
+    f: Function, sparse: SparseJacobian, x: np.ndarray, k: int, rng: np.random.Generator, forward: bool
+) -> tuple[float, str]:
+    """J t (or v^T J) from the decompressed nonzeros against the function's own jvp (vjp) on
+    random vectors: a nonzero that the pattern lacks shows up as a difference."""
+    b = x.shape[0]
+    _, values = sparse.evaluate(f, x)
+    values = _f64(values)
+    width = f.n_in if forward else f.n_out
+    vectors = rng.standard_normal((b, k, width))
+    if forward:
+        _, expected = f.jvp(x, _readonly(vectors, f.dtype))
+    else:
+        _, expected = f.vjp(x, _readonly(vectors, f.dtype))
+    got = np.empty_like(_f64(expected))
+    for i in range(b):  # a few samples, each one sparse matrix product
+        jac = sparse.csr(values[i])
+        got[i] = (jac @ vectors[i].T).T if forward else (jac.T @ vectors[i].T).T
+    error = _pairwise(_norm(got - _f64(expected)), np.maximum(_norm(got), _norm(_f64(expected))))
+    i, j = np.unravel_index(_argmax(error), error.shape)
+    what = "J t" if forward else "v^T J"
+    detail = f"{what} from {sparse.nnz} nonzeros vs the kernel; worst sample {i}, vector {j}"
+    return float(error[i, j]), detail
+
+
+def _sparse_jvp(f, sparse, x, k, rng) -> tuple[float, str]:
+    return _sparse_products(f, sparse, x, k, rng, forward=True)
+
+
+def _sparse_vjp(f, sparse, x, k, rng) -> tuple[float, str]:
+    return _sparse_products(f, sparse, x, k, rng, forward=False)
+
+
+def _sparse_dense(f, sparse, x, k, rng) -> tuple[float, str]:
+    """Every entry against the dense Jacobian (small functions only): values and pattern."""
+    if f.n_in * f.n_out > MAX_DENSE_ENTRIES:
+        return 0.0, f"skipped: a dense J has {f.n_out * f.n_in:,} entries (over {MAX_DENSE_ENTRIES:,})"
+    _, values = sparse.evaluate(f, x)
+    _, dense = f.jacobian(x)
+    dense = _f64(dense)
+    got = np.stack([sparse.csr(_f64(v)).toarray() for v in values])
+    error = _pairwise(_norm(got - dense, (1, 2)), _norm(dense, (1, 2)))
+    i = _argmax(error)
+    outside = int(np.count_nonzero(dense * ~sparse.pattern().toarray()[None]))
+    detail = f"J[{f.n_out} x {f.n_in}] dense vs sparse; worst sample {i}"
+    return float(error[i]), detail + (f"; {outside} nonzeros outside the pattern" if outside else "")
+
+
+SPARSE_CHECKS: dict[str, SparseCheckFn] = {
+    "sparse_jvp": _sparse_jvp,
+    "sparse_vjp": _sparse_vjp,
+    "sparse_dense": _sparse_dense,
+}
+"""The checks of a sparse Jacobian job: its nonzeros against the function's own products."""
+
+
+def check_sparse(
+    function: Function, sparse: SparseJacobian, x: np.ndarray, *, vectors: int = 2, seed: int = 0
+) -> CheckReport:
+    """Check a sparse Jacobian's decompressed nonzeros on a small batch ``x`` (B, n): J t and
+    v^T J against the kernels' JVPs and VJPs, and (small n, m) every entry against the dense J.
+    A pattern that misses a nonzero fails them."""
+    dtype = np.dtype(function.dtype)
+    limits = TOLERANCES[dtype.name]
+    x = _readonly(np.asarray(x), dtype)
+    rows = []
+    for index, (name, run) in enumerate(SPARSE_CHECKS.items()):
+        rng = np.random.default_rng([seed, 100 + index])
+        try:
+            error, detail = run(function, sparse, x, vectors, rng)
+        except Exception as exc:
+            error, detail = float("inf"), f"raised {type(exc).__name__}: {exc}"
+        rows.append(CheckResult(name, error, limits[name], bool(error <= limits[name]), detail))
+    return CheckReport(
+        function=repr(function),
+        dtype=dtype.name,
+        samples=x.shape[0],
+        vectors=vectors,
+        seed=seed,
+        rows=tuple(rows),
+        label=f"{dtype.name} sparse Jacobian ({sparse.nnz} nonzeros, {sparse.n_colours} colours)",
+    )
 
 
 # ---- running -------------------------------------------------------------------------------

@@ -161,6 +161,14 @@ def plan(config: ConfigArg, overrides: SetOpt = None) -> None:
         err.print(f"[yellow]warning:[/] {warning}")
 
 
+def sparse_summary(nnz: int, m: int, n: int, colours: int, direction: str, width: int) -> str:
+    """'326,656 per sample (density 0.0076%); 5 colours (rev): 13107x fewer products'."""
+    return (
+        f"{nnz:,} per sample (density {100 * nnz / (m * n):.3g}%); {colours} colours ({direction}): "
+        f"{width / colours:,.4g}x fewer products than dense"
+    )
+
+
 def plan_table(job) -> Table:
     from jacrun.cluster import blas_threads
     from jacrun.plan import fmt_bytes
@@ -201,6 +209,11 @@ def plan_table(job) -> Table:
         ("threads", f"{threads} per worker x {blas_threads(cluster)} BLAS thread(s) each"),
         ("store", str(job.config.output.store)),
     ]
+    if p.sparsity:
+        rows.insert(1, ("sparsity", p.sparsity))
+    if p.nnz is not None:
+        width = p.n_in if p.strategy == "fwd" else p.n_out
+        rows.insert(2, ("nonzeros", sparse_summary(p.nnz, p.n_out, p.n_in, p.vectors, p.strategy, width)))
     for key, value in rows:
         table.add_row(key, value)
     return table
@@ -244,6 +257,12 @@ def show(store_path: StoreArg) -> None:
     table.add_row("function", f"{fn.get('kind')}: {fn.get('n_in')} -> {fn.get('n_out')}, {fn.get('dtype')}")
     table.add_row("status", f"{attrs.get('status')}, {int(marks.sum())}/{marks.size} blocks")
     table.add_row("config hash", str(attrs.get("config_hash", ""))[:16])
+    sparse = attrs.get("sparsity")
+    if sparse:
+        m, n = sparse["shape"]
+        width = n if sparse["mode"] == "fwd" else m
+        summary = sparse_summary(sparse["nnz"], m, n, sparse["colours"], sparse["mode"], width)
+        table.add_row("sparse Jacobian", f"CSR ({m} x {n}), {summary}")
     for name, info in store.describe_arrays(store_path).items():
         table.add_row(f"array {name}", info)
     for n, run in enumerate(attrs.get("runs", []), 1):

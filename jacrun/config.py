@@ -228,6 +228,18 @@ Cluster = Annotated[
 ]
 
 
+# ---- sparsity --------------------------------------------------------------------------------
+
+
+class SparsityFile(Strict):
+    """A pattern saved with ``scipy.sparse.save_npz``: its nonzeros are J's structural nonzeros."""
+
+    file: InputPath
+
+
+Sparsity = Literal["auto", "dense", "detect"] | SparsityFile
+
+
 # ---- the job ---------------------------------------------------------------------------------
 
 
@@ -241,6 +253,11 @@ class JobConfig(Strict):
     vectors: Vectors | None = None
     strategy: Literal["rev", "fwd", "auto"] = Field(
         "auto", description="jacobian only: rev (m VJPs), fwd (n JVPs) or auto (the fewer)"
+    )
+    sparsity: Sparsity = Field(
+        "auto",
+        description="jacobian only: auto (sparse when the function declares a pattern that needs "
+        "fewer products), dense, detect (JAX targets), or {file: pattern.npz}",
     )
     output: OutputConfig
     chunks: ChunksConfig = ChunksConfig()
@@ -265,6 +282,8 @@ class JobConfig(Strict):
             raise ValueError("vectors: not used in mode jacobian (the basis is implied); remove it")
         if self.mode != "jacobian" and self.vectors is None:
             raise ValueError(f"vectors: required in mode {self.mode} (e.g. kind: random)")
+        if self.mode != "jacobian" and "sparsity" in self.model_fields_set:
+            raise ValueError(f"sparsity: only for mode jacobian, not {self.mode}; remove it")
         return self
 
     def locate(self, message: str) -> str:

@@ -56,6 +56,10 @@ class Plan:
     seconds_per_block: float | None = None
     """Projected kernel time of one full block, from timing a small block in process."""
     workers: int = 1
+    nnz: int | None = None
+    """Nonzeros per sample of a sparse Jacobian (its ``vectors`` are the colours), else None."""
+    sparsity: str = ""
+    """For ``mode: jacobian``: dense or sparse, and why."""
 
     # ---- derived -----------------------------------------------------------------------------
 
@@ -80,7 +84,13 @@ class Plan:
         return self.n_in if self.mode == "vjp" else self.n_out
 
     @property
+    def sparse(self) -> bool:
+        return self.nnz is not None
+
+    @property
     def result_dims(self) -> tuple[str, ...]:
+        if self.nnz is not None:
+            return ("sample", "nonzero")
         if self.mode == "jacobian":
             return ("sample", "output", "input")
         last = "input" if self.mode == "vjp" else "output"
@@ -88,6 +98,8 @@ class Plan:
 
     @property
     def result_shape(self) -> tuple[int, ...]:
+        if self.nnz is not None:
+            return (self.samples, self.nnz)
         if self.mode == "jacobian":
             return (self.samples, self.n_out, self.n_in)
         if self.vector_dim:
@@ -97,6 +109,8 @@ class Plan:
     @property
     def result_chunks(self) -> tuple[int, ...]:
         s, k = self.samples_per_block, self.vectors_per_block
+        if self.nnz is not None:
+            return (s, self.nnz)
         if self.mode == "jacobian":
             return (s, k, self.n_in) if self.strategy == "rev" else (s, self.n_out, k)
         return (s, k, self.result_width) if self.vector_dim else (s, self.result_width)
@@ -166,15 +180,25 @@ def block_memory(
     output_itemsize: int,
     save_outputs: bool,
     work_bytes: WorkModel,
+    nnz: int | None = None,
 ) -> int:
-    """Projected peak bytes of one block: inputs, vectors, kernel work, results, casts, encoding."""
+    """Projected peak bytes of one block: inputs, vectors, kernel work, results, casts, encoding.
+
+    For a sparse Jacobian (``nnz``), the result is the nonzeros (rows, nnz); the compressed
+    products of each kernel call are part of ``work_bytes``.
+    """
+    c, o = compute_itemsize, output_itemsize
+    if nnz is not None:
+        values = rows * nnz
+        memory = rows * n_in * c + rows * n_out * c + values * c + int(work_bytes(rows, k))
+        memory += values * o * 2 + (rows * n_out * o * 2 if save_outputs else 0)  # cast + encoded chunk
+        return memory + values  # the finiteness mask
     if mode == "vjp":
         vec_width, res_width = n_out, n_in
     elif mode == "jvp":
         vec_width, res_width = n_in, n_out
     else:
         vec_width, res_width = (n_out, n_in) if strategy == "rev" else (n_in, n_out)
-    c, o = compute_itemsize, output_itemsize
     vectors = (k if shared_vectors else rows * k) * vec_width * c
     result = rows * k * res_width
     memory = rows * n_in * c + vectors + rows * n_out * c + result * c
@@ -213,14 +237,25 @@ def make_plan(
     work_bytes: WorkModel,
     flops: WorkModel,
     seconds_per_row: Callable[[int], float] | None = None,
+    nnz: int | None = None,
+    sparsity: str = "",
 ) -> Plan:
     """Choose the block shape and project its cost; raise PlanError when it cannot fit.
 
     ``seconds_per_row(k)`` (from timing a small block) lets ``auto`` aim for blocks of about
-    TARGET_BLOCK_SECONDS; without it, ``auto`` uses memory and balance alone.
+    TARGET_BLOCK_SECONDS; without it, ``auto`` uses memory and balance alone. A sparse
+    Jacobian (``nnz`` nonzeros per sample, ``vectors`` colours) runs all its colours in
+    every block: its nonzeros need every colour.
     """
     if samples <= 0 or vectors <= 0 or n_in <= 0 or n_out <= 0:
         raise PlanError(f"empty job: samples={samples}, vectors={vectors}, n_in={n_in}, n_out={n_out}")
+    if nnz is not None:
+        if chunk_vectors not in ("auto", vectors):
+            raise PlanError(
+                f"chunks.vectors: a sparse Jacobian computes all its {vectors} colours in every "
+                "block; remove chunks.vectors (or set it to auto)"
+            )
+        chunk_vectors = vectors
 
     def memory(rows: int, k: int) -> int:
         return block_memory(
@@ -235,6 +270,7 @@ def make_plan(
             output_itemsize=output_itemsize,
             save_outputs=save_outputs,
             work_bytes=work_bytes,
+            nnz=nnz,
         )
 
     budget = task_memory
@@ -291,6 +327,8 @@ def make_plan(
         warnings=tuple(warnings),
         seconds_per_block=None if per_row is None else per_row * rows,
         workers=workers,
+        nnz=nnz,
+        sparsity=sparsity,
     )
 
 

@@ -21,7 +21,7 @@ from jacrun.errors import ConfigError
 from jacrun.functions import Function, build_function, resolve_strategy
 from jacrun.functions.base import Mode
 from jacrun.functions.parallel import blas_limit
-from jacrun.plan import Plan, make_plan
+from jacrun.plan import Plan, PlanError, make_plan
 from jacrun.sources import (
     ArrayRows,
     RandomRows,
@@ -29,8 +29,10 @@ from jacrun.sources import (
     basis_source,
     open_inputs,
     open_vectors,
+    seed_source,
     unreadable,
 )
+from jacrun.sparsity import SparseJacobian
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class PreparedJob:
     inputs: RandomRows | ArrayRows
     vectors: VectorSource
     plan: Plan
+    sparse: SparseJacobian | None = None
+    """The pattern and colouring of a sparse Jacobian job (``plan.nnz`` set), else None."""
 
     @property
     def config_hash(self) -> str:
@@ -82,10 +86,12 @@ def block_timer(
     reverse: bool,
     blas_threads: int,
     output: OutputConfig | None = None,
+    sparse: SparseJacobian | None = None,
 ):
     """``seconds_per_row(k)``: a block's work timed in process on a few rows (more while the
-    kernel is fast), cached: reading or generating x and the vectors, the kernel, and, given
-    ``output``, encoding the results with its codec in memory (the disk write is not timed).
+    kernel is fast), cached: reading or generating x and the vectors, the kernel (for a sparse
+    Jacobian, its compressed products and the gather), and, given ``output``, encoding the
+    results with its codec in memory (the disk write is not timed).
 
     Timed with the BLAS thread count a worker thread will have, so the estimate is a worker's.
     """
@@ -94,6 +100,8 @@ def block_timer(
     from jacrun.store import encode_seconds
 
     kernel = function.vjp_batch if reverse else function.jvp_batch
+    if sparse is not None:
+        kernel = lambda x, _: sparse.evaluate(function, x)  # noqa: E731 - the seeds are its own
     cache: dict[int, float] = {}
 
     def read(rows: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -150,7 +158,11 @@ def _located(prepare_job):
 
 @_located
 def prepare(
-    config: JobConfig, function: Function | None = None, calibrate: bool = True, estimate: bool = False
+    config: JobConfig,
+    function: Function | None = None,
+    calibrate: bool = True,
+    estimate: bool = False,
+    sparse: SparseJacobian | None = None,
 ) -> PreparedJob:
     """Build, open, check and plan; raise ConfigError on any mismatch.
 
@@ -158,15 +170,25 @@ def prepare(
     :func:`block_timer`) so ``auto`` chunks aim for ~1 s blocks and the plan can estimate the
     runtime (a kernel that raises here is left to fail, with a clear
     message, in its block). With explicit ``chunks.samples`` it times only when ``estimate``
-    asks for the runtime estimate (``jacrun plan``): submitting does not need it.
+    asks for the runtime estimate (``jacrun plan``): submitting does not need it. ``sparse``
+    replaces the colouring of a sparse Jacobian job (a resumed job reuses its store's).
     """
     function = function or build(config)
     inputs = open_inputs(config.inputs, function.n_in)
     samples = inputs.shape[0]
     strategy = None
+    note = ""
     if config.mode == "jacobian":
-        strategy = resolve_strategy(config.strategy, function.n_in, function.n_out)
-        vectors = basis_source(function.n_out if strategy == "rev" else function.n_in)
+        if sparse is None:
+            sparse, note = resolve_sparsity(config, function)
+        else:
+            note = f"sparse: {sparse.n_colours} colours ({sparse.direction}), the stored colouring"
+        if sparse is not None:
+            strategy = sparse.direction
+            vectors = seed_source(sparse)
+        else:
+            strategy = resolve_strategy(config.strategy, function.n_in, function.n_out)
+            vectors = basis_source(function.n_out if strategy == "rev" else function.n_in)
     else:
         width = function.n_out if config.mode == "vjp" else function.n_in
         vectors = open_vectors(config.vectors, width, samples)
@@ -174,11 +196,96 @@ def prepare(
     timer = None
     if calibrate and (config.chunks.samples == "auto" or estimate):
         timer = block_timer(
-            function, inputs, vectors, kernel_mode == "vjp", blas_threads(config.cluster), config.output
+            function,
+            inputs,
+            vectors,
+            kernel_mode == "vjp",
+            blas_threads(config.cluster),
+            config.output,
+            sparse,
         )
     with blas_limit(blas_threads(config.cluster)):  # work_bytes counts a worker's kernel threads
-        plan = _plan(config, function, samples, vectors, strategy, kernel_mode, timer)
-    return PreparedJob(config, function, inputs, vectors, plan)
+        try:
+            plan = _plan(config, function, samples, vectors, strategy, kernel_mode, timer, sparse, note)
+        except PlanError as exc:
+            if config.mode != "jacobian" or sparse is not None:
+                raise
+            raise PlanError(f"{exc}; {DENSE_ADVICE}") from None
+    return PreparedJob(config, function, inputs, vectors, plan, sparse)
+
+
+DENSE_ADVICE = (
+    "a dense Jacobian stores all m x n entries per sample: if most are structurally zero, "
+    "set sparsity (auto with a function that declares its pattern, or {file: pattern.npz})"
+)
+
+
+def resolve_sparsity(config: JobConfig, function: Function) -> tuple[SparseJacobian | None, str]:
+    """The job's pattern and colouring (None for a dense Jacobian), and why, for ``jacrun plan``.
+
+    ``auto`` is sparse when the function declares a pattern whose colouring needs fewer
+    products than the dense strategy; ``dense`` never; a pattern file or ``detect`` always.
+    """
+    from jacrun import sparsity as sp
+
+    m, n = function.n_out, function.n_in
+    dense_strategy = resolve_strategy(config.strategy, n, m)
+    dense_products = m if dense_strategy == "rev" else n
+    setting = config.sparsity
+    if setting == "dense":
+        return None, f"dense ({dense_strategy}): sparsity: dense"
+    if setting == "auto":
+        pattern = function.sparsity()
+        if pattern is None:
+            return None, f"dense ({dense_strategy}): the function declares no sparsity pattern"
+        try:
+            pattern = sp.as_pattern(pattern, (m, n))
+        except ValueError as exc:
+            raise ConfigError(f"function: its declared sparsity pattern {exc}") from None
+        if pattern.nnz == m * n:
+            return None, f"dense ({dense_strategy}): the declared pattern is dense"
+        sparse = sp.choose(pattern, config.strategy, "declared")
+        if sparse.n_colours >= dense_products:
+            return None, (
+                f"dense ({dense_strategy}): colouring the declared pattern needs {sparse.n_colours} "
+                f"products, no fewer than the dense {dense_products}"
+            )
+        return sparse, _sparse_note(sparse, dense_products, "the declared pattern")
+    if setting == "detect":
+        pattern = _detected(config, function)
+        return sp.choose(pattern, config.strategy, "detected"), ""
+    try:
+        pattern = sp.read_pattern_file(setting.file, (m, n))
+    except ValueError as exc:
+        raise ConfigError(f"sparsity.file: {exc}") from None
+    sparse = sp.choose(pattern, config.strategy, "file")
+    return sparse, _sparse_note(sparse, dense_products, f"the pattern in {setting.file.name}")
+
+
+def _sparse_note(sparse: SparseJacobian, dense_products: int, where: str) -> str:
+    return (
+        f"sparse ({sparse.direction}): {where} needs {sparse.n_colours} products per sample "
+        f"instead of {dense_products}"
+    )
+
+
+def _detected(config: JobConfig, function: Function):
+    """The pattern asdex detects in a ``kind: python`` target with ``autodiff: jax``."""
+    import importlib.util
+
+    if getattr(config.function, "autodiff", None) != "jax" or not hasattr(function, "detect_sparsity"):
+        raise ConfigError(
+            "sparsity: detect works for kind: python functions with autodiff: jax; for this "
+            "function give sparsity: {file: pattern.npz} (scipy.sparse.save_npz) or declare "
+            "Function.sparsity()"
+        )
+    if importlib.util.find_spec("asdex") is None:
+        raise ConfigError("sparsity: detect needs asdex: pip install 'jacrun[detect]'")
+    try:
+        return function.detect_sparsity()
+    except Exception as exc:  # noqa: BLE001 - the user's function could not be traced
+        detail = f"{type(exc).__name__}: {exc}"
+        raise ConfigError(f"sparsity: asdex could not detect the pattern: {detail}") from None
 
 
 def _plan(
@@ -189,8 +296,13 @@ def _plan(
     strategy: str | None,
     kernel_mode: Mode,
     timer: Callable[[int], float] | None,
+    sparse: SparseJacobian | None,
+    note: str,
 ) -> Plan:
     cluster = config.cluster
+    work_bytes = lambda rows, k: function.work_bytes(rows, k, kernel_mode)  # noqa: E731
+    if sparse is not None:
+        work_bytes = lambda rows, k: sparse.work_bytes(function, rows)  # noqa: E731
     workers = 1 if isinstance(cluster, AddressClusterConfig) else cluster.workers
     worker_memory = None if isinstance(cluster, AddressClusterConfig) else int(cluster.memory_limit)
     return make_plan(
@@ -210,7 +322,9 @@ def _plan(
         task_memory=int(config.chunks.task_memory),
         worker_memory=worker_memory,
         workers=workers,
-        work_bytes=lambda rows, k: function.work_bytes(rows, k, kernel_mode),
+        work_bytes=work_bytes,
         flops=lambda rows, k: function.flops(rows, k, kernel_mode),
         seconds_per_row=timer,
+        nnz=None if sparse is None else sparse.nnz,
+        sparsity=note,
     )

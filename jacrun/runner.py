@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 
 from jacrun import store
@@ -101,9 +102,34 @@ def open_output(job: PreparedJob, overwrite: bool = False) -> PreparedJob:
                 "another output.store"
             )
         else:
-            return _match_store_chunks(job, path)
+            return _match_store_chunks(_stored_colouring(job, path, attrs), path)
     _create(job, path)
     return job
+
+
+def _stored_colouring(job: PreparedJob, path: Path, attrs: dict[str, Any]) -> PreparedJob:
+    """A resumed sparse Jacobian job uses the store's colouring exactly; its pattern must be this
+    job's (a pattern file's contents are not part of the config hash)."""
+    stored = attrs.get("sparsity")
+    if job.sparse is None and stored is None:
+        return job
+    if job.sparse is None or stored is None:
+        kinds = ("sparse", "dense") if stored else ("dense", "sparse")
+        raise ConfigError(
+            f"output.store: {path} holds a {kinds[0]} Jacobian and this job's is {kinds[1]}; "
+            "pass --overwrite to replace it, or set sparsity to match"
+        )
+    if stored.get("pattern_sha256") != job.sparse.digest:
+        raise ConfigError(
+            f"output.store: {path} holds a Jacobian with another sparsity pattern "
+            f"({stored.get('nnz')} nonzeros, this job's {job.sparse.nnz}); pass --overwrite to "
+            "replace it, or choose another output.store"
+        )
+    arrays = store.read_pattern(path)
+    if stored.get("mode") == job.sparse.direction and np.array_equal(arrays["colours"], job.sparse.colours):
+        return job
+    colouring = replace(job.sparse, colours=arrays["colours"], direction=stored["mode"])
+    return replace(prepare(job.config, job.function, sparse=colouring), config=job.config)
 
 
 def _match_store_chunks(job: PreparedJob, path: Path) -> PreparedJob:
@@ -127,7 +153,7 @@ def _match_store_chunks(job: PreparedJob, path: Path) -> PreparedJob:
     resized = job.config.model_copy(
         update={"chunks": job.config.chunks.model_copy(update={"samples": chunks[0], "vectors": chunks[1]})}
     )
-    again = prepare(resized, job.function)
+    again = prepare(resized, job.function, sparse=job.sparse)
     return replace(again, config=job.config)
 
 
@@ -148,6 +174,7 @@ def _create(job: PreparedJob, path: Path) -> None:
             "dtype": str(fn.dtype),
         },
         "plan": job.plan.to_dict(),
+        **({"sparsity": job.sparse.summary()} if job.sparse is not None else {}),
         "status": "created",
         "blocks_total": job.plan.n_blocks,
         "blocks_done": 0,
@@ -161,6 +188,7 @@ def _create(job: PreparedJob, path: Path) -> None:
             attrs,
             dtype=job.config.output_dtype,
             compression=job.config.output.compression,
+            sparse=job.sparse,
         )
     except OSError as exc:
         raise ConfigError(f"output.store: cannot create {path}: {exc.strerror or exc}") from None
@@ -298,6 +326,7 @@ class Run:
             self.path,
             self.check,
             blas_threads(config.cluster),
+            self.job.sparse,
         )
         shared = client.scatter(block_job, broadcast=True, hash=False)
         prefix = f"jacrun-{config.name}-{self.job.config_hash[:10]}"

@@ -15,9 +15,9 @@ every job's config hash, so a store filled with other numbers is never resumed w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -187,6 +187,8 @@ class VectorSource:
     path: str | None = None
     array: str | None = None
     format: Literal["npy", "zarr"] = "npy"
+    colouring: Any = field(default=None, compare=False, repr=False)
+    """The :class:`jacrun.sparsity.SparseJacobian` whose seeds kind ``seeds`` reads."""
 
     def read(self, start: int, stop: int, k0: int, k1: int, dtype: np.dtype) -> np.ndarray:
         """Vectors k0:k1 of samples start:stop, shape (stop - start, k1 - k0, width).
@@ -196,6 +198,8 @@ class VectorSource:
         rows = stop - start
         if self.kind == "basis":
             block = basis_vectors(self.width, k0, k1, dtype)
+        elif self.kind == "seeds":
+            block = self.colouring.seeds(k0, k1, dtype)
         elif self.kind == "ones":
             block = np.ones((k1 - k0, self.width), dtype=dtype)
         elif self.kind == "random":
@@ -273,3 +277,8 @@ def open_vectors(spec, width: int, samples: int) -> VectorSource:
 def basis_source(width: int) -> VectorSource:
     """The implied basis of ``jacobian`` mode (output basis for rev, input basis for fwd)."""
     return VectorSource("basis", width, width, shared=True, squeeze=False)
+
+
+def seed_source(sparse) -> VectorSource:
+    """The seeds of a sparse Jacobian's colouring: one shared vector per colour."""
+    return VectorSource("seeds", sparse.width, sparse.n_colours, shared=True, squeeze=False, colouring=sparse)

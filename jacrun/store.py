@@ -140,8 +140,11 @@ def encode_seconds(arrays: list[np.ndarray], compression: str, dtype: str) -> fl
     return best
 
 
-def create_store(path: Path, plan: Plan, attrs: dict[str, Any], *, dtype: str, compression: str) -> None:
-    """Create the group, the arrays and the empty marker grid."""
+def create_store(
+    path: Path, plan: Plan, attrs: dict[str, Any], *, dtype: str, compression: str, sparse: Any = None
+) -> None:
+    """Create the group, the arrays and the empty marker grid; for a sparse Jacobian
+    (``sparse``, a :class:`jacrun.sparsity.SparseJacobian`) also its pattern and colouring."""
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     compressors = _compressors(compression)
     group.create_array(
@@ -172,7 +175,44 @@ def create_store(path: Path, plan: Plan, attrs: dict[str, Any], *, dtype: str, c
         compressors=None,
         dimension_names=("sample_block", "vector_block"),
     )
+    if sparse is not None:
+        _write_pattern(group, sparse)
     group.attrs[ATTR] = {**attrs, "created": now(), "updated": now()}
+
+
+PATTERN = ("indptr", "indices", "colours")
+"""A sparse Jacobian store's pattern (CSR ``indptr`` and ``indices``) and colouring."""
+
+
+def _write_pattern(group: zarr.Group, sparse: Any) -> None:
+    colour_dim = "input" if sparse.direction == "fwd" else "output"
+    for name, values, dim in (
+        ("indptr", sparse.indptr, "indptr"),
+        ("indices", sparse.indices, "nonzero"),
+        ("colours", sparse.colours, colour_dim),
+    ):
+        array = group.create_array(
+            name,
+            shape=values.shape,
+            chunks=values.shape,
+            dtype=values.dtype,
+            compressors=_compressors("zstd"),
+            dimension_names=(dim,),
+        )
+        array[...] = values
+
+
+def read_pattern(path: str | Path) -> dict[str, np.ndarray]:
+    """``indptr``, ``indices`` and ``colours`` of a sparse Jacobian store (ConfigError if absent)."""
+    group = zarr.open_group(str(path), mode="r")
+    if not all(name in group for name in PATTERN):
+        raise ConfigError(f"{path}: not a sparse Jacobian store (no indptr, indices, colours)")
+    return {name: group[name][...] for name in PATTERN}
+
+
+def read_rows(path: str | Path, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows start:stop of array ``name`` (for the sparse helpers of :mod:`jacrun.api`)."""
+    return zarr.open_group(str(path), mode="r")[name][start:stop]
 
 
 def store_chunks(path: Path, plan: Plan) -> tuple[int, int] | None:
@@ -181,13 +221,16 @@ def store_chunks(path: Path, plan: Plan) -> tuple[int, int] | None:
     if plan.result_name not in group:
         return None
     chunks = group[plan.result_name].chunks
+    if plan.sparse:
+        return chunks[0], plan.vectors_per_block
     if plan.mode == "jacobian":
         return chunks[0], (chunks[1] if plan.strategy == "rev" else chunks[2])
     return chunks[0], (chunks[1] if plan.vector_dim else 1)
 
 
 def write_block(path: str, plan: Plan, i: int, j: int, y: np.ndarray | None, result: np.ndarray) -> None:
-    """Write block (i, j)'s chunks, then its marker. ``result`` is (rows, k, width)."""
+    """Write block (i, j)'s chunks, then its marker. ``result`` is (rows, k, width), or a
+    sparse Jacobian's nonzeros (rows, nnz)."""
     a, b = plan.block_rows(i)
     k0, k1 = plan.block_vectors(j)
     target = WriteBehindStore(path)
@@ -195,7 +238,9 @@ def write_block(path: str, plan: Plan, i: int, j: int, y: np.ndarray | None, res
     markers = group[MARKERS]
     target.marker = target.root / MARKERS / markers.metadata.encode_chunk_key((i, j))
     array = group[plan.result_name].with_config(_WRITE_CONFIG)
-    if plan.mode == "jacobian":
+    if plan.sparse:
+        array[a:b, :] = result
+    elif plan.mode == "jacobian":
         if plan.strategy == "rev":
             array[a:b, k0:k1, :] = result
         else:

@@ -16,10 +16,13 @@ vectors (K = 1, squeezed), as ``y.backward(v)`` does in PyTorch.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    import scipy.sparse
 
 Mode = Literal["vjp", "jvp", "jacobian"]
 Strategy = Literal["rev", "fwd", "auto"]
@@ -66,6 +69,17 @@ class Function(ABC):
     @abstractmethod
     def jvp_batch(self, x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """x (B, n), t (B, K, n) -> (y (B, m), ydot (B, K, m))."""
+
+    # ---- structure -------------------------------------------------------------------------
+
+    def sparsity(self) -> scipy.sparse.sparray | None:
+        """The structural nonzeros of J(x), a scipy.sparse matrix (m, n) valid for every x, or
+        None when the function does not declare one (``sparsity: auto`` then stays dense).
+
+        An entry left out must be zero for every x: a sparse Jacobian job computes only the
+        declared entries (``jacrun check`` on the job catches a missing one).
+        """
+        return None
 
     # ---- cost model for the planner --------------------------------------------------------
 

@@ -213,6 +213,12 @@ class Linear(Function):
             bias = load_npy(spec.bias, "bias")
         return cls(matrix, bias, spec.dtype)
 
+    def sparsity(self):
+        """The nonzeros of A."""
+        import scipy.sparse as sp
+
+        return sp.csr_array(self.matrix != 0)
+
     # ---- kernels -------------------------------------------------------------------------------
 
     def forward_batch(self, x: np.ndarray) -> np.ndarray:

@@ -110,6 +110,18 @@ class Lorenz96(Function):
             f"steps={self.steps}, dtype={self.dtype})"
         )
 
+    def sparsity(self):
+        """The pattern of ``steps`` RK4 steps: each of the 4 stages of a step couples x_i to
+        x_{i-2} .. x_{i+1}, so one step reaches x_{i-8} .. x_{i+4} (cyclic), S steps
+        x_{i-8S} .. x_{i+4S}: a band that fills the whole matrix once 12 S + 1 >= n."""
+        import scipy.sparse as sp
+
+        n = self.n_in
+        reach = {offset % n for offset in range(-8 * self.steps, 4 * self.steps + 1)}
+        rows = np.repeat(np.arange(n), len(reach))
+        cols = (rows.reshape(n, -1) + np.array(sorted(reach))).ravel() % n
+        return sp.csr_array((np.ones(rows.size, dtype=bool), (rows, cols)), shape=(n, n))
+
     # ---- the state sweep -----------------------------------------------------------------------
 
     def _rhs(self, sp: np.ndarray, c: np.ndarray, k: np.ndarray) -> None:

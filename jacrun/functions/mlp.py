@@ -198,6 +198,12 @@ class MLP(Function):
     def __repr__(self) -> str:
         return f"MLP(sizes={list(self.sizes)}, activation={self.activation!r}, dtype={self.dtype})"
 
+    def sparsity(self):
+        """Dense: every output depends on every input through the first layer."""
+        from jacrun.sparsity import dense_pattern
+
+        return dense_pattern(self.n_out, self.n_in)
+
     # ---- kernels -------------------------------------------------------------------------------
 
     def forward_batch(self, x: np.ndarray) -> np.ndarray:

@@ -56,6 +56,16 @@ class Rosenbrock(Function):
     def __repr__(self) -> str:
         return f"Rosenbrock(dim={self.n_in}, dtype={self.dtype})"
 
+    def sparsity(self):
+        """2x2 diagonal blocks: row 2i has columns 2i and 2i+1, row 2i+1 column 2i."""
+        import scipy.sparse as sp
+
+        pairs = np.arange(0, self.n_in, 2)
+        rows = np.concatenate([pairs, pairs, pairs + 1])
+        cols = np.concatenate([pairs, pairs + 1, pairs])
+        shape = (self.n_out, self.n_in)
+        return sp.csr_array((np.ones(rows.size, dtype=bool), (rows, cols)), shape=shape)
+
     # ---- kernels -------------------------------------------------------------------------------
 
     def forward_batch(self, x: np.ndarray) -> np.ndarray:

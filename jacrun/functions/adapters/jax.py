@@ -63,6 +63,20 @@ class JaxFunction(AutodiffFunction):
     def forward_batch(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self._forward(x))
 
+    def detect_sparsity(self):
+        """J's global pattern (m, n) from asdex's analysis of the traced function (valid for
+        every x; ``pip install 'jacrun[detect]'``). A batched f is traced on one row."""
+        import asdex
+        import scipy.sparse as sp
+
+        fn = self._vector_fn()
+        if self.batched:
+            batched = fn
+            fn = lambda xi: batched(xi[None])[0]  # noqa: E731
+        pattern = asdex.jacobian_sparsity(fn, jnp.zeros(self.n_in, self.dtype))
+        data = np.ones(len(pattern.rows), dtype=bool)
+        return sp.csr_array((data, (np.asarray(pattern.rows), np.asarray(pattern.cols))), shape=pattern.shape)
+
     def vjp_batch(self, x: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         shared = _shared(v)
         y, xbar = self._vjp[shared](x, v[0] if shared else v)

@@ -1,0 +1,348 @@
+"""Sparse Jacobians: patterns, colourings, and the compression that turns C products into nonzeros.
+
+A *pattern* is a scipy.sparse matrix (m, n) of the structural nonzeros of J(x), the same for
+every x. Columns that share no row can share one tangent: a JVP with the sum of their unit
+vectors returns each column's nonzeros untouched (forward mode, a *column colouring*). Dually,
+rows that share no column share one cotangent (reverse mode, a *row colouring*). With C colours
+a whole Jacobian costs C products instead of n (or m): 5 for a 5-point stencil of any size.
+
+Colouring is greedy distance-1 colouring of the conflict graph (columns, or rows, that share a
+row, or column), tried in several vertex orders (natural, largest degree first, smallest degree
+last, DSATUR); the fewest colours win. DSATUR finds the optimal 5 colours of the 5-point stencil.
+
+:class:`SparseJacobian` is what a job keeps of it: the CSR pattern, the colouring and its mode.
+Its ``seeds`` are the shared vectors a block feeds to ``jvp_batch`` / ``vjp_batch``, and
+``gather`` reads every nonzero out of the compressed products (B, C, w) with one precomputed
+index map: one vectorised take, no loop over rows, samples or colours.
+
+This module imports neither dask nor zarr.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import scipy.sparse as sp
+
+if TYPE_CHECKING:
+    from jacrun.functions import Function
+
+Direction = Literal["fwd", "rev"]
+
+CHUNK_BYTES = 2 << 20
+"""Compressed products per kernel call in :meth:`SparseJacobian.evaluate`: a range of samples
+(one at least) whose products the gather then reads from the cache, in buffers malloc reuses
+(below the 4 MiB mmap threshold of :mod:`jacrun.memory`) instead of faulting in fresh pages."""
+
+
+def as_pattern(matrix, shape: tuple[int, int]) -> sp.csr_array:
+    """The canonical boolean CSR pattern of ``matrix`` (its stored entries that are nonzero).
+
+    Raises ValueError when it is not a 2-D sparse or dense matrix of ``shape``.
+    """
+    if not (sp.issparse(matrix) or isinstance(matrix, np.ndarray)):
+        raise ValueError(f"expected a scipy.sparse matrix of shape {shape}, got {type(matrix).__name__}")
+    if matrix.ndim != 2 or tuple(matrix.shape) != tuple(shape):
+        raise ValueError(f"has shape {tuple(matrix.shape)}; the Jacobian is (m, n) = {tuple(shape)}")
+    pattern = sp.csr_array(matrix, dtype=bool)
+    pattern.sum_duplicates()
+    pattern.eliminate_zeros()
+    pattern.sort_indices()
+    return pattern
+
+
+def read_pattern_file(path: Path, shape: tuple[int, int]) -> sp.csr_array:
+    """The pattern saved by ``scipy.sparse.save_npz`` in ``path``; ValueError naming what is wrong."""
+    try:
+        matrix = sp.load_npz(path)
+    except Exception as exc:  # noqa: BLE001 - any failure to read is the user's file
+        detail = str(exc) or type(exc).__name__
+        raise ValueError(
+            f"cannot read {path} as a sparse matrix ({detail}); write one with scipy.sparse.save_npz"
+        ) from None
+    try:
+        return as_pattern(matrix, shape)
+    except ValueError as exc:
+        raise ValueError(f"{path} {exc}") from None
+
+
+def dense_pattern(m: int, n: int) -> sp.csr_array:
+    """Every entry a structural nonzero: the pattern of a function with no structure."""
+    return sp.csr_array(np.ones((m, n), dtype=bool))
+
+
+# ---- colouring ---------------------------------------------------------------------------------
+
+
+def conflict_graph(pattern: sp.csr_array, direction: Direction) -> sp.csr_array:
+    """Columns (fwd) or rows (rev) joined when they share a row (column): they need distinct colours."""
+    p = sp.csr_array(pattern, dtype=np.int32)
+    graph = (p.T @ p) if direction == "fwd" else (p @ p.T)
+    graph = sp.csr_array(graph)
+    graph.setdiag(0)
+    graph.eliminate_zeros()
+    return graph
+
+
+def _greedy(graph: sp.csr_array, order: np.ndarray) -> np.ndarray:
+    """Colour vertices in ``order``, each with the smallest colour none of its neighbours has."""
+    indptr, indices = graph.indptr.tolist(), graph.indices.tolist()
+    colour = [-1] * graph.shape[0]
+    for v in order.tolist():
+        used = 0
+        for u in indices[indptr[v] : indptr[v + 1]]:
+            if colour[u] >= 0:
+                used |= 1 << colour[u]
+        colour[v] = (~used & (used + 1)).bit_length() - 1
+    return np.asarray(colour, dtype=np.int32)
+
+
+def _dsatur(graph: sp.csr_array) -> np.ndarray:
+    """DSATUR: next the uncoloured vertex with the most distinct neighbour colours (then degree)."""
+    indptr, indices = graph.indptr.tolist(), graph.indices.tolist()
+    size = graph.shape[0]
+    degree = np.diff(graph.indptr).tolist()
+    colour = [-1] * size
+    seen = [0] * size  # bit mask of the colours among each vertex's neighbours
+    heap = [(0, -degree[v], v) for v in range(size)]
+    heapq.heapify(heap)
+    while heap:
+        saturation, _, v = heapq.heappop(heap)
+        if colour[v] >= 0 or -saturation != seen[v].bit_count():
+            continue  # coloured already, or a stale entry
+        c = (~seen[v] & (seen[v] + 1)).bit_length() - 1
+        colour[v] = c
+        for u in indices[indptr[v] : indptr[v + 1]]:
+            if colour[u] < 0 and not seen[u] >> c & 1:
+                seen[u] |= 1 << c
+                heapq.heappush(heap, (-seen[u].bit_count(), -degree[u], u))
+    return np.asarray(colour, dtype=np.int32)
+
+
+def _smallest_last(graph: sp.csr_array) -> np.ndarray:
+    """The order that repeatedly removes a vertex of smallest remaining degree, reversed."""
+    indptr, indices = graph.indptr.tolist(), graph.indices.tolist()
+    degree = np.diff(graph.indptr).tolist()
+    buckets: list[set[int]] = [set() for _ in range(max(degree, default=0) + 1)]
+    for v, d in enumerate(degree):
+        buckets[d].add(v)
+    removed = [False] * graph.shape[0]
+    order = []
+    for _ in range(graph.shape[0]):
+        low = next(d for d, bucket in enumerate(buckets) if bucket)
+        v = buckets[low].pop()
+        removed[v] = True
+        order.append(v)
+        for u in indices[indptr[v] : indptr[v + 1]]:
+            if not removed[u]:
+                buckets[degree[u]].discard(u)
+                degree[u] -= 1
+                buckets[degree[u]].add(u)
+    return np.asarray(order[::-1], dtype=np.int64)
+
+
+def colour_graph(graph: sp.csr_array) -> np.ndarray:
+    """The colouring with the fewest colours over several greedy orders and DSATUR (ties: the first)."""
+    size = graph.shape[0]
+    degree = np.diff(graph.indptr)
+    candidates = [
+        _greedy(graph, np.arange(size)),
+        _greedy(graph, np.argsort(-degree, kind="stable")),
+        _greedy(graph, _smallest_last(graph)),
+        _dsatur(graph),
+    ]
+    return min(candidates, key=lambda c: int(c.max(initial=-1)) + 1)
+
+
+def colouring(pattern: sp.csr_array, direction: Direction) -> np.ndarray:
+    """Colours of the columns (fwd, length n) or rows (rev, length m) of ``pattern``."""
+    return colour_graph(conflict_graph(pattern, direction))
+
+
+# ---- the job's compression ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class SparseJacobian:
+    """A pattern with its colouring: the seeds a block multiplies by and the map back to nonzeros."""
+
+    shape: tuple[int, int]
+    indptr: np.ndarray = field(repr=False)
+    indices: np.ndarray = field(repr=False)
+    colours: np.ndarray = field(repr=False)
+    """Colour of each column (fwd) or row (rev)."""
+    direction: Direction
+    source: str = "declared"
+    """Where the pattern came from: ``declared`` (by the function), ``file`` or ``detected``."""
+
+    @classmethod
+    def from_pattern(
+        cls, pattern: sp.csr_array, direction: Direction, colours: np.ndarray | None = None, source: str = ""
+    ) -> SparseJacobian:
+        """Colour ``pattern`` (unless ``colours`` are given) for ``direction``."""
+        pattern = as_pattern(pattern, pattern.shape)
+        if colours is None:
+            colours = colouring(pattern, direction)
+        return cls(
+            shape=(int(pattern.shape[0]), int(pattern.shape[1])),
+            indptr=pattern.indptr.astype(np.int64),
+            indices=pattern.indices.astype(np.int64),
+            colours=np.asarray(colours, dtype=np.int32),
+            direction=direction,
+            source=source or "declared",
+        )
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.size)
+
+    @property
+    def n_colours(self) -> int:
+        return int(self.colours.max(initial=-1)) + 1
+
+    @property
+    def width(self) -> int:
+        """Length of a seed vector: n (fwd, tangents) or m (rev, cotangents)."""
+        return self.shape[1] if self.direction == "fwd" else self.shape[0]
+
+    @property
+    def density(self) -> float:
+        return self.nnz / max(self.shape[0] * self.shape[1], 1)
+
+    @property
+    def compression(self) -> float:
+        """Products saved: n (fwd) or m (rev) over the colours."""
+        return self.width / max(self.n_colours, 1)
+
+    def pattern(self) -> sp.csr_array:
+        data = np.ones(self.nnz, dtype=bool)
+        return sp.csr_array((data, self.indices, self.indptr), shape=self.shape)
+
+    @cached_property
+    def rows(self) -> np.ndarray:
+        """The row (output index) of every nonzero, in CSR order."""
+        return np.repeat(np.arange(self.shape[0], dtype=np.int64), np.diff(self.indptr))
+
+    @cached_property
+    def index_map(self) -> np.ndarray:
+        """Where each nonzero sits in one sample's compressed products, flattened (C, w)."""
+        if self.direction == "fwd":  # J[i, j] = (J S)[i, colour j]: at ydot[colour_j, i]
+            return self.colours[self.indices].astype(np.int64) * self.shape[0] + self.rows
+        return self.colours[self.rows].astype(np.int64) * self.shape[1] + self.indices  # (S^T J)[colour_i, j]
+
+    def evaluate(
+        self, function: Function, x: np.ndarray, out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(y (B, m), nonzeros (B, nnz)) of ``function`` at the rows of ``x``; the nonzeros go
+        into ``out`` when given (a reused buffer spares the page faults of a fresh one).
+
+        One ``jvp_batch`` (fwd) or ``vjp_batch`` (rev) with the C seeds as shared vectors per
+        range of samples, then :meth:`gather`. Ranges hold about :data:`CHUNK_BYTES` of
+        compressed products, so the gather reads them from the cache, and run on the kernel
+        threads of :mod:`jacrun.functions.parallel` (one on a worker with one BLAS thread).
+        """
+        from jacrun.functions.parallel import for_row_ranges, kernel_threads
+
+        batch, dtype = x.shape[0], function.dtype
+        kernel = function.jvp_batch if self.direction == "fwd" else function.vjp_batch
+        seeds = self._seeds(dtype)
+        span = self.kernel_rows(dtype.itemsize)
+        threads = max(1, min(kernel_threads(), -(-batch // span)))
+        y = np.empty((batch, self.shape[0]), dtype)
+        values = np.empty((batch, self.nnz), dtype) if out is None else out
+        index = self.index_map
+
+        def run(start: int, stop: int, slot: int) -> None:
+            rows = stop - start
+            y[start:stop], compressed = kernel(x[start:stop], np.broadcast_to(seeds, (rows, *seeds.shape)))
+            np.take(compressed.reshape(rows, -1), index, axis=1, out=values[start:stop], mode="clip")
+
+        for_row_ranges(batch, threads, span, run)
+        return y, values
+
+    def kernel_rows(self, itemsize: int) -> int:
+        """Samples per kernel call in :meth:`evaluate`."""
+        return max(1, CHUNK_BYTES // max(self.n_colours * self.width * itemsize, 1))
+
+    def work_bytes(self, function: Function, rows: int) -> int:
+        """Peak temporary memory of :meth:`evaluate` on ``rows`` samples: the seeds, and on
+        each kernel thread one call's kernel work and compressed products."""
+        from jacrun.functions.parallel import kernel_threads
+
+        itemsize = function.dtype.itemsize
+        span = min(rows, self.kernel_rows(itemsize))
+        threads = max(1, min(kernel_threads(), -(-rows // span)))
+        per_call = function.work_bytes(span, self.n_colours, "jvp" if self.direction == "fwd" else "vjp")
+        compressed = span * self.n_colours * self.width * itemsize
+        index = self.nnz * 8 * 2  # the index map and the row of every nonzero
+        return self.n_colours * self.width * itemsize + index + threads * (per_call + compressed)
+
+    def seeds(self, k0: int, k1: int, dtype) -> np.ndarray:
+        """Seed vectors k0:k1, (k1 - k0, width): row k sums the unit vectors of colour k."""
+        return (np.arange(k0, k1, dtype=np.int32)[:, None] == self.colours[None, :]).astype(dtype)
+
+    def _seeds(self, dtype) -> np.ndarray:
+        """All C seeds, read-only, built once per dtype."""
+        cache = self.__dict__.setdefault("_seed_cache", {})
+        key = np.dtype(dtype).str
+        if key not in cache:
+            cache[key] = self.seeds(0, self.n_colours, dtype)
+            cache[key].setflags(write=False)
+        return cache[key]
+
+    def gather(self, compressed: np.ndarray) -> np.ndarray:
+        """Nonzeros (B, nnz) in CSR order from the compressed products (B, C, width)."""
+        batch = compressed.shape[0]
+        return np.take(compressed.reshape(batch, -1), self.index_map, axis=1, mode="clip")
+
+    def csr(self, values: np.ndarray) -> sp.csr_array:
+        """One sample's Jacobian from its nonzeros (nnz,)."""
+        return sp.csr_array((np.asarray(values), self.indices, self.indptr), shape=self.shape)
+
+    @cached_property
+    def digest(self) -> str:
+        """sha256 of the pattern (shape, indptr, indices): what a resumed job must match."""
+        h = hashlib.sha256(np.asarray(self.shape, dtype=np.int64).tobytes())
+        h.update(self.indptr.tobytes())
+        h.update(self.indices.tobytes())
+        return h.hexdigest()
+
+    def summary(self) -> dict:
+        """JSON-able description for the store's attributes and the plan."""
+        return {
+            "format": "csr",
+            "shape": list(self.shape),
+            "nnz": self.nnz,
+            "density": self.density,
+            "colours": self.n_colours,
+            "mode": self.direction,
+            "compression": self.compression,
+            "source": self.source,
+            "pattern_sha256": self.digest,
+        }
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for cached in ("rows", "index_map", "_seed_cache"):  # rebuilt on the worker, not shipped
+            state.pop(cached, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+def choose(pattern: sp.csr_array, strategy: Literal["fwd", "rev", "auto"], source: str) -> SparseJacobian:
+    """Colour for ``strategy``; ``auto`` colours both ways and keeps the fewer colours (ties: rev)."""
+    if strategy != "auto":
+        return SparseJacobian.from_pattern(pattern, strategy, source=source)
+    rev = SparseJacobian.from_pattern(pattern, "rev", source=source)
+    if pattern.shape[0] == pattern.shape[1] and (pattern != pattern.T).nnz == 0:
+        return rev  # symmetric: both conflict graphs are the same, so are their colourings
+    fwd = SparseJacobian.from_pattern(pattern, "fwd", source=source)
+    return fwd if fwd.n_colours < rev.n_colours else rev
