@@ -427,9 +427,9 @@ def _sparse_dense(f, sparse, x, k, rng) -> tuple[float, str]:
     got = np.stack([sparse.csr(_f64(v)).toarray() for v in values])
     error = _pairwise(_norm(got - dense, (1, 2)), _norm(dense, (1, 2)))
     i = _argmax(error)
-    outside = int(np.count_nonzero(dense * ~sparse.pattern().toarray()[None]))
+    outside = int(np.count_nonzero((dense != 0).any(axis=0) & ~sparse.pattern().toarray()))
     detail = f"J[{f.n_out} x {f.n_in}] dense vs sparse; worst sample {i}"
-    return float(error[i]), detail + (f"; {outside} nonzeros outside the pattern" if outside else "")
+    return float(error[i]), detail + (f"; {outside} entries outside the pattern" if outside else "")
 
 
 SPARSE_CHECKS: dict[str, SparseCheckFn] = {

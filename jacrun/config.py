@@ -21,11 +21,13 @@ from pydantic import (
     BaseModel,
     ByteSize,
     ConfigDict,
+    Discriminator,
     Field,
     NonNegativeInt,
     PositiveInt,
     PrivateAttr,
     SerializeAsAny,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -237,7 +239,15 @@ class SparsityFile(Strict):
     file: InputPath
 
 
-Sparsity = Literal["auto", "dense", "detect"] | SparsityFile
+def _sparsity_tag(value: Any) -> str:
+    return "file" if isinstance(value, Mapping | SparsityFile) else "setting"
+
+
+Sparsity = Annotated[
+    Annotated[Literal["auto", "dense", "detect"], Tag("setting")] | Annotated[SparsityFile, Tag("file")],
+    Discriminator(_sparsity_tag),
+]
+"""A setting, or a mapping ``{file: ...}``: one branch is validated, so an error names one problem."""
 
 
 # ---- the job ---------------------------------------------------------------------------------
@@ -559,6 +569,8 @@ def _problem(root: Mapping[str, Any], prefix: Loc, error: Mapping[str, Any]) -> 
         message = f"must be a section of keys (key: value lines), got {type(value).__name__} {value!r}"
     elif kind in {"byte_size", "byte_size_unit"}:
         message = f"expected a size like 4GiB or 512MiB, got {value!r}"
+    elif kind == "literal_error" and loc == ("sparsity",):
+        message = f"expected auto, dense, detect or {{file: pattern.npz}}, got {value!r}"
     elif kind == "string_pattern_mismatch" and loc and loc[-1] in _PATTERN_HINTS:
         message = f"expected {_PATTERN_HINTS[loc[-1]]}, got {value!r}"
     return loc, message

@@ -42,12 +42,14 @@ SPECS: dict[str, dict[str, Any]] = {
     "rosenbrock-10": {"kind": "rosenbrock", "dim": 10},
     "lorenz96": {"kind": "lorenz96", "dim": 6, "steps": 3, "dt": 0.05},
     "lorenz96-one-step": {"kind": "lorenz96", "dim": 4, "forcing": 3.5},
+    "bratu-5": {"kind": "bratu", "grid": 5},
+    "bratu-1": {"kind": "bratu", "grid": 1, "lam": 2.0},
 }
 NAMES = list(SPECS)
 BATCH_K = [(1, 1), (1, 3), (4, 1), (4, 3), (50, 1), (50, 3)]
 DTYPES = ["float64", "float32"]
 DOT_TOL = {"float64": 1e-10, "float32": 1e-4}
-FD_TOL = {"mlp": 1e-7, "linear": 1e-6, "rosenbrock": 1e-6, "lorenz96": 1e-6}
+FD_TOL = {"mlp": 1e-7, "linear": 1e-6, "rosenbrock": 1e-6, "lorenz96": 1e-6, "bratu": 1e-6}
 
 
 def make(name: str, dtype: str = "float64") -> Function:
@@ -317,6 +319,7 @@ WORK_SPECS: list[dict[str, Any]] = [
     {"kind": "rosenbrock", "dim": 40},
     {"kind": "lorenz96", "dim": 40, "steps": 1},
     {"kind": "lorenz96", "dim": 40, "steps": 5, "dtype": "float32"},
+    {"kind": "bratu", "grid": 12},
 ]
 
 
