@@ -1,6 +1,9 @@
 """Where X and the vectors come from: small picklable readers that a block calls on a worker.
 
-Random numbers form a table per (seed, stream, vector), cut into tiles of TILE_ROWS rows.
+Random numbers form a table per (seed, stream, vector), cut into tiles of :func:`tile_rows`
+rows (TILE_ROWS, or fewer for rows wider than TILE_VALUES / TILE_ROWS values, so a tile never
+holds more than TILE_VALUES numbers: a block of a few 65,536-wide rows draws a few tiles, not
+256 rows).
 Tile t is drawn by its own generator, seeded with SeedSequence([seed, stream, t]) (per-tile
 seeding: no state to carry), so any rows [a, b) get exactly the numbers they would get in any
 other chunking, on any worker, in any order: a pure function of (seed, sample index, vector
@@ -27,8 +30,10 @@ from jacrun.functions import basis_vectors
 _INPUTS_STREAM = 1 << 32
 _VECTORS_STREAM = 2 << 32
 TILE_ROWS = 256
-"""Rows per random tile: part of the stored numbers' definition, never to be changed."""
-RANDOM_NUMBERS = "sfc64-tiles256-v2: normal by float32 Box-Muller; uniform, rademacher from float64"
+"""Rows per random tile (up to TILE_VALUES values): part of the stored numbers' definition."""
+TILE_VALUES = 1 << 20
+"""Most values in a tile: rows wider than TILE_VALUES / TILE_ROWS get fewer rows per tile."""
+RANDOM_NUMBERS = "sfc64-tiles256-max2^20-v3: normal by float32 Box-Muller; uniform, rademacher from float64"
 """Names the definition of the random tables (part of the config hash): change it with them."""
 _TWO_PI = np.float32(2 * np.pi)
 
@@ -51,13 +56,19 @@ def random_rows(
     """
     if out is None:
         out = np.empty((stop - start, width), dtype=dtype)
-    for tile in range(start // TILE_ROWS, (stop - 1) // TILE_ROWS + 1):
-        first, last = tile * TILE_ROWS, (tile + 1) * TILE_ROWS
+    rows = tile_rows(width)
+    for tile in range(start // rows, (stop - 1) // rows + 1):
+        first, last = tile * rows, (tile + 1) * rows
         gen = np.random.Generator(np.random.SFC64(np.random.SeedSequence([seed, stream, tile])))
-        values = _draw(gen, distribution, (TILE_ROWS, width))
+        values = _draw(gen, distribution, (rows, width))
         lo, hi = max(first, start), min(last, stop)
         out[lo - start : hi - start] = values[lo - first : hi - first]
     return out
+
+
+def tile_rows(width: int) -> int:
+    """Rows per tile of a table ``width`` values wide: TILE_ROWS, at most TILE_VALUES values."""
+    return max(1, min(TILE_ROWS, TILE_VALUES // max(width, 1)))
 
 
 def _draw(gen: np.random.Generator, distribution: str, shape: tuple[int, int]) -> np.ndarray:

@@ -9,7 +9,15 @@ import pytest
 
 from jacrun.config import NpyVectors, RandomVectors
 from jacrun.errors import ConfigError
-from jacrun.sources import TILE_ROWS, RandomRows, basis_source, open_vectors, random_rows
+from jacrun.sources import (
+    TILE_ROWS,
+    TILE_VALUES,
+    RandomRows,
+    basis_source,
+    open_vectors,
+    random_rows,
+    tile_rows,
+)
 
 F64 = np.dtype("float64")
 
@@ -25,6 +33,16 @@ def test_random_rows_do_not_depend_on_chunking(distribution, width):
     assert not np.array_equal(whole, random_rows(distribution, 6, 1, 0, n, width))
     assert not np.array_equal(whole, random_rows(distribution, 5, 2, 0, n, width))
     assert not np.array_equal(whole[:TILE_ROWS], whole[TILE_ROWS : 2 * TILE_ROWS])  # tiles differ
+
+
+@pytest.mark.parametrize("distribution", ["normal", "uniform", "rademacher"])
+def test_wide_rows_come_in_short_tiles_that_do_not_depend_on_chunking(distribution):
+    width = 70_000  # over TILE_VALUES / TILE_ROWS: tiles of 14 rows, not 256
+    assert tile_rows(width) == TILE_VALUES // width == 14 and tile_rows(4096) == TILE_ROWS
+    whole = random_rows(distribution, 5, 1, 0, 40, width, np.float32)
+    parts = [random_rows(distribution, 5, 1, a, b, width, np.float32) for a, b in ((0, 3), (3, 15), (15, 40))]
+    np.testing.assert_array_equal(whole, np.concatenate(parts))
+    assert not np.array_equal(whole[:14], whole[14:28])  # tiles differ
 
 
 def test_distributions_have_the_right_moments():
