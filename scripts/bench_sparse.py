@@ -1,0 +1,420 @@
+"""Sparse Jacobians of the 2-D Bratu residual: jacrun against asdex and dense autodiff, and one job.
+
+In process, per grid size L (n = m = L^2, float64, the same inputs for every contender):
+
+- jacrun: ``SparseJacobian.evaluate`` on batches of samples, on every core (kernel threads),
+  into a reused output buffer; the colouring is computed once, before the timing;
+- asdex (JAX sparse AD): ``jax.jit(asdex.jacobian_from_coloring(F, colouring))``, one sample at
+  a time as asdex is used, its own colouring;
+- dense ``jax.vmap(jax.jacfwd(F))`` and ``torch.func.vmap(torch.func.jacfwd(F))`` where a
+  batch of dense Jacobians fits in memory.
+
+Every contender's Jacobians are checked against jacrun's nonzeros. Then one job through
+``jacrun.submit`` on a 2-worker local cluster: its throughput, its workers' peak memory against
+the plan's projected memory per block, and a kill part-way and a resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+LAM = 6.0
+
+
+@dataclass
+class SparseRow:
+    grid: int
+    nnz: int
+    colours: int
+    rates: dict[str, float]
+    """Jacobians per second of each contender."""
+    their_colours: int | None = None
+    errors: dict[str, float] | None = None
+
+
+def _median_rate(run: Callable[[], int], reps: int) -> float:
+    """Median Jacobians per second over ``reps`` calls of ``run`` (which returns how many)."""
+    run()  # warm-up: compiles, allocates
+    rates = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        count = run()
+        rates.append(count / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def _jax_bratu(grid: int):
+    import jax.numpy as jnp
+
+    h2 = 1.0 / (grid + 1) ** 2
+
+    def residual(u):
+        v = u.reshape(grid, grid)
+        p = jnp.pad(v, 1)
+        r = 4 * v - p[:-2, 1:-1] - p[2:, 1:-1] - p[1:-1, :-2] - p[1:-1, 2:] - LAM * h2 * jnp.exp(v)
+        return r.ravel()
+
+    return residual
+
+
+def _torch_bratu(grid: int):
+    import torch
+
+    h2 = 1.0 / (grid + 1) ** 2
+
+    def residual(u):
+        v = u.reshape(grid, grid)
+        p = torch.nn.functional.pad(v, (1, 1, 1, 1))
+        r = 4 * v - p[:-2, 1:-1] - p[2:, 1:-1] - p[1:-1, :-2] - p[1:-1, 2:] - LAM * h2 * torch.exp(v)
+        return r.reshape(-1)
+
+    return residual
+
+
+def bench_grid(
+    grid: int, samples: int, reps: int, frameworks: set[str], log: Callable[[str], None]
+) -> SparseRow:
+    """One row: jacrun, asdex and (small grids) dense jax/torch on ``samples`` inputs."""
+    from jacrun.functions import build_function
+    from jacrun.sources import random_rows
+    from jacrun.sparsity import choose
+
+    f = build_function({"kind": "bratu", "grid": grid, "lam": LAM})
+    n = f.n_in
+    sparse = choose(f.sparsity(), "auto", "declared")
+    x = random_rows("uniform", 1, 1, 0, samples, n)
+    out = np.empty((samples, sparse.nnz))
+    rates = {"jacrun": _median_rate(lambda: sparse.evaluate(f, x, out=out)[1].shape[0], reps)}
+    reference = out.copy()
+    errors: dict[str, float] = {}
+    their_colours = None
+    log(f"  L={grid}: jacrun {rates['jacrun']:,.0f} Jacobians/s ({sparse.n_colours} colours)")
+    jax_ok = "jax" in frameworks
+    if jax_ok:
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+        residual = _jax_bratu(grid)
+        try:
+            import asdex
+        except ImportError:
+            asdex = None
+        if asdex is not None:
+            colouring = asdex.jacobian_coloring(residual, np.zeros(n))
+            their_colours = int(colouring.num_colors)
+            jac = jax.jit(asdex.jacobian_from_coloring(residual, colouring))
+            count = min(samples, 64)
+
+            def run_asdex() -> int:
+                for i in range(count):
+                    last = jac(x[i])
+                jax.block_until_ready(last)
+                return count
+
+            rates["asdex"] = _median_rate(run_asdex, reps)
+            got = jac(x[0])
+            errors["asdex"] = _nonzero_error(sparse, reference[0], np.asarray(got.todense()))
+            log(f"  L={grid}: asdex {rates['asdex']:,.0f} Jacobians/s")
+        if n * n * 8 * min(samples, 16) < 2 << 30:
+            dense = jax.jit(jax.vmap(jax.jacfwd(residual)))
+            batch = x[: min(samples, 16)]
+            rates["jax dense"] = _median_rate(lambda: jax.block_until_ready(dense(batch)).shape[0], reps)
+            errors["jax dense"] = _nonzero_error(sparse, reference[0], np.asarray(dense(batch)[0]))
+            log(f"  L={grid}: dense jax.vmap(jacfwd) {rates['jax dense']:,.0f} Jacobians/s")
+    if "torch" in frameworks and n * n * 8 * 4 < 1 << 30:
+        import torch
+        from torch.func import jacfwd, vmap
+
+        residual_t = _torch_bratu(grid)
+        dense_t = vmap(jacfwd(residual_t))
+        batch_t = torch.from_numpy(x[: min(samples, 4)])
+        rates["torch dense"] = _median_rate(lambda: dense_t(batch_t).shape[0], max(1, reps // 2))
+        errors["torch dense"] = _nonzero_error(sparse, reference[0], dense_t(batch_t)[0].numpy())
+        log(f"  L={grid}: dense torch.func.vmap(jacfwd) {rates['torch dense']:,.0f} Jacobians/s")
+    return SparseRow(grid, sparse.nnz, sparse.n_colours, rates, their_colours, errors)
+
+
+def _nonzero_error(sparse, values: np.ndarray, dense: np.ndarray) -> float:
+    """max |J_theirs - J_jacrun| / max |J_jacrun| over every entry."""
+    ours = sparse.csr(values).toarray()
+    return float(np.max(np.abs(ours - dense)) / np.max(np.abs(ours)))
+
+
+# ---- the job ---------------------------------------------------------------------------------
+
+
+@dataclass
+class SparseJob:
+    grid: int
+    samples: int
+    blocks: int
+    nonzeros: int
+    seconds: float
+    ok: bool
+    projected: int
+    peak_increase: int
+    store_bytes: int
+    killed_after: int
+    resumed_blocks: int
+    resume_ok: bool
+    max_error: float
+
+
+def job_config(grid: int, samples: int, store: Path, chunk: int | str) -> dict[str, Any]:
+    return {
+        "name": f"bench-sparse-{grid}",
+        "mode": "jacobian",
+        "function": {"kind": "bratu", "grid": grid, "lam": LAM},
+        "inputs": {"kind": "random", "samples": samples, "distribution": "uniform", "seed": 1},
+        "output": {"store": str(store), "save_outputs": False},
+        "chunks": {"samples": chunk},
+        "cluster": {"kind": "local", "workers": 2, "memory_limit": "4GiB", "dashboard": None},
+    }
+
+
+def bench_job(
+    grid: int, samples: int, chunk: int | str, folder: Path, log: Callable[[str], None]
+) -> SparseJob:
+    """The job once through ``jacrun.submit`` on a 2-worker local cluster (workers' memory
+    sampled), then from the command line in a subprocess killed part-way and resumed; the
+    resumed store is checked against the kernel."""
+    import yaml
+    import zarr
+
+    import jacrun
+    from jacrun.functions import build_function
+    from jacrun.sources import RandomRows
+    from jacrun.sparsity import choose
+
+    store = folder / f"sparse-{grid}.zarr"
+    settings = job_config(grid, samples, store, chunk)
+    with _warm_cluster() as (address, pids):
+        config = jacrun.config_from_dict(settings)
+        sampler = _WorkerMemory(pids)
+        start = time.perf_counter()
+        with sampler:
+            summary = jacrun.submit(config, progress=False, scheduler=address)
+        seconds = time.perf_counter() - start
+    attrs = jacrun.store.read_attrs(store)
+    plan = attrs["plan"]
+    store_bytes = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
+    log(f"  job: {samples} samples in {seconds:.1f} s, peak +{sampler.peak_increase / 2**20:.0f} MiB")
+
+    shutil.rmtree(store)
+    path = folder / "sparse-job.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    command = [sys.executable, "-m", "jacrun", "submit", str(path), "--quiet"]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    proc = subprocess.Popen(command, start_new_session=True, **quiet)
+    target = max(1, plan["n_blocks"] // 3)
+    while _markers(store) < target and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_after = _markers(store)
+    again = subprocess.run(command, capture_output=True, text=True)
+    resumed = _markers(store) - killed_after
+    complete = again.returncode == 0 and _markers(store) == plan["n_blocks"]
+    f = build_function({"kind": "bratu", "grid": grid, "lam": LAM})
+    sparse = choose(f.sparsity(), "auto", "declared")
+    rows = np.linspace(0, samples - 1, 8).astype(int)
+    stored = zarr.open_group(str(store), mode="r")["jacobian"].get_orthogonal_selection((rows, slice(None)))
+    inputs = RandomRows(samples, f.n_in, "uniform", 1)
+    x = np.stack([inputs.read(int(r), int(r) + 1, f.dtype)[0] for r in rows])
+    error = float(np.max(np.abs(stored - sparse.evaluate(f, x)[1])))
+    shutil.rmtree(store, ignore_errors=True)
+    log(f"  killed after {killed_after} of {plan['n_blocks']} blocks; resumed {resumed}")
+    return SparseJob(
+        grid=grid,
+        samples=samples,
+        blocks=plan["n_blocks"],
+        nonzeros=samples * plan["nnz"],
+        seconds=seconds,
+        ok=summary.ok,
+        projected=plan["memory_per_block"],
+        peak_increase=sampler.peak_increase,
+        store_bytes=store_bytes,
+        killed_after=killed_after,
+        resumed_blocks=resumed,
+        resume_ok=complete,
+        max_error=error,
+    )
+
+
+def _markers(store: Path) -> int:
+    import zarr
+
+    try:
+        return int(zarr.open_group(str(store), mode="r")["_blocks"][...].sum())
+    except Exception:  # noqa: BLE001 - not created yet
+        return 0
+
+
+def _warm() -> int:
+    """Import what a sparse block imports, so the idle baseline includes the libraries."""
+    import scipy.sparse  # noqa: F401
+    import zarr  # noqa: F401
+
+    import jacrun.block  # noqa: F401
+    import jacrun.store  # noqa: F401
+
+    return os.getpid()
+
+
+@contextlib.contextmanager
+def _warm_cluster():
+    """(scheduler address, worker pids) of a 2-worker LocalCluster with jacrun's worker settings."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    from jacrun.cluster import local_worker_settings
+
+    with (
+        local_worker_settings(),
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            memory_limit="4GiB",
+            silence_logs=logging.CRITICAL,
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
+        yield cluster.scheduler_address, list(client.run(_warm).values())
+
+
+class _WorkerMemory:
+    """The largest growth of a worker's resident memory over its idle (warm) size."""
+
+    def __init__(self, pids: list[int]) -> None:
+        import threading
+
+        import psutil
+
+        self.processes = [psutil.Process(pid) for pid in pids]
+        self.idle = {p.pid: p.memory_info().rss for p in self.processes}
+        self.peak_increase = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            for process in self.processes:
+                try:
+                    rss = process.memory_info().rss
+                except psutil.Error:
+                    continue
+                self.peak_increase = max(self.peak_increase, rss - self.idle[process.pid])
+            self._stop.wait(0.01)
+
+    def __enter__(self) -> _WorkerMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# ---- report ----------------------------------------------------------------------------------
+
+
+def table(rows: list[SparseRow]) -> str:
+    names = ["jacrun", "asdex", "jax dense", "torch dense"]
+    lines = [
+        "| L | n | nonzeros | colours (jacrun / asdex) | "
+        + " | ".join(f"{name} J/s" for name in names)
+        + " | jacrun / asdex | jacrun / jax dense | agreement |",
+        "|---|---|---|---|" + "---|" * len(names) + "---|---|---|",
+    ]
+    for row in rows:
+        rates = [f"{row.rates[name]:,.0f}" if name in row.rates else "-" for name in names]
+        ratio = {
+            k: f"{row.rates['jacrun'] / row.rates[k]:.2f}x" if k in row.rates else "-" for k in names[1:3]
+        }
+        worst = max((row.errors or {}).values(), default=math.nan)
+        lines.append(
+            f"| {row.grid} | {row.grid**2:,} | {row.nnz:,} | {row.colours} / {row.their_colours or '-'} | "
+            + " | ".join(rates)
+            + f" | {ratio['asdex']} | {ratio['jax dense']} | {worst:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def job_table(job: SparseJob) -> str:
+    memory = f"{job.projected / 2**20:.0f} / {job.peak_increase / 2**20:.0f} MiB"
+    within = "within" if job.peak_increase <= job.projected else "OVER"
+    resumed = "complete" if job.resume_ok else "INCOMPLETE"
+    return "\n".join(
+        [
+            "| samples | nonzeros | blocks | seconds | Jacobians/s | projected / peak memory per worker "
+            "| store | kill, resume |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| {job.samples:,} | {job.nonzeros / 1e6:,.0f} M | {job.blocks} | {job.seconds:.1f} | "
+            f"{job.samples / job.seconds:,.0f} | {memory} ({within}) | {job.store_bytes / 2**20:,.0f} MiB | "
+            f"killed after {job.killed_after} of {job.blocks} blocks, resumed {job.resumed_blocks} "
+            f"({resumed}), values within {job.max_error:.1e} of the kernel |",
+        ]
+    )
+
+
+def run(quick: bool, frameworks: set[str], log: Callable[[str], None]) -> str:
+    """The sparse section of the report (markdown)."""
+    grids = (8, 16) if quick else (32, 64, 128, 256)
+    reps = 2 if quick else 5
+    rows = []
+    for grid in grids:
+        samples = 8 if quick else max(8, min(512, 2**22 // grid**2))
+        rows.append(bench_grid(grid, samples, reps, frameworks, log))
+    job_grid, job_samples, chunk = (16, 200, 20) if quick else (256, 2000, "auto")
+    with tempfile.TemporaryDirectory() as folder:
+        job = bench_job(job_grid, job_samples, chunk, Path(folder), log)
+    return "\n".join(
+        [
+            "## Sparse Jacobians (bratu, float64)",
+            "",
+            "Jacobians per second in process, medians of "
+            f"{reps} rounds; jacrun on every core into a reused buffer, asdex one sample at a time "
+            "(jit), dense jax/torch on a batch where it fits. `agreement`: the largest entry "
+            "difference from jacrun's Jacobian, relative to its largest entry.",
+            "",
+            table(rows),
+            "",
+            f"One job through `jacrun.submit` (L = {job_grid}, 2 workers), then killed part-way "
+            "and resumed from the command line:",
+            "",
+            job_table(job),
+            "",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--frameworks", default="jax,torch")
+    args = parser.parse_args()
+    print(run(args.quick, set(args.frameworks.split(",")), lambda m: print(m, file=sys.stderr, flush=True)))
