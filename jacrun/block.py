@@ -12,6 +12,7 @@ from jacrun.config import JobConfig
 from jacrun.functions import Function
 from jacrun.memory import keep_freed_memory
 from jacrun.plan import Plan
+from jacrun.reduce import Reducer
 from jacrun.sources import ArrayRows, RandomRows, VectorSource
 from jacrun.sparsity import SparseJacobian
 
@@ -48,6 +49,8 @@ class BlockJob:
     """BLAS threads per worker thread (no oversubscription), set once per worker process."""
     sparse: SparseJacobian | None = None
     """A sparse Jacobian job's pattern and colouring: blocks store nonzeros."""
+    reducer: Reducer | None = None
+    """The job's reductions: each block stores its partials before its marker."""
 
 
 CHECK_ROWS = 4
@@ -72,9 +75,10 @@ class BlockResult:
     """Seconds of each step (:data:`STEPS`) of this block on its worker."""
 
 
-STEPS = ("setup", "inputs", "kernel", "checks", "write")
+STEPS = ("setup", "inputs", "kernel", "checks", "reduce", "write")
 """A block's steps: function build and limits (first block of a worker), reading or generating
-x and the vectors, the kernel, finiteness and gradient checks, the write and marker."""
+x and the vectors, the kernel, finiteness and gradient checks, the reductions' partials, the
+write and marker."""
 
 
 def step_shares(seconds: dict[str, float]) -> str:
@@ -158,8 +162,12 @@ def run_block(job: BlockJob, i: int, j: int) -> BlockResult:
     rows = x.shape[0]
     k0, k1 = job.plan.block_vectors(j)
     del x  # its memory serves the write's encoded chunks
+    partials = job.reducer.partials(result) if job.reducer is not None else None
+    laps.lap("reduce")
     dtype = np.dtype(job.config.output_dtype)
-    write_block(job.store, job.plan, i, j, y.astype(dtype, copy=False), result.astype(dtype, copy=False))
+    write_block(
+        job.store, job.plan, i, j, y.astype(dtype, copy=False), result.astype(dtype, copy=False), partials
+    )
     laps.lap("write")
     return BlockResult(
         i,

@@ -284,12 +284,41 @@ def show(store_path: StoreArg) -> None:
     if any(attrs.get("nonfinite", {}).values()):
         counts = ", ".join(f"{name}: {count}" for name, count in attrs["nonfinite"].items())
         table.add_row("non-finite values", counts)
+    reductions = attrs.get("reductions")
+    if reductions:
+        table.add_row("reductions", ", ".join(reductions.get("names", [])))
+        values = reductions.get("eigenvalues")
+        if values:
+            table.add_row("gram eigenvalues", ", ".join(f"{v:.4g}" for v in values[:6]))
+            gap = reductions.get("gap") or {}
+            if gap.get("ratio"):
+                after = gap["after"]
+                table.add_row(
+                    "largest gap",
+                    f"after eigenvalue {after}: lambda_{after} / lambda_{after + 1} = {gap['ratio']:.3g}",
+                )
     checks = attrs.get("checks")
     if checks:
         worst = ", ".join(f"{name} {error:.2g}" for name, error in checks.get("worst", {}).items())
         verdict = "passed" if checks.get("passed") else "FAILED"
         table.add_row("checks", f"{verdict} on {checks.get('blocks_checked')} blocks; worst: {worst}")
     out.print(table)
+
+
+@app.command()
+@user_errors
+def plot(
+    store_path: StoreArg,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="The PNG to write (default: STORE with .png).")
+    ] = None,
+) -> None:
+    """Draw a store as a PNG: Gram eigenvalues (gap marked) and eigenvectors, a histogram of
+    norms, the mean and spread of per-sample products. Needs matplotlib (jacrun[plot])."""
+    from jacrun.plot import plot_store
+
+    path = plot_store(store_path, output)
+    out.print(f"wrote {path}")
 
 
 @app.command()

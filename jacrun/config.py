@@ -135,6 +135,7 @@ class OutputConfig(Strict):
     dtype: Dtype | None = Field(None, description="cast on write; default: the compute dtype")
     compression: Literal["zstd", "blosc", "none"] = "zstd"
     overwrite: bool = False
+    products: bool = Field(True, description="store the per-sample products; false: only reductions")
 
 
 class ChunksConfig(Strict):
@@ -269,6 +270,9 @@ class JobConfig(Strict):
         description="jacobian only: auto (sparse when the function declares a pattern that needs "
         "fewer products), dense, detect (JAX targets), or {file: pattern.npz}",
     )
+    reduce: list[Literal["mean", "gram", "norms"]] = Field(
+        default_factory=list, description="reductions over samples: mean, gram, norms"
+    )
     output: OutputConfig
     chunks: ChunksConfig = ChunksConfig()
     cluster: Cluster = LocalClusterConfig()
@@ -294,6 +298,13 @@ class JobConfig(Strict):
             raise ValueError(f"vectors: required in mode {self.mode} (e.g. kind: random)")
         if self.mode != "jacobian" and "sparsity" in self.model_fields_set:
             raise ValueError(f"sparsity: only for mode jacobian, not {self.mode}; remove it")
+        if len(set(self.reduce)) != len(self.reduce):
+            raise ValueError(f"reduce: lists a reduction twice: {self.reduce}")
+        if not self.output.products and not self.reduce:
+            raise ValueError(
+                "output.products: false stores no products, so it needs reductions "
+                "(reduce: [mean, gram, norms])"
+            )
         return self
 
     def locate(self, message: str) -> str:
@@ -556,8 +567,8 @@ def _problem(root: Mapping[str, Any], prefix: Loc, error: Mapping[str, Any]) -> 
     elif kind == "value_error":
         message = message.removeprefix("Value error, ")
         key, sep, rest = message.partition(": ")
-        if not loc and sep and key in JobConfig.model_fields:  # "vectors: ..." from a model check
-            loc, message = (key,), rest
+        if not loc and sep and key.split(".")[0] in JobConfig.model_fields:
+            loc, message = tuple(key.split(".")), rest  # "vectors: ..." from a model check
     elif kind == "union_tag_invalid":
         expected = error.get("ctx", {}).get("expected_tags", "")
         message = f"unknown kind {value.get('kind')!r}; expected one of {expected}"
@@ -569,6 +580,8 @@ def _problem(root: Mapping[str, Any], prefix: Loc, error: Mapping[str, Any]) -> 
         message = f"must be a section of keys (key: value lines), got {type(value).__name__} {value!r}"
     elif kind in {"byte_size", "byte_size_unit"}:
         message = f"expected a size like 4GiB or 512MiB, got {value!r}"
+    elif kind == "literal_error" and loc[:1] == ("reduce",):
+        message = f"unknown reduction {value!r}; expected mean, gram or norms"
     elif kind == "literal_error" and loc == ("sparsity",):
         message = f"expected auto, dense, detect or {{file: pattern.npz}}, got {value!r}"
     elif kind == "string_pattern_mismatch" and loc and loc[-1] in _PATTERN_HINTS:

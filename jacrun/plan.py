@@ -60,6 +60,10 @@ class Plan:
     """Nonzeros per sample of a sparse Jacobian (its ``vectors`` are the colours), else None."""
     sparsity: str = ""
     """For ``mode: jacobian``: dense or sparse, and why."""
+    reductions: tuple[str, ...] = ()
+    """Reductions over samples (``reduce``): mean, gram, norms."""
+    products: bool = True
+    """Whether the per-sample products are stored (``output.products``)."""
 
     # ---- derived -----------------------------------------------------------------------------
 
@@ -116,12 +120,24 @@ class Plan:
         return (s, k, self.result_width) if self.vector_dim else (s, self.result_width)
 
     @property
+    def gram_width(self) -> int:
+        """The side of a ``gram`` reduction: m for jvp, n otherwise."""
+        return self.n_out if self.mode == "jvp" else self.n_in
+
+    @property
     def output_bytes(self) -> int:
-        """Uncompressed bytes of every array the job writes."""
-        total = math.prod(self.result_shape)
+        """Uncompressed bytes of every array the job writes (once complete)."""
+        total = math.prod(self.result_shape) if self.products else 0
         if self.save_outputs:
             total += self.samples * self.n_out
-        return total * self.output_itemsize
+        total *= self.output_itemsize
+        if "norms" in self.reductions:
+            total += self.samples * (1 if self.mode == "jacobian" else self.vectors) * 8
+        if "mean" in self.reductions:
+            total += math.prod(self.result_shape[1:]) * 8
+        if "gram" in self.reductions:
+            total += 2 * self.gram_width * (self.gram_width + 1) * 8  # Gram, eigenvectors and values
+        return total
 
     @property
     def estimated_seconds(self) -> float | None:
@@ -181,6 +197,7 @@ def block_memory(
     save_outputs: bool,
     work_bytes: WorkModel,
     nnz: int | None = None,
+    reductions: tuple[str, ...] = (),
 ) -> int:
     """Projected peak bytes of one block: inputs, vectors, kernel work, results, casts, encoding.
 
@@ -188,11 +205,14 @@ def block_memory(
     products of each kernel call are part of ``work_bytes``.
     """
     c, o = compute_itemsize, output_itemsize
+    extra = _reduction_bytes(
+        rows, k, rows * (nnz if nnz is not None else k * max(n_in, n_out)), c, mode, n_in, n_out, reductions
+    )
     if nnz is not None:
         values = rows * nnz
         memory = rows * n_in * c + rows * n_out * c + values * c + int(work_bytes(rows, k))
         memory += values * o * 2 + (rows * n_out * o * 2 if save_outputs else 0)  # cast + encoded chunk
-        return memory + values  # the finiteness mask
+        return memory + values + extra  # the finiteness mask
     if mode == "vjp":
         vec_width, res_width = n_out, n_in
     elif mode == "jvp":
@@ -207,7 +227,23 @@ def block_memory(
         memory += result * c  # the transposed copy written to the store
     memory += result * o * 2 + (rows * n_out * o * 2 if save_outputs else 0)  # cast + encoded chunk
     memory += result  # the finiteness mask
-    return memory
+    return memory + extra
+
+
+def _reduction_bytes(
+    rows: int, k: int, products: int, itemsize: int, mode: Mode, n_in: int, n_out: int, reductions
+) -> int:
+    """What reductions add to a block: a float64 copy of float32 products (mean, gram), the
+    Gram's partial (and a product's temporary), the mean's partial and the norms."""
+    if not reductions:
+        return 0
+    extra = rows * k * 8
+    if {"mean", "gram"} & set(reductions):
+        extra += (products * 8 if itemsize != 8 else 0) + products // max(rows, 1) * 8
+    if "gram" in reductions:
+        width = n_out if mode == "jvp" else n_in
+        extra += 2 * width * width * 8
+    return extra
 
 
 def _timed(seconds_per_row: Callable[[int], float] | None, k: int) -> float | None:
@@ -239,6 +275,8 @@ def make_plan(
     seconds_per_row: Callable[[int], float] | None = None,
     nnz: int | None = None,
     sparsity: str = "",
+    reductions: tuple[str, ...] = (),
+    products: bool = True,
 ) -> Plan:
     """Choose the block shape and project its cost; raise PlanError when it cannot fit.
 
@@ -249,13 +287,27 @@ def make_plan(
     """
     if samples <= 0 or vectors <= 0 or n_in <= 0 or n_out <= 0:
         raise PlanError(f"empty job: samples={samples}, vectors={vectors}, n_in={n_in}, n_out={n_out}")
-    if nnz is not None:
+    if nnz is not None or (mode == "jacobian" and reductions):
         if chunk_vectors not in ("auto", vectors):
+            why = (
+                f"a sparse Jacobian computes all its {vectors} colours"
+                if nnz is not None
+                else (f"reductions of Jacobians need all {vectors} basis vectors")
+            )
             raise PlanError(
-                f"chunks.vectors: a sparse Jacobian computes all its {vectors} colours in every "
-                "block; remove chunks.vectors (or set it to auto)"
+                f"chunks.vectors: {why} in every block; remove chunks.vectors (or set it to auto)"
             )
         chunk_vectors = vectors
+    if "gram" in reductions:
+        width = n_out if mode == "jvp" else n_in
+        size = 8 * width * width
+        if 3 * size > task_memory:
+            raise PlanError(
+                f"reduce: gram of {width}-wide products is a {width} x {width} float64 matrix "
+                f"({fmt_bytes(size)}); a block holds it and its partial, over chunks.task_memory "
+                f"({fmt_bytes(task_memory)}): use norms, raise chunks.task_memory, or reduce fewer "
+                "dimensions"
+            )
 
     def memory(rows: int, k: int) -> int:
         return block_memory(
@@ -271,6 +323,7 @@ def make_plan(
             save_outputs=save_outputs,
             work_bytes=work_bytes,
             nnz=nnz,
+            reductions=reductions,
         )
 
     budget = task_memory
@@ -329,6 +382,8 @@ def make_plan(
         workers=workers,
         nnz=nnz,
         sparsity=sparsity,
+        reductions=tuple(reductions),
+        products=products,
     )
 
 

@@ -22,6 +22,7 @@ from jacrun.functions import Function, build_function, resolve_strategy
 from jacrun.functions.base import Mode
 from jacrun.functions.parallel import blas_limit
 from jacrun.plan import Plan, PlanError, make_plan
+from jacrun.reduce import Reducer
 from jacrun.sources import (
     ArrayRows,
     RandomRows,
@@ -46,6 +47,8 @@ class PreparedJob:
     plan: Plan
     sparse: SparseJacobian | None = None
     """The pattern and colouring of a sparse Jacobian job (``plan.nnz`` set), else None."""
+    reducer: Reducer | None = None
+    """The job's reductions over samples (``reduce``), else None."""
 
     @property
     def config_hash(self) -> str:
@@ -211,7 +214,11 @@ def prepare(
             if config.mode != "jacobian" or sparse is not None:
                 raise
             raise PlanError(f"{exc}; {DENSE_ADVICE}") from None
-    return PreparedJob(config, function, inputs, vectors, plan, sparse)
+    reducer = None
+    if config.reduce:
+        probes = config.vectors is not None and config.vectors.kind == "random"
+        reducer = Reducer(tuple(config.reduce), plan, probes, sparse)
+    return PreparedJob(config, function, inputs, vectors, plan, sparse, reducer)
 
 
 DENSE_ADVICE = (
@@ -327,4 +334,6 @@ def _plan(
         seconds_per_row=timer,
         nnz=None if sparse is None else sparse.nnz,
         sparsity=note,
+        reductions=tuple(config.reduce),
+        products=config.output.products,
     )

@@ -189,6 +189,7 @@ def _create(job: PreparedJob, path: Path) -> None:
             dtype=job.config.output_dtype,
             compression=job.config.output.compression,
             sparse=job.sparse,
+            reducer=job.reducer,
         )
     except OSError as exc:
         raise ConfigError(f"output.store: cannot create {path}: {exc.strerror or exc}") from None
@@ -327,6 +328,7 @@ class Run:
             self.check,
             blas_threads(config.cluster),
             self.job.sparse,
+            self.job.reducer,
         )
         shared = client.scatter(block_job, broadcast=True, hash=False)
         prefix = f"jacrun-{config.name}-{self.job.config_hash[:10]}"
@@ -415,6 +417,22 @@ class Run:
             "failures": failed[:20],
         }
 
+    def _reductions(self) -> dict[str, Any]:
+        """Combine the blocks' partials (once: a complete store keeps its results) and summarise."""
+        from jacrun.reduce import spectral_gap
+
+        done = self.attrs.get("reductions")
+        if done:
+            return done
+        results = store.finish_reductions(self.path, self.plan, self.job.reducer)
+        summary: dict[str, Any] = {"names": list(self.job.reducer.names)}
+        if "gram_eigenvalues" in results:
+            values = results["gram_eigenvalues"]
+            k, ratio = spectral_gap(values)
+            summary["eigenvalues"] = [float(v) for v in values[:10]]
+            summary["gap"] = {"after": k, "ratio": None if np.isnan(ratio) else ratio}
+        return summary
+
     def finalize(self, dashboard: str | None) -> Summary:
         """Count markers (the truth); record the run, status, throughput and non-finite counts."""
         seconds = time.perf_counter() - self.started
@@ -460,6 +478,8 @@ class Run:
             blocks_lost=self.lost,
         )
         extra = {"checks": self._checks_summary()} if self.check else {}
+        if status == "complete" and self.job.reducer is not None:
+            extra["reductions"] = self._reductions()
         self._save_progress(
             done - self.already,
             status=status,

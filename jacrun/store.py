@@ -26,6 +26,7 @@ from zarr.storage import LocalStore
 from jacrun import writeback
 from jacrun.errors import ConfigError
 from jacrun.plan import Plan
+from jacrun.reduce import Reducer, combine
 
 ATTR = "jacrun"
 MARKERS = "_blocks"
@@ -141,21 +142,32 @@ def encode_seconds(arrays: list[np.ndarray], compression: str, dtype: str) -> fl
 
 
 def create_store(
-    path: Path, plan: Plan, attrs: dict[str, Any], *, dtype: str, compression: str, sparse: Any = None
+    path: Path,
+    plan: Plan,
+    attrs: dict[str, Any],
+    *,
+    dtype: str,
+    compression: str,
+    sparse: Any = None,
+    reducer: Reducer | None = None,
 ) -> None:
     """Create the group, the arrays and the empty marker grid; for a sparse Jacobian
-    (``sparse``, a :class:`jacrun.sparsity.SparseJacobian`) also its pattern and colouring."""
+    (``sparse``, a :class:`jacrun.sparsity.SparseJacobian`) also its pattern and colouring; for
+    reductions, the arrays of the blocks' partials and the norms."""
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     compressors = _compressors(compression)
-    group.create_array(
-        plan.result_name,
-        shape=plan.result_shape,
-        chunks=plan.result_chunks,
-        dtype=dtype,
-        fill_value=np.nan,
-        compressors=compressors,
-        dimension_names=plan.result_dims,
-    )
+    if plan.products:
+        group.create_array(
+            plan.result_name,
+            shape=plan.result_shape,
+            chunks=plan.result_chunks,
+            dtype=dtype,
+            fill_value=np.nan,
+            compressors=compressors,
+            dimension_names=plan.result_dims,
+        )
+    if reducer is not None:
+        _create_partials(group, plan, reducer)
     if plan.save_outputs:
         group.create_array(
             OUTPUTS,
@@ -178,6 +190,81 @@ def create_store(
     if sparse is not None:
         _write_pattern(group, sparse)
     group.attrs[ATTR] = {**attrs, "created": now(), "updated": now()}
+
+
+PARTIAL = "_partial_"
+"""Prefix of the arrays that keep every block's partial sums until the last block is done."""
+
+
+def _create_partials(group: zarr.Group, plan: Plan, reducer: Reducer) -> None:
+    """``_partial_mean`` (sample_block, *product), ``_partial_gram`` (sample_block, vector_block,
+    w, w), and ``norms``: each block owns its chunk of each."""
+    float64 = {"dtype": "float64", "fill_value": np.nan, "compressors": _compressors("zstd")}
+    if "mean" in reducer.names:
+        shape = reducer.product_shape
+        block = (plan.vectors_per_block, *shape[1:]) if len(shape) == 2 and plan.mode != "jacobian" else shape
+        group.create_array(
+            f"{PARTIAL}mean",
+            shape=(plan.grid[0], *shape),
+            chunks=(1, *block),
+            dimension_names=("sample_block", *reducer.product_dims),
+            **float64,
+        )
+    if "gram" in reducer.names:
+        width = reducer.width
+        group.create_array(
+            f"{PARTIAL}gram",
+            shape=(*plan.grid, width, width),
+            chunks=(1, 1, width, width),
+            dimension_names=("sample_block", "vector_block", *reducer.gram_dims),
+            **float64,
+        )
+    if "norms" in reducer.names:
+        group.create_array(
+            "norms",
+            shape=reducer.norms_shape,
+            chunks=reducer.norms_chunks,
+            dimension_names=reducer.norms_dims,
+            **float64,
+        )
+
+
+def finish_reductions(path: str | Path, plan: Plan, reducer: Reducer) -> dict[str, np.ndarray]:
+    """Combine every block's partials in block order into the final results, store them (Gram
+    with its eigenvalues and eigenvectors, descending) and delete the partials. Called once,
+    by the client, when every block is done."""
+    group = zarr.open_group(str(path), mode="r+")
+    sums: dict[str, np.ndarray] = {}
+    if f"{PARTIAL}mean" in group:
+        partial = group[f"{PARTIAL}mean"]
+        sums["mean"] = combine([partial[i] for i in range(plan.grid[0])])
+    if f"{PARTIAL}gram" in group:
+        partial = group[f"{PARTIAL}gram"]
+        blocks = [(i, j) for i in range(plan.grid[0]) for j in range(plan.grid[1])]
+        sums["gram"] = combine([partial[i, j] for i, j in blocks])
+    results = reducer.finish(sums)
+    dims = {
+        "mean": reducer.product_dims,
+        "gram": reducer.gram_dims,
+        "gram_eigenvalues": ("eigen",),
+        "gram_eigenvectors": (reducer.gram_dims[0], "eigen"),
+    }
+    for name, values in results.items():
+        array = group.create_array(
+            name,
+            shape=values.shape,
+            chunks=values.shape,
+            dtype="float64",
+            compressors=_compressors("zstd"),
+            dimension_names=dims[name],
+            overwrite=True,
+        )
+        array[...] = values
+    for name in (f"{PARTIAL}mean", f"{PARTIAL}gram"):
+        if name in group:
+            del group[name]
+    consolidate(path)
+    return results
 
 
 PATTERN = ("indptr", "indices", "colours")
@@ -219,7 +306,10 @@ def store_chunks(path: Path, plan: Plan) -> tuple[int, int] | None:
     """(samples, vectors) per block of an existing store's result array, or None if absent."""
     group = zarr.open_group(str(path), mode="r")
     if plan.result_name not in group:
-        return None
+        if plan.products:
+            return None
+        stored = group.attrs[ATTR].get("plan", {})
+        return stored.get("samples_per_block"), stored.get("vectors_per_block")
     chunks = group[plan.result_name].chunks
     if plan.sparse:
         return chunks[0], plan.vectors_per_block
@@ -228,17 +318,28 @@ def store_chunks(path: Path, plan: Plan) -> tuple[int, int] | None:
     return chunks[0], (chunks[1] if plan.vector_dim else 1)
 
 
-def write_block(path: str, plan: Plan, i: int, j: int, y: np.ndarray | None, result: np.ndarray) -> None:
-    """Write block (i, j)'s chunks, then its marker. ``result`` is (rows, k, width), or a
-    sparse Jacobian's nonzeros (rows, nnz)."""
+def write_block(
+    path: str,
+    plan: Plan,
+    i: int,
+    j: int,
+    y: np.ndarray | None,
+    result: np.ndarray,
+    partials: dict[str, np.ndarray] | None = None,
+) -> None:
+    """Write block (i, j)'s chunks and its reductions' ``partials``, then its marker. ``result``
+    is (rows, k, width), or a sparse Jacobian's nonzeros (rows, nnz)."""
     a, b = plan.block_rows(i)
     k0, k1 = plan.block_vectors(j)
     target = WriteBehindStore(path)
     group = zarr.open_group(target, mode="r+")
     markers = group[MARKERS]
     target.marker = target.root / MARKERS / markers.metadata.encode_chunk_key((i, j))
-    array = group[plan.result_name].with_config(_WRITE_CONFIG)
-    if plan.sparse:
+    _write_partials(group, plan, i, j, partials or {})
+    array = group[plan.result_name].with_config(_WRITE_CONFIG) if plan.products else None
+    if array is None:
+        pass
+    elif plan.sparse:
         array[a:b, :] = result
     elif plan.mode == "jacobian":
         if plan.strategy == "rev":
@@ -255,6 +356,25 @@ def write_block(path: str, plan: Plan, i: int, j: int, y: np.ndarray | None, res
     if error is not None:
         raise OSError(error.code, error.reason)
     markers[i, j] = 1
+
+
+def _write_partials(group: zarr.Group, plan: Plan, i: int, j: int, partials: dict[str, np.ndarray]) -> None:
+    a, b = plan.block_rows(i)
+    k0, k1 = plan.block_vectors(j)
+    if "mean" in partials:
+        target = group[f"{PARTIAL}mean"]
+        if target.ndim == 3 and plan.mode != "jacobian":
+            target[i, k0:k1] = partials["mean"]
+        else:
+            target[i] = partials["mean"]
+    if "gram" in partials:
+        group[f"{PARTIAL}gram"][i, j] = partials["gram"]
+    if "norms" in partials:
+        norms = group["norms"]
+        if norms.ndim == 2:
+            norms[a:b, k0:k1] = partials["norms"]
+        else:
+            norms[a:b] = partials["norms"]
 
 
 def unmark_block(path: str | Path, block: tuple[int, int]) -> None:

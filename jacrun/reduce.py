@@ -1,0 +1,213 @@
+"""Reductions over samples: mean products, Gram matrices, per-sample norms, in float64.
+
+A job's product of sample i, P_i, is its (K, n) VJPs (``vjp``), its (K, m) JVPs (``jvp``) or its
+Jacobian J_i (m, n) (``jacobian``; dense or sparse):
+
+=====  ======================================================================================
+mean   (1/N) sum_i P_i, the shape of one sample's product (a sparse Jacobian: its nonzeros)
+gram   (1/N) sum_i P_i^T P_i: (n, n) for vjp and jacobian, (m, m) for jvp; divided by K too
+       when the vectors are random probes (E[v v^T] = I), so it estimates E[J^T J] (vjp) or
+       E[J J^T] (jvp). With ``vectors: ones`` and a scalar f it is E[grad f grad f^T], the
+       active-subspace matrix; with basis vectors it is exactly the mean of J^T J (J J^T).
+norms  the Euclidean norm of every product (N, K), or the Frobenius norm of every J_i (N,)
+=====  ======================================================================================
+
+Each block turns its products into *partials* (:meth:`Reducer.partials`): sums over its samples,
+in float64 whatever the compute dtype, with the Gram's matrix product on one BLAS thread, so the
+same block gives the same bits on any worker. The store keeps every block's partials until the
+last block is done; :func:`combine` then adds them in block order, so a result is bit-identical
+for any worker count, order of execution or resume, and agrees across chunkings to rounding.
+
+This module imports neither dask nor zarr.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from jacrun.plan import Plan
+    from jacrun.sparsity import SparseJacobian
+
+Reduction = Literal["mean", "gram", "norms"]
+REDUCTIONS: tuple[Reduction, ...] = ("mean", "gram", "norms")
+
+
+@dataclass(frozen=True, eq=False)
+class Reducer:
+    """The reductions of one job and the shapes they take from its plan."""
+
+    names: tuple[Reduction, ...]
+    plan: Plan
+    probes: bool
+    """The vectors are random probes: the Gram is divided by K."""
+    sparse: SparseJacobian | None = None
+
+    # ---- shapes ------------------------------------------------------------------------------
+
+    @property
+    def width(self) -> int:
+        """The side of the Gram: n for vjp and jacobian, m for jvp."""
+        return self.plan.n_out if self.plan.mode == "jvp" else self.plan.n_in
+
+    @property
+    def gram_dims(self) -> tuple[str, str]:
+        side = "output" if self.plan.mode == "jvp" else "input"
+        return (side, f"{side}2")
+
+    @property
+    def product_shape(self) -> tuple[int, ...]:
+        """One sample's product, as ``mean`` stores it."""
+        plan = self.plan
+        if plan.sparse:
+            return (plan.nnz,)
+        if plan.mode == "jacobian":
+            return (plan.n_out, plan.n_in)
+        return (plan.vectors, plan.result_width) if plan.vector_dim else (plan.result_width,)
+
+    @property
+    def product_dims(self) -> tuple[str, ...]:
+        return self.plan.result_dims[1:]
+
+    @property
+    def norms_shape(self) -> tuple[int, ...]:
+        plan = self.plan
+        if plan.mode == "jacobian" or not plan.vector_dim:
+            return (plan.samples,)
+        return (plan.samples, plan.vectors)
+
+    @property
+    def norms_dims(self) -> tuple[str, ...]:
+        return ("sample",) if len(self.norms_shape) == 1 else ("sample", "vector")
+
+    @property
+    def norms_chunks(self) -> tuple[int, ...]:
+        plan = self.plan
+        return (plan.samples_per_block, plan.vectors_per_block)[: len(self.norms_shape)]
+
+    def partial_bytes(self) -> int:
+        """Float64 bytes of one block's partials (what the store keeps per block until the end)."""
+        plan = self.plan
+        total = 0
+        if "mean" in self.names:
+            total += int(np.prod(self.product_shape)) // max(plan.grid[1], 1) * 8
+        if "gram" in self.names:
+            total += self.width * self.width * 8
+        return total
+
+    def block_bytes(self, rows: int, k: int) -> int:
+        """Memory the reductions add to a block: partials, a float64 copy of the products for the
+        Gram and the mean, and the Gram's product."""
+        plan = self.plan
+        products = rows * (plan.nnz if plan.sparse else k * plan.result_width)
+        extra = self.partial_bytes() + (products * 8 if {"mean", "gram"} & set(self.names) else 0)
+        if "gram" in self.names and self.sparse is not None:
+            extra += self._pair_count * 8 * 3
+        return extra + rows * k * 8
+
+    # ---- partials ----------------------------------------------------------------------------
+
+    def partials(self, result: np.ndarray) -> dict[str, np.ndarray]:
+        """Float64 partials of one block's products: ``result`` as a block computes it, (rows, k,
+        width) or a sparse Jacobian's nonzeros (rows, nnz). ``norms`` are per sample."""
+        out: dict[str, np.ndarray] = {}
+        plan = self.plan
+        wide = result.astype(np.float64, copy=False)
+        if "mean" in self.names:
+            total = wide.sum(axis=0)
+            if plan.mode == "jacobian" and plan.strategy == "fwd" and not plan.sparse:
+                total = total.T  # the block holds columns of J
+            elif plan.mode != "jacobian" and not plan.vector_dim:
+                total = total[0]
+            out["mean"] = total
+        if "gram" in self.names:
+            out["gram"] = self._gram(wide)
+        if "norms" in self.names:
+            if plan.mode == "jacobian":
+                flat = wide.reshape(wide.shape[0], -1)
+                out["norms"] = np.sqrt(np.einsum("bp,bp->b", flat, flat))
+            else:
+                out["norms"] = np.sqrt(np.einsum("bkw,bkw->bk", wide, wide))
+                if not plan.vector_dim:
+                    out["norms"] = out["norms"][:, 0]
+        return out
+
+    def _gram(self, wide: np.ndarray) -> np.ndarray:
+        from jacrun.functions.parallel import one_blas_thread
+
+        plan = self.plan
+        if self.sparse is not None:
+            first, second, target = self._pairs
+            weights = np.einsum("bp,bp->p", wide[:, first], wide[:, second])
+            return np.bincount(target, weights=weights, minlength=self.width**2).reshape(self.width, -1)
+        if plan.mode == "jacobian" and plan.strategy == "fwd":
+            rows = wide.transpose(0, 2, 1).reshape(-1, plan.n_in)  # the rows of every J_i
+        else:
+            rows = wide.reshape(-1, wide.shape[-1])
+        with one_blas_thread():  # the same bits on any worker, whatever its BLAS threads
+            return rows.T @ rows
+
+    @cached_property
+    def _pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For a sparse J: every pair (p, q) of nonzeros in one row, and where p's column times
+        q's column lands in the flattened (n, n) Gram: (J^T J)_ab = sum_r J_ra J_rb."""
+        sparse = self.sparse
+        assert sparse is not None
+        counts = np.diff(sparse.indptr)
+        first = np.repeat(np.arange(sparse.nnz), np.repeat(counts, counts))
+        starts = np.repeat(sparse.indptr[:-1], counts * counts)
+        offsets = np.arange(first.size) - np.repeat(
+            np.cumsum(counts * counts) - counts * counts, counts * counts
+        )
+        second = starts + offsets % np.repeat(counts, counts * counts)
+        target = sparse.indices[first] * self.width + sparse.indices[second]
+        return first, second, target
+
+    @property
+    def _pair_count(self) -> int:
+        assert self.sparse is not None
+        return int(np.sum(np.diff(self.sparse.indptr) ** 2))
+
+    # ---- the result --------------------------------------------------------------------------
+
+    def finish(self, sums: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Final results from the partials summed over every block: means, and the Gram with its
+        eigenvalues and eigenvectors (descending)."""
+        samples = self.plan.samples
+        out: dict[str, np.ndarray] = {}
+        if "mean" in sums:
+            out["mean"] = sums["mean"] / samples
+        if "gram" in sums:
+            scale = samples * (self.plan.vectors if self.probes else 1)
+            gram = sums["gram"] / scale
+            gram = (gram + gram.T) / 2  # exactly symmetric
+            values, vectors = np.linalg.eigh(gram)
+            order = np.argsort(values)[::-1]
+            out["gram"] = gram
+            out["gram_eigenvalues"] = values[order]
+            out["gram_eigenvectors"] = vectors[:, order]
+        return out
+
+
+def combine(parts: list[np.ndarray]) -> np.ndarray:
+    """Add partials one after another in the order given (block order): a fixed order of
+    float64 additions, so the same partials always give the same bits."""
+    total = np.array(parts[0], dtype=np.float64, copy=True)
+    for part in parts[1:]:
+        total += part
+    return total
+
+
+def spectral_gap(values: np.ndarray) -> tuple[int, float]:
+    """(k, ratio): the largest ratio of consecutive eigenvalues lambda_k / lambda_{k+1} (1-based
+    k), over the positive ones; (0, nan) when there are fewer than two."""
+    positive = values[values > 0]
+    if positive.size < 2:
+        return 0, float("nan")
+    ratios = positive[:-1] / positive[1:]
+    k = int(np.argmax(ratios))
+    return k + 1, float(ratios[k])
