@@ -323,8 +323,8 @@ def _basis(f: Function, x: np.ndarray, k: int, rng: np.random.Generator) -> tupl
     b, n, m = x.shape[0], f.n_in, f.n_out
     rows = _subset(m, MAX_BASIS, rng)
     cols = _subset(n, MAX_BASIS, rng)
-    out_basis = _readonly(np.eye(m)[rows], f.dtype)
-    in_basis = _readonly(np.eye(n)[cols], f.dtype)
+    out_basis = _readonly(_unit_vectors(m, rows), f.dtype)
+    in_basis = _readonly(_unit_vectors(n, cols), f.dtype)
     _, j_rev = f.vjp(x, np.broadcast_to(out_basis, (b, *out_basis.shape)))  # (B, r, n) = J[rows]
     _, j_fwd = f.jvp(x, np.broadcast_to(in_basis, (b, *in_basis.shape)))  # (B, c, m) = J[:, cols].T
     rev = _f64(j_rev)[:, :, cols]
@@ -570,6 +570,13 @@ def _readonly(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """A read-only contiguous copy, so a kernel that writes into its inputs raises."""
     out = np.array(a, dtype=dtype, copy=True, order="C")
     out.setflags(write=False)
+    return out
+
+
+def _unit_vectors(size: int, which: np.ndarray) -> np.ndarray:
+    """Rows ``which`` of the identity of ``size``, without the identity (size may be 65,536)."""
+    out = np.zeros((len(which), size))
+    out[np.arange(len(which)), which] = 1
     return out
 
 

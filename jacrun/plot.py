@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,10 @@ def default_output(store: Path) -> Path:
 def plot_store(store: str | Path, output: str | Path | None = None) -> Path:
     """Draw the store's panels into a PNG and return its path. ConfigError when matplotlib is
     missing or the store holds nothing to draw (nothing is written then)."""
-    if importlib.util.find_spec("matplotlib") is None:
-        raise ConfigError("plot needs matplotlib: pip install 'jacrun[plot]'")
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError("plot needs matplotlib: pip install 'jacrun[plot]'") from None
     from jacrun.store import load
 
     store = Path(store)
@@ -44,8 +45,6 @@ def plot_store(store: str | Path, output: str | Path | None = None) -> Path:
         panels.append(_products)
     if not panels:
         raise ConfigError(f"{store}: holds nothing to plot (no products, Gram or norms)")
-    import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
