@@ -185,11 +185,15 @@ class Reducer:
             scale = samples * (self.plan.vectors if self.probes else 1)
             gram = sums["gram"] / scale
             gram = (gram + gram.T) / 2  # exactly symmetric
-            values, vectors = np.linalg.eigh(gram)
-            order = np.argsort(values)[::-1]
             out["gram"] = gram
-            out["gram_eigenvalues"] = values[order]
-            out["gram_eigenvectors"] = vectors[:, order]
+            if np.isfinite(gram).all():
+                values, vectors = np.linalg.eigh(gram)
+                order = np.argsort(values)[::-1]
+                values, vectors = values[order], vectors[:, order]
+            else:  # nan_policy: propagate let a non-finite product in
+                values, vectors = np.full(gram.shape[0], np.nan), np.full(gram.shape, np.nan)
+            out["gram_eigenvalues"] = values
+            out["gram_eigenvectors"] = vectors
         return out
 
 

@@ -1,0 +1,280 @@
+"""Reductions over samples: closed forms, determinism across workers, chunkings and resumes, the CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+
+import jacrun
+from jacrun.config import config_from_dict
+from jacrun.functions import build_function
+from jacrun.prepare import prepare
+from tests.helpers import markers_done, run_cli, start_submit, wait_for_markers, write_config
+
+
+def job(store: str = "out.zarr", **sections) -> dict:
+    """A linear 6 -> 4 vjp with basis cotangents: P_i = A, so every reduction has a closed form."""
+    config = {
+        "name": "reduce",
+        "mode": "vjp",
+        "function": {"kind": "linear", "n_in": 6, "n_out": 4, "seed": 3},
+        "inputs": {"kind": "random", "samples": 300, "seed": 1},
+        "vectors": {"kind": "basis"},
+        "reduce": ["mean", "gram", "norms"],
+        "output": {"store": store},
+        "chunks": {"samples": 64},
+        "cluster": {"kind": "local", "workers": 1, "memory_limit": "1GiB", "dashboard": None},
+    }
+    config.update(sections)
+    return config
+
+
+def run(tmp_path, config: dict, **options) -> object:
+    cfg = config_from_dict(config, tmp_path)
+    summary = jacrun.submit(cfg, progress=False, **options)
+    assert summary.ok, summary.failures
+    return jacrun.load(cfg.output.store)
+
+
+def matrix(spec: dict) -> np.ndarray:
+    return build_function(spec).matrix
+
+
+def inputs(tmp_path, config: dict) -> np.ndarray:
+    job_ = prepare(config_from_dict(config, tmp_path), calibrate=False)
+    return job_.inputs.read(0, job_.plan.samples, np.dtype("float64"))
+
+
+# ---- closed forms ----------------------------------------------------------------------------
+
+
+def test_linear_with_basis_vectors_gives_a_transpose_a(tmp_path) -> None:
+    config = job()
+    ds = run(tmp_path, config)
+    a = matrix(config["function"])
+    np.testing.assert_allclose(ds.gram.values, a.T @ a, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(ds["mean"].values, a, rtol=1e-13)
+    np.testing.assert_allclose(ds.norms.values, np.tile(np.linalg.norm(a, axis=1), (300, 1)), rtol=1e-13)
+    assert ds.gram.dims == ("input", "input2") and ds["mean"].dims == ("vector", "input")
+    values, vectors = np.linalg.eigh(a.T @ a)
+    np.testing.assert_allclose(ds.gram_eigenvalues.values, values[::-1], rtol=1e-10, atol=1e-13)
+    assert ds.gram_eigenvectors.dims == ("input", "eigen")
+    overlap = np.abs(np.sum(ds.gram_eigenvectors.values[:, :4] * vectors[:, ::-1][:, :4], axis=0))
+    np.testing.assert_allclose(overlap, 1, rtol=1e-8)
+    assert "vjp" in ds  # products stored too (output.products defaults to true)
+    attrs = ds.attrs["jacrun"]["reductions"]
+    assert attrs["names"] == ["mean", "gram", "norms"] and len(attrs["eigenvalues"]) == 6
+
+
+def test_random_probes_estimate_a_transpose_a_and_their_mean_vanishes(tmp_path) -> None:
+    samples, k = 4000, 4
+    config = job(
+        vectors={"kind": "random", "distribution": "rademacher", "count": k, "seed": 5},
+        inputs={"kind": "random", "samples": samples, "seed": 1},
+        chunks={"samples": 1000},
+        output={"store": "out.zarr", "products": False},
+    )
+    ds = run(tmp_path, config)
+    a = matrix(config["function"])
+    exact = a.T @ a
+    # Rademacher probes: each entry's estimator has variance <= (sum |a|)^2 / (N K) per entry
+    scale = np.abs(a).sum() ** 2 / np.sqrt(samples * k)
+    assert np.max(np.abs(ds.gram.values - exact)) < 4 * scale
+    assert np.max(np.abs(ds.gram.values - exact)) > 0  # an estimate, not the exact value
+    # (1/N) sum_i v_i^T A: each entry a mean of N independent +-a_rj sums, sd |a_j| / sqrt(N)
+    sd = np.linalg.norm(a, axis=0) / np.sqrt(samples)
+    assert np.all(np.abs(ds["mean"].values) < 5 * sd)
+    assert "vjp" not in ds and ds.norms.shape == (samples, k)
+
+
+def test_ridge_function_has_a_rank_one_gram_along_its_direction(tmp_path) -> None:
+    """f(x) = w tanh(a^T x + b) + c: grad f = w (1 - tanh^2) a, so E[grad grad^T] = s a a^T."""
+    spec = {"kind": "mlp", "sizes": [8, 1, 1], "seed": 4}
+    config = job(
+        function=spec,
+        vectors={"kind": "ones"},
+        reduce=["gram"],
+        output={"store": "r.zarr", "products": False},
+    )
+    ds = run(tmp_path, config)
+    weights = build_function(spec).weights[0][0]
+    direction = weights / np.linalg.norm(weights)
+    values = ds.gram_eigenvalues.values
+    assert values[0] > 0 and np.all(np.abs(values[1:]) < 1e-12 * values[0])
+    np.testing.assert_allclose(np.abs(ds.gram_eigenvectors.values[:, 0] @ direction), 1, rtol=1e-10)
+
+
+def test_jvp_gram_is_m_by_m(tmp_path) -> None:
+    config = job(mode="jvp", reduce=["gram", "mean"])
+    ds = run(tmp_path, config)
+    a = matrix(config["function"])
+    np.testing.assert_allclose(ds.gram.values, a @ a.T, rtol=1e-13, atol=1e-15)
+    assert ds.gram.dims == ("output", "output2") and ds["mean"].shape == (6, 4)
+
+
+@pytest.mark.parametrize("sparsity", ["dense", "auto"])
+@pytest.mark.parametrize("strategy", ["rev", "fwd"])
+def test_jacobian_reductions_dense_and_sparse(tmp_path, sparsity: str, strategy: str) -> None:
+    spec = {"kind": "bratu", "grid": 4}
+    config = job(
+        mode="jacobian",
+        function=spec,
+        vectors=None,
+        sparsity=sparsity,
+        strategy=strategy,
+        inputs={"kind": "random", "samples": 100, "seed": 1, "distribution": "uniform"},
+        chunks={"samples": 32},
+    )
+    del config["vectors"]
+    ds = run(tmp_path, config)
+    _, jac = build_function(spec).jacobian(inputs(tmp_path, config))
+    np.testing.assert_allclose(ds.gram.values, np.einsum("bmi,bmj->ij", jac, jac) / 100, rtol=1e-12)
+    np.testing.assert_allclose(ds.norms.values, np.linalg.norm(jac, axis=(1, 2)), rtol=1e-12)
+    mean = ds["mean"].values
+    if sparsity == "auto":  # the mean of the nonzeros, in CSR order
+        mean = (
+            jacrun.jacobian(tmp_path / "out.zarr", 0)
+            .__class__((mean, ds.indices.values, ds.indptr.values), shape=(16, 16))
+            .toarray()
+        )
+    np.testing.assert_allclose(mean, jac.mean(axis=0), rtol=1e-12, atol=1e-14)
+
+
+# ---- determinism ---------------------------------------------------------------------------------
+
+
+def gram_job(store: str, **sections) -> dict:
+    defaults = {
+        "function": {"kind": "mlp", "sizes": [16, 32, 1], "seed": 0, "dtype": "float32"},
+        "vectors": {"kind": "ones"},
+        "reduce": ["gram", "mean"],
+        "inputs": {"kind": "random", "samples": 6000, "seed": 1},
+        "chunks": {"samples": 500},
+        "output": {"store": store, "products": False},
+    }
+    return job(store, **{**defaults, **sections})
+
+
+def test_gram_is_bit_identical_across_worker_counts_and_close_across_chunkings(tmp_path) -> None:
+    one = run(tmp_path, gram_job("one.zarr"))
+    two = run(
+        tmp_path,
+        gram_job(
+            "two.zarr", cluster={"kind": "local", "workers": 2, "memory_limit": "1GiB", "dashboard": None}
+        ),
+    )
+    np.testing.assert_array_equal(one.gram.values, two.gram.values)
+    np.testing.assert_array_equal(one["mean"].values, two["mean"].values)
+    other = run(tmp_path, gram_job("other.zarr", chunks={"samples": 700}))
+    np.testing.assert_allclose(other.gram.values, one.gram.values, rtol=1e-12)
+    assert not any(
+        name.startswith("_partial") for name in zarr.open_group(str(tmp_path / "one.zarr")).array_keys()
+    )
+
+
+def test_killed_reduction_resumes_to_the_same_bits(tmp_path) -> None:
+    reference = run(
+        tmp_path, gram_job("reference.zarr", inputs={"kind": "random", "samples": 60000, "seed": 1})
+    )
+    config = write_config(
+        tmp_path,
+        gram_job(
+            "killed.zarr",
+            inputs={"kind": "random", "samples": 60000, "seed": 1},
+            cluster={"kind": "local", "workers": 2, "memory_limit": "1GiB", "dashboard": None},
+        ),
+    )
+    store = tmp_path / "killed.zarr"
+    proc = start_submit(config)
+    try:
+        assert 1 <= wait_for_markers(store, 20, proc) < 120, "the job ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    partial = markers_done(store)
+    again = run_cli("submit", str(config), "--quiet")
+    assert again.returncode == 0, again.stdout + again.stderr
+    runs = jacrun.load(store).attrs["jacrun"]["runs"]
+    assert runs[-1]["blocks_computed"] == 120 - partial  # finished blocks were not recomputed
+    np.testing.assert_array_equal(jacrun.load(store).gram.values, reference.gram.values)
+
+
+# ---- policies, checks, commands --------------------------------------------------------------
+
+
+def test_nonfinite_products_follow_the_policy_and_are_counted(tmp_path) -> None:
+    x = np.random.default_rng(0).standard_normal((50, 6))
+    x[7, 2] = np.nan
+    np.save(tmp_path / "x.npy", x)
+    base = job(
+        function={"kind": "mlp", "sizes": [6, 8, 4], "seed": 0},
+        inputs={"kind": "npy", "path": "x.npy"},
+        chunks={"samples": 25},
+        output={"store": "p.zarr", "products": False},
+    )
+    ds = run(tmp_path, {**base, "nan_policy": "propagate"})
+    assert np.isnan(ds.gram.values).any() and ds.attrs["jacrun"]["nonfinite"]["vjp"] > 0
+    assert np.isnan(ds.norms.values[7]).all() and np.isfinite(ds.norms.values[8]).all()
+    cfg = config_from_dict({**base, "output": {"store": "r.zarr", "products": False}}, tmp_path)
+    summary = jacrun.submit(cfg, progress=False)
+    assert not summary.ok and "sample 7" in summary.failures[0]
+
+
+def test_cli_submit_check_show_and_plot(tmp_path) -> None:
+    config = write_config(tmp_path, job(output={"store": "out.zarr", "products": False}))
+    done = run_cli("submit", str(config), "--check")
+    assert done.returncode == 0, done.stdout + done.stderr
+    shown = run_cli("show", str(tmp_path / "out.zarr"))
+    assert "gram eigenvalues" in shown.stdout and "largest gap" in shown.stdout
+    picture = run_cli("plot", str(tmp_path / "out.zarr"))
+    assert picture.returncode == 0, picture.stderr
+    assert picture.stdout.strip() == f"wrote {tmp_path / 'out.png'}"
+    assert (tmp_path / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    chosen = run_cli("plot", str(tmp_path / "out.zarr"), "--output", str(tmp_path / "g.png"))
+    assert chosen.returncode == 0 and (tmp_path / "g.png").exists()
+    opened = __import__("xarray").open_zarr(tmp_path / "out.zarr")  # consolidated metadata is current
+    assert "gram_eigenvalues" in opened and "_partial_gram" not in opened
+
+
+def test_plot_without_matplotlib_says_which_extra(tmp_path) -> None:
+    config = write_config(tmp_path, job())
+    assert run_cli("submit", str(config), "--quiet").returncode == 0
+    code = "import sys; sys.modules['matplotlib'] = None; from jacrun.cli import main; main()"
+    result = subprocess.run(
+        [sys.executable, "-c", code, "plot", str(tmp_path / "out.zarr")], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "pip install 'jacrun[plot]'" in result.stderr
+    assert not (tmp_path / "out.png").exists()
+
+
+def one_line(result) -> str:
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_bad_reduction_configs_are_one_line_exit_2(tmp_path) -> None:
+    cases = {
+        "unknown": (job(reduce=["mean", "median"]), "reduce.1: unknown reduction 'median'"),
+        "twice": (job(reduce=["gram", "gram"]), "reduce: lists a reduction twice"),
+        "nothing": (
+            job(reduce=[], output={"store": "out.zarr", "products": False}),
+            "output.products: false",
+        ),
+        "too large": (
+            job(function={"kind": "linear", "n_in": 20000, "n_out": 2, "seed": 0}),
+            "reduce: gram of 20000-wide products is a 20000 x 20000 float64 matrix (3.0 GiB)",
+        ),
+    }
+    for name, (config, message) in cases.items():
+        line = one_line(run_cli("validate", str(write_config(tmp_path, config, f"{name}.yaml"))))
+        assert message in line and f"{name}.yaml" in line, (name, line)
+        assert "norms" in line or name != "too large"
+    assert not (tmp_path / "out.zarr").exists()
