@@ -204,7 +204,7 @@ def bench_job(
 
     store = folder / f"sparse-{grid}.zarr"
     settings = job_config(grid, samples, store, chunk)
-    with _warm_cluster() as (address, pids):
+    with warm_cluster() as (address, pids):
         config = jacrun.config_from_dict(settings)
         sampler = _WorkerMemory(pids)
         start = time.perf_counter()
@@ -278,8 +278,9 @@ def _warm() -> int:
 
 
 @contextlib.contextmanager
-def _warm_cluster():
-    """(scheduler address, worker pids) of a 2-worker LocalCluster with jacrun's worker settings."""
+def warm_cluster(workers: int = 2):
+    """(scheduler address, worker pids) of a LocalCluster of ``workers`` x 1 thread with jacrun's
+    worker settings, its workers warmed up."""
     import logging
 
     from distributed import Client, LocalCluster
@@ -289,7 +290,7 @@ def _warm_cluster():
     with (
         local_worker_settings(),
         LocalCluster(
-            n_workers=2,
+            n_workers=workers,
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
