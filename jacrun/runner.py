@@ -64,7 +64,7 @@ def library_versions() -> dict[str, str]:
     import numpy
     import zarr
 
-    from jacrun import __version__
+    from jacrun._version import __version__
 
     return {
         "jacrun": __version__,
@@ -132,7 +132,7 @@ def _match_store_chunks(job: PreparedJob, path: Path) -> PreparedJob:
 
 
 def _create(job: PreparedJob, path: Path) -> None:
-    from jacrun import __version__
+    from jacrun._version import __version__
 
     fn = job.function
     attrs = {

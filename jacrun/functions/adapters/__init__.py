@@ -23,7 +23,7 @@ call, with arguments it chooses, something that declares itself a builder of fun
 Building then infers or checks the sizes (``n_in`` from the section or an ``n_in`` attribute;
 ``n_out`` from one forward call on zeros), checks the dtype of f's output, probes a
 ``batched`` f for coupling between rows, and runs one tiny VJP and JVP, so that a function the
-framework cannot differentiate fails as a :class:`~jacrun.functions.python.TargetError`
+framework cannot differentiate fails as a :class:`~jacrun.functions.targets.TargetError`
 (a ConfigError, exit 2) before any cluster starts.
 """
 
@@ -44,10 +44,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 
 from jacrun.functions.base import Function, Mode
-from jacrun.functions.python import (
+from jacrun.functions.targets import (
     TargetError,
-    _describe,
     accepts,
+    describe,
     resolve_target,
     return_annotation,
     signature_of,
@@ -236,7 +236,7 @@ def build(spec: PythonSpec) -> AutodiffFunction:
     else:
         fn, weights = _call_factory(obj, spec, role, backend.factory_dtype(dtype))
     if not callable(fn):
-        raise TargetError(f"target {target!r} returned {_describe(fn)}, not a callable f(x)")
+        raise TargetError(f"target {target!r} returned {describe(fn)}, not a callable f(x)")
     try:
         fn = backend.prepare(fn, dtype=dtype, weights=weights)
     except Exception as exc:
@@ -278,14 +278,14 @@ def classify(obj: Any, target: str, autodiff: str, classes: tuple[type, ...]) ->
             return "class"
         raise TargetError(f"target {target!r} is the class {obj.__qualname__}; {accepted}")
     if isinstance(obj, np.ufunc) or inspect.isbuiltin(obj):
-        raise TargetError(f"target {target!r} is {_describe(obj)}; {accepted}")
+        raise TargetError(f"target {target!r} is {describe(obj)}; {accepted}")
     try:
         function = inspect.unwrap(obj) if callable(obj) else obj
     except ValueError:
         function = obj
     if not inspect.isfunction(function):
         hint = "; name its class or a factory instead" if classes and isinstance(obj, classes) else ""
-        raise TargetError(f"target {target!r} is {_describe(obj)}{hint}; {accepted}")
+        raise TargetError(f"target {target!r} is {describe(obj)}{hint}; {accepted}")
     module = (getattr(function, "__module__", None) or "").partition(".")[0]
     if module in getattr(sys, "stdlib_module_names", ()):
         raise TargetError(
