@@ -13,6 +13,7 @@ from jacrun.functions import Function
 from jacrun.memory import keep_freed_memory
 from jacrun.plan import Plan
 from jacrun.sources import ArrayRows, RandomRows, VectorSource
+from jacrun.terminal import floating_point_quiet
 
 _FUNCTIONS: dict[str, Function] = {}
 _BLAS_THREADS: list[int] = []
@@ -130,6 +131,7 @@ def compute_block(
     return x, y, result
 
 
+@floating_point_quiet
 def run_block(job: BlockJob, i: int, j: int) -> BlockResult:
     """Compute and store block (i, j); idempotent (same bytes, same marker when run twice)."""
     from jacrun.store import write_block
