@@ -95,7 +95,10 @@ class PythonSpec(FunctionSpec):
     )
     n_in: PositiveInt | None = Field(
         default=None,
-        description="autodiff only: the length n of one sample; default the callable's `n_in` attribute.",
+        description=(
+            "autodiff only: the length n of one sample; default the width of inputs read from a "
+            "file (npy, zarr), else the callable's `n_in` attribute."
+        ),
     )
     n_out: PositiveInt | None = Field(
         default=None,
