@@ -106,10 +106,9 @@ def open_output(job: PreparedJob, overwrite: bool = False, *, write: bool = True
             )
         else:
             return _match_store_chunks(job, path)
+    check_creatable(path)
     if write:
         _create(job, path)
-    else:
-        check_creatable(path)
     return job
 
 
