@@ -45,6 +45,8 @@ def install(say: Callable[[str], None]) -> None:
         file: TextIO | None = None,
         line: str | None = None,
     ) -> None:
+        if category.__module__.partition(".")[0] in LIBRARIES:
+            return  # a library's own category, raised with a stacklevel that points at jacrun
         text = " ".join(str(message).split())
         say(f"{text} ({category.__name__})")
 

@@ -121,3 +121,41 @@ def test_every_line_is_jacruns_own(tmp_path):
     assert submit.stderr == ""
     assert runs["check"].stderr.startswith("checks failed:") and runs["check"].stderr.count("\n") == 1
     assert "non-finite values" in runs["show"].stdout
+
+
+WARNING_FACTORY = """
+import warnings
+from collections.abc import Callable
+
+import autograd.numpy as anp
+from zarr.errors import ZarrUserWarning
+
+
+def make(scale: float) -> Callable:
+    warnings.warn("scale is large;\\n results may overflow")
+    warnings.warn("a library's own category", ZarrUserWarning, stacklevel=2)
+    warnings.warn("an API to be removed", DeprecationWarning)
+
+    def f(x):
+        return scale * anp.tanh(x)
+
+    return f
+"""
+
+
+def test_a_users_warning_is_one_line_and_a_librarys_is_not_shown(tmp_path):
+    pytest.importorskip("autograd")
+    (tmp_path / "warning_factory.py").write_text(WARNING_FACTORY)
+    function = {
+        "kind": "python",
+        "autodiff": "autograd",
+        "batched": True,
+        "target": "warning_factory:make",
+        "path": ".",
+        "n_in": 3,
+        "params": {"scale": 2.0},
+    }
+    path = write_config(tmp_path, job_config(function=function))
+    result = run_cli("validate", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "warning: scale is large; results may overflow (UserWarning)\n"
