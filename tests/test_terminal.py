@@ -64,15 +64,14 @@ def listening_ports(pid: int) -> set[int]:
 
 @pytest.mark.parametrize("dashboard", ["null", "port"])
 def test_dashboard_null_serves_nothing(tmp_path, dashboard):
-    """With ``dashboard: null`` no port of the submitting process (the scheduler's) answers HTTP;
-    with a dashboard at a free port, that port does: the probe can tell the difference."""
+    """The config puts the dashboard on a free port. As it is, that port answers HTTP (so the
+    probe can tell); with ``--set cluster.dashboard=null`` neither it nor any other port of the
+    submitting process (the scheduler's) does."""
     port = free_port()
     job = {**LONG_JOB, "inputs": {**LONG_JOB["inputs"], "samples": 20_000}}
-    job["cluster"] = {**LONG_JOB["cluster"], "workers": 1, "dashboard": None}
-    if dashboard == "port":
-        job["cluster"]["dashboard"] = f"127.0.0.1:{port}"
+    job["cluster"] = {**LONG_JOB["cluster"], "workers": 1, "dashboard": f"127.0.0.1:{port}"}
     path = write_config(tmp_path, job)
-    proc = start_submit(path)
+    proc = start_submit(path, *(["--set", "cluster.dashboard=null"] if dashboard == "null" else []))
     try:
         assert wait_for_markers(tmp_path / "long.zarr", 1, proc) >= 1, "the job did not start"
         ports = listening_ports(proc.pid)
