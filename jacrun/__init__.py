@@ -12,8 +12,7 @@ The public API::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from jacrun._version import __version__
 from jacrun.api import check_job, jacobian, jacobians, load, plan, submit
 from jacrun.checks import check
 from jacrun.config import JobConfig, config_from_dict, load_config
@@ -22,6 +21,7 @@ from jacrun.functions import Function, FunctionSpec, build_function, register
 from jacrun.plan import Plan
 
 __all__ = [
+    "__version__",
     "ConfigError",
     "Function",
     "FunctionSpec",

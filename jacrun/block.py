@@ -15,6 +15,7 @@ from jacrun.plan import Plan
 from jacrun.reduce import Reducer
 from jacrun.sources import ArrayRows, RandomRows, VectorSource
 from jacrun.sparsity import SparseJacobian
+from jacrun.terminal import floating_point_quiet
 
 _FUNCTIONS: dict[str, Function] = {}
 _BLAS_THREADS: list[int] = []
@@ -144,6 +145,7 @@ def compute_block(
     return x, y, result
 
 
+@floating_point_quiet
 def run_block(job: BlockJob, i: int, j: int) -> BlockResult:
     """Compute and store block (i, j); idempotent (same bytes, same marker when run twice)."""
     from jacrun.store import write_block

@@ -40,6 +40,14 @@ SetOpt = Annotated[
 ]
 
 
+@app.callback()
+def _terminal() -> None:
+    """Before any command: library warnings stay off the terminal (see jacrun.terminal)."""
+    from jacrun.terminal import install
+
+    install(lambda text: err.print(f"[yellow]warning:[/] {escape(text)}"))
+
+
 def user_errors(command: F) -> F:
     """Turn ConfigError into one message on stderr and exit code 2."""
 
@@ -136,11 +144,22 @@ def _print_summary(summary) -> None:
 
 @app.command()
 @user_errors
-def validate(config: ConfigArg, overrides: SetOpt = None) -> None:
-    """Check a config, its files and shapes, and its plan, without starting a cluster or writing."""
-    from jacrun.prepare import prepare
+def validate(
+    config: ConfigArg,
+    overrides: SetOpt = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help="Validate as `submit --scheduler ADDRESS` would run.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Validate as `submit --overwrite` would run.")] = False,
+) -> None:
+    """Check a job as `submit` would, without starting a cluster or writing anything.
 
-    job = prepare(_load(config, overrides))
+    The config, its files and shapes, its plan, the cluster's launcher and the output store (a
+    new path, or this job's store to resume): everything `submit` refuses before it starts.
+    """
+    from jacrun.runner import preflight
+
+    job = preflight(_load(config, overrides, scheduler), overwrite=overwrite, write=False)
     out.print(
         f"[green]ok[/]: {config} — {job.config.mode} of {job.config.function.kind} "
         f"({job.function.n_in} -> {job.function.n_out}), {job.plan.samples} samples, "

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Iterator, Sequence
+from urllib.parse import urlsplit
 
 from jacrun.config import AddressClusterConfig, JobqueueClusterConfig, LocalClusterConfig
 from jacrun.errors import ConfigError
@@ -41,18 +43,59 @@ def connect(config: LocalClusterConfig | AddressClusterConfig | JobqueueClusterC
         return
     with (
         local_worker_settings(),
+        _dashboard_port_warning_quiet(),
         LocalCluster(
             n_workers=config.workers,
             threads_per_worker=config.threads_per_worker,
             memory_limit=int(config.memory_limit),
             host="127.0.0.1",
             dashboard_address=config.dashboard,
+            scheduler_kwargs=None if config.dashboard else NO_DASHBOARD,
             processes=True,
             silence_logs=logging.CRITICAL,  # jacrun reports failed blocks itself
         ) as cluster,
         Client(cluster, set_as_default=False) as client,
     ):
+        if config.dashboard is None:
+            cluster.sync(_stop_http_server, cluster.scheduler)
         yield client
+
+
+NO_DASHBOARD = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
+"""Scheduler options for ``dashboard: null``. Dask's scheduler starts an HTTP server (health,
+metrics) even without a dashboard, on port 8787 by default: it starts on a free port instead,
+and :func:`_stop_http_server` stops it, so that nothing listens."""
+
+
+async def _stop_http_server(scheduler) -> None:
+    """Stop the scheduler's HTTP server and forget it, so no dashboard link is advertised."""
+    server = scheduler.services.pop("dashboard", None)
+    if server is not None:
+        server.stop()
+
+
+@contextlib.contextmanager
+def _dashboard_port_warning_quiet() -> Iterator[None]:
+    """Dask warns (a UserWarning, with its file and source line) when the dashboard's port is
+    taken and it serves on another: :func:`dashboard_line` says so in one line instead."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
+        yield
+
+
+def dashboard_line(
+    config: LocalClusterConfig | AddressClusterConfig | JobqueueClusterConfig, link: str | None
+) -> str:
+    """What ``submit`` prints about the dashboard: its link, the port it moved from, or none."""
+    if isinstance(config, LocalClusterConfig) and config.dashboard is None:
+        return "Dashboard: off (cluster.dashboard is null)"
+    if link is None:
+        return "Dashboard: not available"
+    wanted = int(config.dashboard.rpartition(":")[2]) if isinstance(config, LocalClusterConfig) else 0
+    port = urlsplit(link).port
+    if wanted and port is not None and port != wanted:
+        return f"Dashboard: port {wanted} is taken; serving on {link}"
+    return f"Dashboard: {link}"
 
 
 LOCAL_INTERVALS: dict[str, str] = {

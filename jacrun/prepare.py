@@ -28,6 +28,7 @@ from jacrun.sources import (
     RandomRows,
     VectorSource,
     basis_source,
+    open_array_checked,
     open_inputs,
     open_vectors,
     seed_source,
@@ -70,11 +71,31 @@ def _check_array_files(spec) -> None:
             raise ConfigError(f"function.{name}: cannot read {path}: {unreadable(exc)}") from None
 
 
+def _sized_by_inputs(config: JobConfig):
+    """The function section to build: an ``autodiff`` section without ``n_in`` takes it from
+    inputs in a file (.npy or Zarr), whose width fixes it; given both, they must agree."""
+    spec, inputs = config.function, config.inputs
+    if getattr(spec, "autodiff", None) is None or inputs.kind not in ("npy", "zarr"):
+        return spec
+    shape, _ = open_array_checked(inputs.path, getattr(inputs, "array", None), inputs.kind, "inputs.path")
+    if len(shape) != 2:
+        return spec  # open_inputs says what is wrong with it
+    if spec.n_in is None:
+        return spec.model_copy(update={"n_in": shape[1]})
+    if spec.n_in != shape[1]:
+        raise ConfigError(
+            f"function.n_in: {spec.n_in}, but inputs.path {inputs.path} has {shape[1]} columns "
+            f"(shape {shape}); set n_in: {shape[1]}, or leave n_in out to take it from the inputs"
+        )
+    return spec
+
+
 def build(config: JobConfig) -> Function:
     """The job's function; a build failure is the user's config problem."""
     _check_array_files(config.function)
+    spec = _sized_by_inputs(config)
     try:
-        return build_function(config.function)
+        return build_function(spec)
     except (ValueError, TypeError, OSError, KeyError) as exc:
         # "weights file w.npz: W0 has shape ..." is about function.weights (matrix, bias, target)
         first = str(exc).split(" ", 1)[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import platform
 import time
 from concurrent.futures import CancelledError
@@ -21,7 +22,7 @@ from rich.console import Console
 
 from jacrun import store
 from jacrun.block import STEPS, BlockJob, BlockResult, flush_writes, run_block
-from jacrun.cluster import blas_threads, check_launchable, connect, insecure_address_warning
+from jacrun.cluster import blas_threads, check_launchable, connect, dashboard_line, insecure_address_warning
 from jacrun.config import JobConfig, with_scheduler
 from jacrun.errors import ConfigError
 from jacrun.prepare import PreparedJob, prepare
@@ -65,7 +66,7 @@ def library_versions() -> dict[str, str]:
     import numpy
     import zarr
 
-    from jacrun import __version__
+    from jacrun._version import __version__
 
     return {
         "jacrun": __version__,
@@ -78,10 +79,12 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def open_output(job: PreparedJob, overwrite: bool = False) -> PreparedJob:
+def open_output(job: PreparedJob, overwrite: bool = False, *, write: bool = True) -> PreparedJob:
     """Create the store, or reopen it for resuming; refuse anything that would lose data.
 
     Returns the job, re-planned to the store's block shape when resuming with ``auto`` chunks.
+    ``write=False`` refuses the same things and returns the same job, but reads only: it
+    neither deletes (``overwrite``) nor creates a store (``jacrun validate``).
     """
     config = job.config
     path = Path(config.output.store)
@@ -94,7 +97,8 @@ def open_output(job: PreparedJob, overwrite: bool = False) -> PreparedJob:
     if state == "jacrun":
         attrs = store.read_attrs(path)
         if overwrite:
-            store.remove_store(path)
+            if write:
+                store.remove_store(path)
         elif attrs.get("config_hash") != job.config_hash:
             raise ConfigError(
                 f"output.store: {path} holds another job (config {attrs.get('config_hash', '?')[:12]}, "
@@ -103,8 +107,34 @@ def open_output(job: PreparedJob, overwrite: bool = False) -> PreparedJob:
             )
         else:
             return _match_store_chunks(_stored_colouring(job, path, attrs), path)
-    _create(job, path)
+    check_creatable(path)
+    if write:
+        _create(job, path)
     return job
+
+
+def check_creatable(path: Path) -> None:
+    """Refuse a store path that cannot be created: below a file, or in a folder this process
+    may not write to. Reads only."""
+    folder = path
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"output.store: cannot create {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"output.store: cannot create {path}: {folder} is not writable")
+
+
+def preflight(config: JobConfig, *, overwrite: bool = False, write: bool = True) -> PreparedJob:
+    """Everything ``submit`` checks before a cluster starts: the config, its files and plan, the
+    cluster's launcher, and the output store (created here when ``write``). With ``write=False``
+    nothing is written: ``jacrun validate`` refuses exactly what ``submit`` would refuse."""
+    job = prepare(config)
+    try:
+        check_launchable(config.cluster)
+        return open_output(job, overwrite or config.output.overwrite, write=write)
+    except ConfigError as exc:
+        raise ConfigError(config.locate(str(exc))) from None
 
 
 def _stored_colouring(job: PreparedJob, path: Path, attrs: dict[str, Any]) -> PreparedJob:
@@ -158,7 +188,7 @@ def _match_store_chunks(job: PreparedJob, path: Path) -> PreparedJob:
 
 
 def _create(job: PreparedJob, path: Path) -> None:
-    from jacrun import __version__
+    from jacrun._version import __version__
 
     fn = job.function
     attrs = {
@@ -215,15 +245,7 @@ def submit(
     console = console or Console()
     if scheduler:
         config = with_scheduler(config, scheduler)
-    job = prepare(config)
-    try:
-        check_launchable(config.cluster)
-    except ConfigError as exc:
-        raise ConfigError(config.locate(str(exc))) from None
-    try:
-        job = open_output(job, overwrite or config.output.overwrite)
-    except ConfigError as exc:
-        raise ConfigError(config.locate(str(exc))) from None
+    job = preflight(config, overwrite=overwrite)
     run = Run(job, console, progress, check)
     if not run.pending:
         if progress:
@@ -244,7 +266,7 @@ def submit(
     with connect(config.cluster) as client:
         dashboard = client.dashboard_link if _has_dashboard(client) else None
         if progress:
-            console.print(f"Dashboard: {dashboard}" if dashboard else "Dashboard: not available")
+            console.print(dashboard_line(config.cluster, dashboard))
             if not client.scheduler_info().get("workers"):
                 console.print(f"Waiting for workers to join the scheduler at {client.scheduler.address} ...")
         report = contextlib.ExitStack()

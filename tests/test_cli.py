@@ -109,7 +109,9 @@ def test_quickstart_through_the_real_command(tmp_path):
     store = tmp_path / "quickstart.zarr"
     result = run_cli("submit", str(REPO / "configs" / "quickstart.yaml"), "--set", f"output.store={store}")
     assert result.returncode == 0, result.stderr + result.stdout
-    assert re.search(r"Dashboard: http://127\.0\.0\.1:\d+/status", result.stdout)
+    assert re.search(
+        r"Dashboard: (port 8787 is taken; serving on )?http://127\.0\.0\.1:\d+/status", result.stdout
+    )
     assert "blocks" in result.stdout and "samples/s" in result.stdout
     assert "complete" in result.stdout
     assert re.search(r"time in blocks: (\w+ \d+%, )*kernel \d+%", result.stdout)

@@ -20,10 +20,10 @@ instances, jacrun Functions (they have their own kernels) and functions of the P
 standard library. The factory rule mirrors the Function kind's: a config can only make jacrun
 call, with arguments it chooses, something that declares itself a builder of functions.
 
-Building then infers or checks the sizes (``n_in`` from the section or an ``n_in`` attribute;
-``n_out`` from one forward call on zeros), checks the dtype of f's output, probes a
-``batched`` f for coupling between rows, and runs one tiny VJP and JVP, so that a function the
-framework cannot differentiate fails as a :class:`~jacrun.functions.python.TargetError`
+Building then infers or checks the sizes (``n_in`` from the section, the inputs' file or an
+``n_in`` attribute; ``n_out`` from one forward call on zeros), checks the dtype of f's output,
+probes a ``batched`` f for coupling between rows, and runs one tiny VJP and JVP, so that a
+function the framework cannot differentiate fails as a :class:`~jacrun.functions.targets.TargetError`
 (a ConfigError, exit 2) before any cluster starts.
 """
 
@@ -44,10 +44,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 
 from jacrun.functions.base import Function, Mode
-from jacrun.functions.python import (
+from jacrun.functions.targets import (
     TargetError,
-    _describe,
     accepts,
+    describe,
     resolve_target,
     return_annotation,
     signature_of,
@@ -236,13 +236,13 @@ def build(spec: PythonSpec) -> AutodiffFunction:
     else:
         fn, weights = _call_factory(obj, spec, role, backend.factory_dtype(dtype))
     if not callable(fn):
-        raise TargetError(f"target {target!r} returned {_describe(fn)}, not a callable f(x)")
+        raise TargetError(f"target {target!r} returned {describe(fn)}, not a callable f(x)")
     try:
         fn = backend.prepare(fn, dtype=dtype, weights=weights)
     except Exception as exc:
         what = "" if isinstance(exc, TargetError) else f"{type(exc).__name__}: "
         raise TargetError(f"target {target!r}: {what}{exc}") from exc
-    n_in = spec.n_in or _attribute_size(fn, target)
+    n_in = _input_size(fn, spec)
     width = spec.width or backend.default_width(fn)
     options = {"n_in": n_in, "dtype": dtype, "batched": spec.batched, "target": target, "width": width}
     function = backend.Adapter(fn, **options)
@@ -278,14 +278,14 @@ def classify(obj: Any, target: str, autodiff: str, classes: tuple[type, ...]) ->
             return "class"
         raise TargetError(f"target {target!r} is the class {obj.__qualname__}; {accepted}")
     if isinstance(obj, np.ufunc) or inspect.isbuiltin(obj):
-        raise TargetError(f"target {target!r} is {_describe(obj)}; {accepted}")
+        raise TargetError(f"target {target!r} is {describe(obj)}; {accepted}")
     try:
         function = inspect.unwrap(obj) if callable(obj) else obj
     except ValueError:
         function = obj
     if not inspect.isfunction(function):
         hint = "; name its class or a factory instead" if classes and isinstance(obj, classes) else ""
-        raise TargetError(f"target {target!r} is {_describe(obj)}{hint}; {accepted}")
+        raise TargetError(f"target {target!r} is {describe(obj)}{hint}; {accepted}")
     module = (getattr(function, "__module__", None) or "").partition(".")[0]
     if module in getattr(sys, "stdlib_module_names", ()):
         raise TargetError(
@@ -337,13 +337,24 @@ def _call_factory(obj: Any, spec: PythonSpec, role: Role, dtype: Any) -> tuple[A
         ) from exc
 
 
-def _attribute_size(fn: Any, target: str) -> int:
+def _input_size(fn: Any, spec: PythonSpec) -> int:
+    """n: the section's ``n_in`` (which :func:`jacrun.prepare.build` takes from inputs in a file
+    when the section has none), else the callable's ``n_in`` attribute; given both, they agree."""
     value = getattr(fn, "n_in", None)
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0:
+    declared = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
+    if spec.n_in is not None:
+        if declared and value != spec.n_in:
+            raise TargetError(
+                f"target {spec.target!r}: the callable's n_in attribute is {value}, but the job's "
+                f"n_in is {spec.n_in} (the section's n_in, else the width of the inputs)"
+            )
+        return spec.n_in
+    if declared:
         return int(value)
     raise TargetError(
-        f"target {target!r}: set `n_in:` in the function section (the length n of one sample "
-        "x); it cannot be inferred (the callable has no positive int attribute `n_in`)"
+        f"target {spec.target!r}: set `n_in:` in the function section (the length n of one sample "
+        "x), or read the inputs from an .npy or Zarr file, whose width gives it; it cannot be "
+        "inferred (the callable has no positive int attribute `n_in`)"
     )
 
 

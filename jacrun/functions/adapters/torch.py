@@ -28,7 +28,7 @@ from torch.func import jvp, vjp, vmap
 
 from jacrun.functions import adapters
 from jacrun.functions.adapters import AutodiffFunction
-from jacrun.functions.python import TargetError
+from jacrun.functions.targets import TargetError
 
 TARGET_CLASSES: tuple[type, ...] = (nn.Module,)
 """Classes accepted as targets (instantiated with params) and as factory return annotations."""
