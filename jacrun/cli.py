@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 job failure (or failed checks, or an incomplete store f
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from collections.abc import Callable
@@ -271,6 +272,73 @@ def show(store_path: StoreArg) -> None:
         verdict = "passed" if checks.get("passed") else "FAILED"
         table.add_row("checks", f"{verdict} on {checks.get('blocks_checked')} blocks; worst: {worst}")
     out.print(table)
+
+
+@app.command()
+@user_errors
+def verify(
+    store_path: StoreArg,
+    repair: Annotated[
+        bool,
+        typer.Option("--repair", help="Clear the damaged blocks' markers: the next submit recomputes them."),
+    ] = False,
+    scheduler: Annotated[
+        str | None, typer.Option(help="Read the chunks on this Dask scheduler's workers instead of here.")
+    ] = None,
+    threads: Annotated[int, typer.Option(min=1, help="Reading threads (without --scheduler).")] = 8,
+) -> None:
+    """Read every chunk of every finished block: checksums, and every marked block has its chunks.
+
+    Exit 0 when the store is intact, 1 when damage is found (also with --repair: rerun
+    `jacrun submit` to recompute the repaired blocks).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from jacrun import verify as checker
+
+    if scheduler:
+        from pydantic import ValidationError
+
+        from jacrun.cluster import connect
+        from jacrun.config import AddressClusterConfig
+
+        try:
+            client_context = connect(AddressClusterConfig(kind="address", address=scheduler))
+        except ValidationError:
+            raise ConfigError(
+                f"--scheduler: {scheduler!r} is not a scheduler address (tcp://host:port)"
+            ) from None
+    else:
+        client_context = contextlib.nullcontext()
+    columns = (TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with client_context as client, Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("blocks", total=None)
+        report = checker.verify_store(
+            store_path, threads=threads, client=client, advance=lambda n: bar.advance(task, n)
+        )
+    for block, problems in report.damaged.items():
+        out.print(f"damaged {escape(report.block_label(block))}: {escape('; '.join(problems))}")
+    for problem in report.store_damage:
+        out.print(f"damaged store array: {escape(problem)} (no rerun repairs this: --overwrite and rerun)")
+    if not report.checksummed:
+        err.print(
+            "[yellow]warning:[/] this store's chunks carry no checksums (written before jacrun checked them)"
+        )
+    summary = (
+        f"{store_path}: {report.blocks_marked}/{report.blocks_total} blocks done, "
+        f"{report.chunks_checked} chunks read"
+    )
+    if report.intact:
+        out.print(f"[green]intact[/]: {summary}")
+        return
+    out.print(f"[red]damaged[/]: {summary}, {len(report.damaged)} damaged block(s)")
+    if repair and report.damaged:
+        checker.repair(store_path, list(report.damaged))
+        out.print(
+            f"repaired: cleared the markers of {len(report.damaged)} block(s); rerun `jacrun submit` "
+            "with the job's config to recompute exactly them"
+        )
+    raise typer.Exit(1)
 
 
 @app.command()

@@ -23,7 +23,7 @@ import zarr.storage
 from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore
 
-from jacrun import writeback
+from jacrun import checksum, writeback
 from jacrun.errors import ConfigError
 from jacrun.plan import Plan
 
@@ -32,6 +32,8 @@ MARKERS = "_blocks"
 OUTPUTS = "y"
 
 StoreState = Literal["absent", "empty", "jacrun", "foreign"]
+
+checksum.install()  # a corrupted chunk's error names its array and chunk
 
 
 class IncompleteWarning(UserWarning):
@@ -126,7 +128,7 @@ def encode_seconds(arrays: list[np.ndarray], compression: str, dtype: str) -> fl
             shape=values.shape,
             chunks=values.shape,
             dtype=dtype,
-            compressors=_compressors(compression),
+            compressors=checksum.with_checksum(_compressors(compression)),
             config=_WRITE_CONFIG,
         )
         for n, values in enumerate(arrays)
@@ -143,7 +145,7 @@ def encode_seconds(arrays: list[np.ndarray], compression: str, dtype: str) -> fl
 def create_store(path: Path, plan: Plan, attrs: dict[str, Any], *, dtype: str, compression: str) -> None:
     """Create the group, the arrays and the empty marker grid."""
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    compressors = _compressors(compression)
+    compressors = checksum.with_checksum(_compressors(compression))  # every chunk: CRC32C last
     group.create_array(
         plan.result_name,
         shape=plan.result_shape,
@@ -169,7 +171,7 @@ def create_store(path: Path, plan: Plan, attrs: dict[str, Any], *, dtype: str, c
         chunks=(1, 1),
         dtype="uint8",
         fill_value=0,
-        compressors=None,
+        compressors=checksum.with_checksum(None),
         dimension_names=("sample_block", "vector_block"),
     )
     group.attrs[ATTR] = {**attrs, "created": now(), "updated": now()}
