@@ -132,6 +132,7 @@ def compute_block(
 
 def run_block(job: BlockJob, i: int, j: int) -> BlockResult:
     """Compute and store block (i, j); idempotent (same bytes, same marker when run twice)."""
+    from jacrun.location import register
     from jacrun.store import write_block
 
     start = time.perf_counter()
@@ -148,6 +149,7 @@ def run_block(job: BlockJob, i: int, j: int) -> BlockResult:
     rows = x.shape[0]
     del x  # its memory serves the write's encoded chunks
     dtype = np.dtype(job.config.output_dtype)
+    register(job.config.output.store, job.config.output.storage_options)  # a URL's options, here too
     write_block(job.store, job.plan, i, j, y.astype(dtype, copy=False), result.astype(dtype, copy=False))
     laps.lap("write")
     return BlockResult(

@@ -27,13 +27,14 @@ from pydantic import (
     PrivateAttr,
     SerializeAsAny,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from jacrun.errors import ConfigError
 from jacrun.functions import FunctionSpec, kinds, parse_spec
-from jacrun.paths import InputPath, OutputPath
+from jacrun.paths import InputLocation, InputPath, OutputLocation
 
 Dtype = Literal["float32", "float64"]
 Loc = tuple[Any, ...]
@@ -58,12 +59,22 @@ class RandomInputs(Strict):
     seed: NonNegativeInt = 1
 
 
+StorageOptions = Annotated[
+    dict[str, Any] | None,
+    Field(
+        description="fsspec options of a URL store (endpoint_url, anon, profile, client_kwargs, ...); "
+        "never stored, hashed or printed"
+    ),
+]
+
+
 class ZarrInputs(Strict):
     """X read from a Zarr array of shape (N, n)."""
 
     kind: Literal["zarr"]
-    path: InputPath
+    path: InputLocation
     array: str | None = Field(None, description="array name inside a group store")
+    storage_options: StorageOptions = None
 
 
 class NpyInputs(Strict):
@@ -105,9 +116,10 @@ class ZarrVectors(Strict):
     """Vectors from a Zarr array: (N, K, d) or (N, d) per sample, (K, d) when shared."""
 
     kind: Literal["zarr"]
-    path: InputPath
+    path: InputLocation
     array: str | None = None
     shared: bool = False
+    storage_options: StorageOptions = None
 
 
 class NpyVectors(Strict):
@@ -128,11 +140,19 @@ Vectors = Annotated[
 
 
 class OutputConfig(Strict):
-    store: OutputPath
+    store: OutputLocation
+    storage_options: StorageOptions = None
     save_outputs: bool = True
     dtype: Dtype | None = Field(None, description="cast on write; default: the compute dtype")
     compression: Literal["zstd", "blosc", "none"] = "zstd"
     overwrite: bool = False
+
+    @field_validator("storage_options")
+    @classmethod
+    def _only_for_urls(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        if value is not None and isinstance(info.data.get("store"), Path):
+            raise ValueError("only for a URL store (s3://bucket/job.zarr, ...), not a local path")
+        return value
 
 
 class ChunksConfig(Strict):
@@ -231,6 +251,10 @@ Cluster = Annotated[
 # ---- the job ---------------------------------------------------------------------------------
 
 
+SECRET_FIELDS = {section: {"storage_options"} for section in ("inputs", "vectors", "output")}
+"""Left out of the stored config and its hash: they may hold credentials."""
+
+
 class JobConfig(Strict):
     """A whole job: what to compute, on what, into which store, where."""
 
@@ -297,7 +321,7 @@ class JobConfig(Strict):
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain JSON types (absolute paths, defaults filled in)."""
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", exclude=SECRET_FIELDS)
 
     def content_hash(self) -> str:
         """sha256 of everything that determines the stored numbers.

@@ -18,11 +18,12 @@ from typing import Any
 
 from rich.console import Console
 
-from jacrun import store
+from jacrun import lease, location, store
 from jacrun.block import STEPS, BlockJob, BlockResult, flush_writes, run_block
 from jacrun.cluster import blas_threads, check_launchable, connect, insecure_address_warning
 from jacrun.config import JobConfig, with_scheduler
 from jacrun.errors import ConfigError
+from jacrun.location import Location
 from jacrun.prepare import PreparedJob, prepare
 from jacrun.progress import BlockProgress
 
@@ -83,7 +84,7 @@ def open_output(job: PreparedJob, overwrite: bool = False) -> PreparedJob:
     Returns the job, re-planned to the store's block shape when resuming with ``auto`` chunks.
     """
     config = job.config
-    path = Path(config.output.store)
+    path = config.output.store  # a Path, or a URL
     state = store.store_state(path)
     if state == "foreign":
         raise ConfigError(
@@ -106,7 +107,7 @@ def open_output(job: PreparedJob, overwrite: bool = False) -> PreparedJob:
     return job
 
 
-def _match_store_chunks(job: PreparedJob, path: Path) -> PreparedJob:
+def _match_store_chunks(job: PreparedJob, path: Location) -> PreparedJob:
     """Resume with the store's block shape; explicit chunk sizes must agree with it."""
     chunks = store.store_chunks(path, job.plan)
     if chunks is None:
@@ -131,7 +132,7 @@ def _match_store_chunks(job: PreparedJob, path: Path) -> PreparedJob:
     return replace(again, config=job.config)
 
 
-def _create(job: PreparedJob, path: Path) -> None:
+def _create(job: PreparedJob, path: Location) -> None:
     from jacrun import __version__
 
     fn = job.function
@@ -191,10 +192,50 @@ def submit(
         check_launchable(config.cluster)
     except ConfigError as exc:
         raise ConfigError(config.locate(str(exc))) from None
+    location.register(config.output.store, config.output.storage_options)
+    try:
+        state = store.store_state(config.output.store)  # a URL: its bucket and endpoint are reachable
+    except ConfigError as exc:
+        raise ConfigError(config.locate(f"output.store: {exc}")) from None
+    if state == "foreign":  # refused below: write no lease into it
+        held = contextlib.nullcontext(None)
+    else:
+        held = take_lease(config, console if progress else None)
+    with held as run_lease:
+        return _submit_holding(job, run_lease, overwrite, console, progress, performance_report, check)
+
+
+def take_lease(config: JobConfig, console: Console | None) -> lease.Lease:
+    """The store's lease for this run (ConfigError naming the holder of a live one)."""
+    held = lease.Lease(config.output.store)
+    try:
+        warning = held.acquire()
+    except ConfigError as exc:
+        raise ConfigError(config.locate(str(exc))) from None
+    if warning and console is not None:
+        console.print(f"[yellow]warning:[/] {warning}")
+    elif warning:
+        log.warning("%s", warning)
+    return held
+
+
+def _submit_holding(
+    job: PreparedJob,
+    run_lease: lease.Lease | None,
+    overwrite: bool,
+    console: Console,
+    progress: bool,
+    performance_report: str | Path | None,
+    check: bool,
+) -> Summary:
+    """submit(), once the store's lease is held."""
+    config = job.config
     try:
         job = open_output(job, overwrite or config.output.overwrite)
     except ConfigError as exc:
         raise ConfigError(config.locate(str(exc))) from None
+    if run_lease is not None:
+        run_lease.refresh()  # creating or replacing the store removed it
     run = Run(job, console, progress, check)
     if not run.pending:
         if progress:

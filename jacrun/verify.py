@@ -103,10 +103,14 @@ def _check_chunk(array: zarr.Array, coords: tuple[int, ...]) -> str | None:
     return None
 
 
-def check_blocks(where: Location, blocks: list[Block]) -> list[tuple[Block, list[str], int]]:
+def check_blocks(
+    where: Location, blocks: list[Block], storage_options: dict | None = None
+) -> list[tuple[Block, list[str], int]]:
     """(block, problems, chunks read) for each of ``blocks`` whose marker is set or unreadable.
 
-    Runs in a thread or on a Dask worker: it opens the store itself."""
+    Runs in a thread or on a Dask worker: it opens the store itself (``storage_options``: a
+    URL's fsspec options, for a worker)."""
+    location.register(where, storage_options)
     group = _open(where)
     from jacrun.store import MARKERS
 
@@ -202,7 +206,10 @@ def verify_store(
     if client is not None:
         from distributed import as_completed as dask_completed
 
-        futures = {client.submit(check_blocks, str(where), batch, pure=False): batch for batch in batches}
+        options = location.options(where) or None
+        futures = {
+            client.submit(check_blocks, str(where), batch, options, pure=False): batch for batch in batches
+        }
         for future in dask_completed(futures, loop=client.loop):
             record(futures[future], future.result())
     else:
