@@ -94,6 +94,8 @@ def problem(location: Location, exc: BaseException) -> str:
     if isinstance(exc, FileNotFoundError) or "NoSuchBucket" in text or "does not exist" in text:
         bucket = urlsplit(str(location)).netloc
         return f"{where}: bucket {bucket!r} does not exist (or the endpoint serves no such bucket)"
+    if "Credentials" in name:
+        return f"{where}: no usable credentials ({name}): set them in the environment or a profile"
     if isinstance(exc, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
         return f"{where}: access denied (check the credentials in the environment or profile)"
     if isinstance(exc, OSError) or "connect" in text.lower() or "Endpoint" in name:

@@ -212,6 +212,11 @@ def take_lease(config: JobConfig, console: Console | None) -> lease.Lease:
         warning = held.acquire()
     except ConfigError as exc:
         raise ConfigError(config.locate(str(exc))) from None
+    except OSError as exc:  # the lease is the store's first object
+        what = exc.strerror or location.problem(config.output.store, exc)
+        raise ConfigError(
+            config.locate(f"output.store: cannot create {config.output.store}: {what}")
+        ) from None
     if warning and console is not None:
         console.print(f"[yellow]warning:[/] {warning}")
     elif warning:
