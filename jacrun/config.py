@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ByteSize,
     ConfigDict,
     Field,
@@ -59,8 +60,17 @@ class RandomInputs(Strict):
     seed: NonNegativeInt = 1
 
 
+def _options_mapping(value: Any) -> Any:
+    """Refuse a non-mapping without echoing it (it may be a credential)."""
+    if value is not None and not isinstance(value, Mapping):
+        what = type(value).__name__
+        raise ValueError(f"must be a mapping of fsspec options (endpoint_url: ..., anon: ...), not a {what}")
+    return value
+
+
 StorageOptions = Annotated[
     dict[str, Any] | None,
+    BeforeValidator(_options_mapping),
     Field(
         description="fsspec options of a URL store (endpoint_url, anon, profile, client_kwargs, ...); "
         "never stored, hashed or printed"

@@ -187,7 +187,11 @@ def test_a_live_lease_on_s3_refuses_a_second_run(tmp_path, endpoint, scheduler_a
         ("s3://no-such-bucket/job.zarr", "moto", r"bucket 'no-such-bucket' does not exist"),
         ("s3://jobs/job.zarr", "http://127.0.0.1:{closed}", r"cannot reach the storage endpoint"),
         ("gs://bucket/job.zarr", None, r"gs:// needs an fsspec implementation: install gcsfs"),
-        ("s3://jobs/job.zarr", "not-a-mapping", r"output\.storage_options: must be a section of keys"),
+        (
+            "s3://jobs/job.zarr",
+            "not-a-mapping",
+            r"output\.storage_options: must be a mapping of fsspec options .*, not a list",
+        ),
     ],
 )
 def test_bad_remote_input_is_one_line_exit_2_before_any_cluster(
@@ -212,6 +216,17 @@ def test_bad_remote_input_is_one_line_exit_2_before_any_cluster(
     assert SECRET not in result.output
     if store_url.startswith("s3://jobs/"):
         assert fs(endpoint).find(f"{BUCKET}/job.zarr") == []
+
+
+def test_validate_plan_and_check_of_a_remote_job_touch_no_store_and_print_no_secret(tmp_path, endpoint):
+    url = f"s3://{BUCKET}/untouched.zarr"
+    path = write_config(tmp_path, s3_job(url, endpoint))
+    for command in ("validate", "plan", "check"):
+        result = invoke(command, str(path))
+        assert result.exit_code == 0, (command, result.output)
+        assert SECRET not in result.output
+    assert url in invoke("plan", str(path)).output
+    assert fs(endpoint).find(f"{BUCKET}/untouched.zarr") == []
 
 
 # ---- faults ----------------------------------------------------------------------------------
@@ -298,3 +313,8 @@ def test_a_client_killed_mid_job_on_s3_resumes_with_the_rest(tmp_path, endpoint,
     assert f"{24 - done} of 24 blocks to run" in result.stdout
     assert "took over the lease of a run that is gone" in result.stdout
     assert_same(url, endpoint, reference)
+
+
+def test_a_denied_access_is_named_without_its_details():
+    message = location.problem("s3://jobs/x.zarr", PermissionError("AccessDenied: key AKIA... not allowed"))
+    assert message == "s3://jobs/x.zarr: access denied (check the credentials in the environment or profile)"

@@ -105,3 +105,21 @@ def test_unmarked_blocks_are_not_damage(finished):
     assert result.exit_code == 0 and "7/8 blocks done" in result.output, result.output
     with pytest.warns(jacrun.store.IncompleteWarning):
         assert np.isnan(jacrun.load(store).vjp.values[:32, :2]).all()
+
+
+def test_a_store_written_before_checksums_is_read_resumed_and_verified_with_a_warning(
+    tmp_path, scheduler_address, monkeypatch
+):
+    from jacrun import checksum
+
+    monkeypatch.setattr(checksum, "with_checksum", lambda compressors: compressors)  # the old layout
+    cfg = jacrun.load_config(write_config(tmp_path, job_config()))
+    store = Path(cfg.output.store)
+    assert jacrun.submit(cfg, scheduler=scheduler_address, progress=False).ok
+    monkeypatch.undo()
+    assert not checksum.has_checksum(zarr.open_group(str(store), mode="r")["vjp"])
+    zarr.open_group(str(store), mode="r+")["_blocks"][1, 0] = 0
+    summary = jacrun.submit(cfg, scheduler=scheduler_address, progress=False)
+    assert summary.ok and summary.blocks_run == 1  # resumed in its own (unchecksummed) layout
+    result = invoke("verify", str(store))
+    assert result.exit_code == 0 and "carry no checksums" in result.output, result.output
