@@ -91,9 +91,10 @@ def problem(location: Location, exc: BaseException) -> str:
     where = label(location)
     name = type(exc).__name__
     text = str(exc)
-    if isinstance(exc, FileNotFoundError) or "NoSuchBucket" in text or "does not exist" in text:
-        bucket = urlsplit(str(location)).netloc
-        return f"{where}: bucket {bucket!r} does not exist (or the endpoint serves no such bucket)"
+    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+        return _no_bucket(location)
+    if isinstance(exc, FileNotFoundError):
+        return f"{where}: not found (no such object, or no such bucket)"
     if "Credentials" in name:
         return f"{where}: no usable credentials ({name}): set them in the environment or a profile"
     if isinstance(exc, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
@@ -101,6 +102,11 @@ def problem(location: Location, exc: BaseException) -> str:
     if isinstance(exc, OSError) or "connect" in text.lower() or "Endpoint" in name:
         return f"{where}: cannot reach the storage endpoint ({name}); check storage_options endpoint_url"
     return f"{where}: cannot open the store ({name})"
+
+
+def _no_bucket(location: Location) -> str:
+    bucket = urlsplit(str(location)).netloc
+    return f"{label(location)}: bucket {bucket!r} does not exist (or the endpoint serves no such bucket)"
 
 
 def probe(location: Location) -> list[str]:
@@ -123,13 +129,13 @@ def probe(location: Location) -> list[str]:
 
 
 def _bucket_exists(location: Location) -> None:
-    """Raise (FileNotFoundError, PermissionError, ...) unless the URL's bucket exists."""
+    """ConfigError unless the URL's bucket exists (or the filesystem's error reaching it)."""
     import fsspec
 
     parts = urlsplit(str(location))
     fs = fsspec.filesystem(parts.scheme, **options(location))
     if not fs.exists(parts.netloc):
-        raise FileNotFoundError(parts.netloc)
+        raise ConfigError(_no_bucket(location))
 
 
 def delete_prefix(location: Location) -> None:

@@ -8,6 +8,7 @@ import signal
 import time
 
 import pytest
+from rich.console import Console
 
 import jacrun
 from jacrun import lease, location
@@ -73,7 +74,7 @@ def foreign_lease(store, age: float) -> None:
 
 
 def test_a_live_lease_of_another_host_refuses_and_a_stale_one_is_taken_over(
-    tmp_path, scheduler_address, monkeypatch, caplog
+    tmp_path, scheduler_address, monkeypatch
 ):
     cfg = jacrun.load_config(write_config(tmp_path, job_config()))
     store = cfg.output.store
@@ -84,9 +85,9 @@ def test_a_live_lease_of_another_host_refuses_and_a_stale_one_is_taken_over(
     assert read_lease(store)["pid"] == 4242
 
     monkeypatch.setenv("JACRUN_LEASE_STALE_SECONDS", "3")
-    with caplog.at_level("WARNING", logger="jacrun"):
-        assert jacrun.submit(cfg, scheduler=scheduler_address, progress=False).ok
-    assert "took over a stale lease (pid 4242 on host elsewhere" in caplog.text
+    console = Console(record=True, width=300)
+    assert jacrun.submit(cfg, scheduler=scheduler_address, console=console).ok
+    assert "warning: took over a stale lease (pid 4242 on host elsewhere" in console.export_text()
     assert read_lease(store) is None
 
 
