@@ -266,8 +266,11 @@ def describe_arrays(path: Location) -> dict[str, str]:
 
 
 def read_markers(path: Location) -> np.ndarray:
-    """Boolean grid of finished blocks."""
-    return zarr.open_group(_zarr(path), mode="r")[MARKERS][...].astype(bool)
+    """Boolean grid of finished blocks (ConfigError for a corrupted marker: verify --repair)."""
+    try:
+        return zarr.open_group(_zarr(path), mode="r")[MARKERS][...].astype(bool)
+    except checksum.ChecksumError as exc:
+        raise ConfigError(str(exc).replace("STORE", location.label(path))) from None
 
 
 def consolidate(path: Location) -> None:

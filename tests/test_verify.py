@@ -78,6 +78,12 @@ def test_verify_finds_a_missing_chunk_and_a_corrupted_marker_on_the_cluster(fini
     cfg, store, _ = finished
     (store / "y" / "c" / "3" / "0").unlink()  # y belongs to the blocks (i, 0)
     flip(store / "_blocks" / "c" / "1" / "1", at=0)
+    for command in ("status", "show"):  # a corrupted marker: one line naming it, not a traceback
+        result = invoke(command, str(store))
+        assert result.exit_code == 2 and "corrupted chunk c/1/1 of array _blocks" in result.output, (
+            result.output
+        )
+        assert f"jacrun verify {store} --repair" in result.output
     result = invoke("verify", str(store), "--scheduler", scheduler_address)
     assert result.exit_code == 1, result.output
     assert re.findall(r"damaged block \((\d+), (\d+)\)", result.output) == [("1", "1"), ("3", "0")]
