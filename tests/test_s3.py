@@ -282,7 +282,7 @@ def assert_same(url: str, endpoint: str, reference) -> None:
     np.testing.assert_array_equal(ds.y.values, reference.y.values)
 
 
-def test_a_worker_killed_mid_job_on_s3_loses_nothing(tmp_path, endpoint, reference):
+def test_a_worker_killed_then_the_scheduler_lost_on_s3_loses_nothing(tmp_path, endpoint, reference):
     processes = DaskProcesses(tmp_path)
     try:
         address = processes.start_scheduler()
@@ -290,9 +290,19 @@ def test_a_worker_killed_mid_job_on_s3_loses_nothing(tmp_path, endpoint, referen
         config, url = remote_fault_job(tmp_path, endpoint, "workerkill")
         proc = start_submit(config, "--scheduler", address, "--quiet")
         assert wait_remote(url, endpoint, 3, proc) >= 3
-        processes.kill(processes.workers[0])
+        processes.kill(processes.workers[0])  # its blocks run again on the other worker
+        assert wait_remote(url, endpoint, 5, proc) >= 5
+        processes.kill(processes.scheduler)
         _, stderr = proc.communicate(timeout=240)
-        assert proc.returncode == 0, stderr
+        assert proc.returncode == 1 and "lost the connection to the scheduler" in stderr, stderr
+        processes.stop()
+        before = remote_markers(url, endpoint)
+        assert before < 16
+
+        address = processes.start_scheduler()  # a new one: resume there
+        processes.start_workers(1)
+        result = run_cli("submit", str(config), "--scheduler", address, "--quiet")
+        assert result.returncode == 0, result.stderr
     finally:
         processes.stop()
     assert_same(url, endpoint, reference)
