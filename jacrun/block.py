@@ -148,6 +148,7 @@ def compute_block(
 @floating_point_quiet
 def run_block(job: BlockJob, i: int, j: int) -> BlockResult:
     """Compute and store block (i, j); idempotent (same bytes, same marker when run twice)."""
+    from jacrun.location import register
     from jacrun.store import write_block
 
     start = time.perf_counter()
@@ -167,6 +168,7 @@ def run_block(job: BlockJob, i: int, j: int) -> BlockResult:
     partials = job.reducer.partials(result) if job.reducer is not None else None
     laps.lap("reduce")
     dtype = np.dtype(job.config.output_dtype)
+    register(job.config.output.store, job.config.output.storage_options)  # a URL's options, here too
     write_block(
         job.store, job.plan, i, j, y.astype(dtype, copy=False), result.astype(dtype, copy=False), partials
     )

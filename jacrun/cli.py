@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 job failure (or failed checks, or an incomplete store f
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from collections.abc import Callable
@@ -33,7 +34,19 @@ err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 F = TypeVar("F", bound=Callable[..., Any])
 
 ConfigArg = Annotated[Path, typer.Argument(help="The job's YAML config file.", show_default=False)]
-StoreArg = Annotated[Path, typer.Argument(help="A store written by `jacrun submit`.", show_default=False)]
+StoreArg = Annotated[
+    str, typer.Argument(help="A store written by `jacrun submit`: a path or URL.", show_default=False)
+]
+StorageOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--storage-option",
+        "-o",
+        metavar="KEY=VALUE",
+        help="An fsspec option of a URL store, e.g. endpoint_url=http://host:9000 (dots nest: "
+        "client_kwargs.region_name=eu-west-1).",
+    ),
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a config key, e.g. chunks.samples=4096."),
@@ -60,6 +73,38 @@ def user_errors(command: F) -> F:
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _store(store_path: str, options: list[str] | None) -> str:
+    """The store argument, its ``-o`` options registered for this process."""
+    from jacrun import location
+
+    parsed = _parse_options(options or [])
+    if parsed and not location.is_url(store_path):
+        raise ConfigError("--storage-option: only for a URL store (s3://bucket/job.zarr, ...)")
+    if location.is_url(store_path):
+        try:
+            store_path = location.check_url(store_path)
+        except ValueError as exc:
+            raise ConfigError(f"{store_path.split('://')[0]}:// store: {exc}") from None
+        location.register(store_path, parsed)
+    return store_path
+
+
+def _parse_options(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--storage-option: expected KEY=VALUE, got {item.split('=')[0]!r}")
+        *parents, leaf = key.split(".")
+        target = options
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = yaml.safe_load(value) if value else ""
+    return options
 
 
 def _load(config: Path, overrides: list[str] | None, scheduler: str | None = None):
@@ -240,10 +285,11 @@ def plan_table(job) -> Table:
 
 @app.command()
 @user_errors
-def status(store_path: StoreArg) -> None:
+def status(store_path: StoreArg, storage_options: StorageOpt = None) -> None:
     """Blocks done of a store's job. Exit 0 when complete, 1 when not."""
     from jacrun import store
 
+    store_path = _store(store_path, storage_options)
     attrs = store.read_attrs(store_path)
     marks = store.read_markers(store_path)
     done, total = int(marks.sum()), marks.size
@@ -261,11 +307,12 @@ def status(store_path: StoreArg) -> None:
 
 @app.command()
 @user_errors
-def show(store_path: StoreArg) -> None:
+def show(store_path: StoreArg, storage_options: StorageOpt = None) -> None:
     """Summarize a store: job, function, arrays, runs and throughput."""
     from jacrun import store
     from jacrun.block import step_shares
 
+    store_path = _store(store_path, storage_options)
     attrs = store.read_attrs(store_path)
     marks = store.read_markers(store_path)
     fn = attrs.get("function", {})
@@ -338,6 +385,75 @@ def plot(
 
     path = plot_store(store_path, output)
     out.print(f"wrote {path}")
+
+
+@app.command()
+@user_errors
+def verify(
+    store_path: StoreArg,
+    repair: Annotated[
+        bool,
+        typer.Option("--repair", help="Clear the damaged blocks' markers: the next submit recomputes them."),
+    ] = False,
+    scheduler: Annotated[
+        str | None, typer.Option(help="Read the chunks on this Dask scheduler's workers instead of here.")
+    ] = None,
+    threads: Annotated[int, typer.Option(min=1, help="Reading threads (without --scheduler).")] = 8,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Read every chunk of every finished block: checksums, and every marked block has its chunks.
+
+    Exit 0 when the store is intact, 1 when damage is found (also with --repair: rerun
+    `jacrun submit` to recompute the repaired blocks).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from jacrun import verify as checker
+
+    store_path = _store(store_path, storage_options)
+    if scheduler:
+        from pydantic import ValidationError
+
+        from jacrun.cluster import connect
+        from jacrun.config import AddressClusterConfig
+
+        try:
+            client_context = connect(AddressClusterConfig(kind="address", address=scheduler))
+        except ValidationError:
+            raise ConfigError(
+                f"--scheduler: {scheduler!r} is not a scheduler address (tcp://host:port)"
+            ) from None
+    else:
+        client_context = contextlib.nullcontext()
+    columns = (TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with client_context as client, Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("blocks", total=None)
+        report = checker.verify_store(
+            store_path, threads=threads, client=client, advance=lambda n: bar.advance(task, n)
+        )
+    for block, problems in report.damaged.items():
+        out.print(f"damaged {escape(report.block_label(block))}: {escape('; '.join(problems))}")
+    for problem in report.store_damage:
+        out.print(f"damaged store array: {escape(problem)} (no rerun repairs this: --overwrite and rerun)")
+    if not report.checksummed:
+        err.print(
+            "[yellow]warning:[/] this store's chunks carry no checksums (written before jacrun checked them)"
+        )
+    summary = (
+        f"{store_path}: {report.blocks_marked}/{report.blocks_total} blocks done, "
+        f"{report.chunks_checked} chunks read"
+    )
+    if report.intact:
+        out.print(f"[green]intact[/]: {summary}")
+        return
+    out.print(f"[red]damaged[/]: {summary}, {len(report.damaged)} damaged block(s)")
+    if repair and report.damaged:
+        checker.repair(store_path, list(report.damaged))
+        out.print(
+            f"repaired: cleared the markers of {len(report.damaged)} block(s); rerun `jacrun submit` "
+            "with the job's config to recompute exactly them"
+        )
+    raise typer.Exit(1)
 
 
 @app.command()

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ByteSize,
     ConfigDict,
     Discriminator,
@@ -29,13 +30,14 @@ from pydantic import (
     SerializeAsAny,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from jacrun.errors import ConfigError
 from jacrun.functions import FunctionSpec, kinds, parse_spec
-from jacrun.paths import InputPath, OutputPath
+from jacrun.paths import InputLocation, InputPath, OutputLocation
 
 Dtype = Literal["float32", "float64"]
 Loc = tuple[Any, ...]
@@ -60,12 +62,31 @@ class RandomInputs(Strict):
     seed: NonNegativeInt = 1
 
 
+def _options_mapping(value: Any) -> Any:
+    """Refuse a non-mapping without echoing it (it may be a credential)."""
+    if value is not None and not isinstance(value, Mapping):
+        what = type(value).__name__
+        raise ValueError(f"must be a mapping of fsspec options (endpoint_url: ..., anon: ...), not a {what}")
+    return value
+
+
+StorageOptions = Annotated[
+    dict[str, Any] | None,
+    BeforeValidator(_options_mapping),
+    Field(
+        description="fsspec options of a URL store (endpoint_url, anon, profile, client_kwargs, ...); "
+        "never stored, hashed or printed"
+    ),
+]
+
+
 class ZarrInputs(Strict):
     """X read from a Zarr array of shape (N, n)."""
 
     kind: Literal["zarr"]
-    path: InputPath
+    path: InputLocation
     array: str | None = Field(None, description="array name inside a group store")
+    storage_options: StorageOptions = None
 
 
 class NpyInputs(Strict):
@@ -107,9 +128,10 @@ class ZarrVectors(Strict):
     """Vectors from a Zarr array: (N, K, d) or (N, d) per sample, (K, d) when shared."""
 
     kind: Literal["zarr"]
-    path: InputPath
+    path: InputLocation
     array: str | None = None
     shared: bool = False
+    storage_options: StorageOptions = None
 
 
 class NpyVectors(Strict):
@@ -130,12 +152,20 @@ Vectors = Annotated[
 
 
 class OutputConfig(Strict):
-    store: OutputPath
+    store: OutputLocation
+    storage_options: StorageOptions = None
     save_outputs: bool = True
     dtype: Dtype | None = Field(None, description="cast on write; default: the compute dtype")
     compression: Literal["zstd", "blosc", "none"] = "zstd"
     overwrite: bool = False
     products: bool = Field(True, description="store the per-sample products; false: only reductions")
+
+    @field_validator("storage_options")
+    @classmethod
+    def _only_for_urls(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        if value is not None and isinstance(info.data.get("store"), Path):
+            raise ValueError("only for a URL store (s3://bucket/job.zarr, ...), not a local path")
+        return value
 
 
 class ChunksConfig(Strict):
@@ -254,6 +284,10 @@ Sparsity = Annotated[
 # ---- the job ---------------------------------------------------------------------------------
 
 
+SECRET_FIELDS = {section: {"storage_options"} for section in ("inputs", "vectors", "output")}
+"""Left out of the stored config and its hash: they may hold credentials."""
+
+
 class JobConfig(Strict):
     """A whole job: what to compute, on what, into which store, where."""
 
@@ -337,7 +371,7 @@ class JobConfig(Strict):
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain JSON types (absolute paths, defaults filled in)."""
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", exclude=SECRET_FIELDS)
 
     def content_hash(self) -> str:
         """sha256 of everything that determines the stored numbers.

@@ -7,9 +7,9 @@ without a context, paths resolve against the current working directory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, ValidationInfo
+from pydantic import AfterValidator, BeforeValidator, ValidationInfo
 
 
 def _base_dir(info: ValidationInfo) -> Path:
@@ -36,3 +36,27 @@ OutputPath = Annotated[Path, AfterValidator(_resolve)]
 
 InputPath = Annotated[Path, AfterValidator(_resolve_existing)]
 """A path that must exist when the config is loaded (weights, input arrays)."""
+
+
+def _location(value: Any, info: ValidationInfo, *, existing: bool) -> str | Path:
+    """A URL stays a string (checked: a known scheme, no credentials); ``file://`` URLs and
+    paths become resolved local paths."""
+    from jacrun.location import check_url, is_url
+
+    text = str(value)
+    if text.startswith("file://"):
+        value = text[len("file://") :]
+    elif is_url(text):
+        return check_url(text)
+    return (_resolve_existing if existing else _resolve)(Path(value), info)
+
+
+OutputLocation = Annotated[
+    str | Path, BeforeValidator(lambda value, info: _location(value, info, existing=False))
+]
+"""An output store: a local path (may not exist yet) or an fsspec URL (``s3://bucket/job.zarr``)."""
+
+InputLocation = Annotated[
+    str | Path, BeforeValidator(lambda value, info: _location(value, info, existing=True))
+]
+"""An input Zarr store: an existing local path or an fsspec URL."""

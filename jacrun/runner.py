@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from jacrun import store
+from jacrun import lease, location, store
 from jacrun.block import STEPS, BlockJob, BlockResult, flush_writes, run_block
 from jacrun.cluster import blas_threads, check_launchable, connect, dashboard_line, insecure_address_warning
 from jacrun.config import JobConfig, with_scheduler
 from jacrun.errors import ConfigError
+from jacrun.location import Location
 from jacrun.prepare import PreparedJob, prepare
 from jacrun.progress import BlockProgress
 
@@ -87,7 +88,7 @@ def open_output(job: PreparedJob, overwrite: bool = False, *, write: bool = True
     neither deletes (``overwrite``) nor creates a store (``jacrun validate``).
     """
     config = job.config
-    path = Path(config.output.store)
+    path = config.output.store  # a Path, or a URL
     state = store.store_state(path)
     if state == "foreign":
         raise ConfigError(
@@ -113,10 +114,12 @@ def open_output(job: PreparedJob, overwrite: bool = False, *, write: bool = True
     return job
 
 
-def check_creatable(path: Path) -> None:
-    """Refuse a store path that cannot be created: below a file, or in a folder this process
-    may not write to. Reads only."""
-    folder = path
+def check_creatable(path: Location) -> None:
+    """Refuse a local store path that cannot be created: below a file, or in a folder this
+    process may not write to. Reads only. (A URL's bucket is probed by ``store_state``.)"""
+    folder = location.local_path(path)
+    if folder is None:
+        return
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir():
@@ -132,12 +135,13 @@ def preflight(config: JobConfig, *, overwrite: bool = False, write: bool = True)
     job = prepare(config)
     try:
         check_launchable(config.cluster)
+        location.register(config.output.store, config.output.storage_options)
         return open_output(job, overwrite or config.output.overwrite, write=write)
     except ConfigError as exc:
         raise ConfigError(config.locate(str(exc))) from None
 
 
-def _stored_colouring(job: PreparedJob, path: Path, attrs: dict[str, Any]) -> PreparedJob:
+def _stored_colouring(job: PreparedJob, path: Location, attrs: dict[str, Any]) -> PreparedJob:
     """A resumed sparse Jacobian job uses the store's colouring exactly; its pattern must be this
     job's (a pattern file's contents are not part of the config hash)."""
     stored = attrs.get("sparsity")
@@ -162,7 +166,7 @@ def _stored_colouring(job: PreparedJob, path: Path, attrs: dict[str, Any]) -> Pr
     return replace(prepare(job.config, job.function, sparse=colouring), config=job.config)
 
 
-def _match_store_chunks(job: PreparedJob, path: Path) -> PreparedJob:
+def _match_store_chunks(job: PreparedJob, path: Location) -> PreparedJob:
     """Resume with the store's block shape; explicit chunk sizes must agree with it."""
     chunks = store.store_chunks(path, job.plan)
     if chunks is None:
@@ -187,7 +191,7 @@ def _match_store_chunks(job: PreparedJob, path: Path) -> PreparedJob:
     return replace(again, config=job.config)
 
 
-def _create(job: PreparedJob, path: Path) -> None:
+def _create(job: PreparedJob, path: Location) -> None:
     from jacrun._version import __version__
 
     fn = job.function
@@ -245,7 +249,60 @@ def submit(
     console = console or Console()
     if scheduler:
         config = with_scheduler(config, scheduler)
-    job = preflight(config, overwrite=overwrite)
+    job = prepare(config)
+    try:
+        check_launchable(config.cluster)
+    except ConfigError as exc:
+        raise ConfigError(config.locate(str(exc))) from None
+    location.register(config.output.store, config.output.storage_options)
+    try:
+        state = store.store_state(config.output.store)  # a URL: its bucket and endpoint are reachable
+    except ConfigError as exc:
+        raise ConfigError(config.locate(f"output.store: {exc}")) from None
+    if state == "foreign":  # refused below: write no lease into it
+        held = contextlib.nullcontext(None)
+    else:
+        held = take_lease(config, console if progress else None)
+    with held as run_lease:
+        return _submit_holding(job, run_lease, overwrite, console, progress, performance_report, check)
+
+
+def take_lease(config: JobConfig, console: Console | None) -> lease.Lease:
+    """The store's lease for this run (ConfigError naming the holder of a live one)."""
+    held = lease.Lease(config.output.store)
+    try:
+        warning = held.acquire()
+    except ConfigError as exc:
+        raise ConfigError(config.locate(str(exc))) from None
+    except OSError as exc:  # the lease is the store's first object
+        what = exc.strerror or location.problem(config.output.store, exc)
+        raise ConfigError(
+            config.locate(f"output.store: cannot create {config.output.store}: {what}")
+        ) from None
+    if warning and console is not None:
+        console.print(f"[yellow]warning:[/] {warning}")
+    elif warning:
+        log.warning("%s", warning)
+    return held
+
+
+def _submit_holding(
+    job: PreparedJob,
+    run_lease: lease.Lease | None,
+    overwrite: bool,
+    console: Console,
+    progress: bool,
+    performance_report: str | Path | None,
+    check: bool,
+) -> Summary:
+    """submit(), once the store's lease is held."""
+    config = job.config
+    try:
+        job = open_output(job, overwrite or config.output.overwrite)
+    except ConfigError as exc:
+        raise ConfigError(config.locate(str(exc))) from None
+    if run_lease is not None:
+        run_lease.refresh()  # creating or replacing the store removed it
     run = Run(job, console, progress, check)
     if not run.pending:
         if progress:

@@ -129,17 +129,24 @@ class ArrayRows:
     array: str | None
     format: Literal["npy", "zarr"]
     shape: tuple[int, ...]
+    storage_options: dict | None = None
+    """fsspec options of a URL path."""
 
     def read(self, start: int, stop: int, dtype: np.dtype) -> np.ndarray:
-        data = _open_array(self.path, self.array, self.format)
+        data = _open_array(self.path, self.array, self.format, self.storage_options)
         return np.asarray(data[start:stop], dtype=dtype)
 
 
-def _open_array(path: str, array: str | None, fmt: str):
+def _open_array(path: str, array: str | None, fmt: str, storage_options: dict | None = None):
     if fmt == "npy":
         return np.load(path, mmap_mode="r", allow_pickle=False)
     import zarr
 
+    from jacrun import location
+
+    if location.is_url(path):  # through fsspec, with this input's options
+        location.register(path, storage_options)
+        return zarr.open_array(store=location.zarr_store(path, read_only=True), path=array or "", mode="r")
     return zarr.open_array(store=path, path=array or "", mode="r")
 
 
@@ -151,12 +158,18 @@ def unreadable(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def open_array_checked(path: Path, array: str | None, fmt: str, key: str) -> tuple[tuple[int, ...], str]:
+def open_array_checked(
+    path: Path | str, array: str | None, fmt: str, key: str, storage_options: dict | None = None
+) -> tuple[tuple[int, ...], str]:
     """Shape and dtype of an input array; a readable ConfigError naming ``key`` otherwise."""
     try:
-        data = _open_array(str(path), array, fmt)
+        data = _open_array(str(path), array, fmt, storage_options)
     except Exception as exc:  # noqa: BLE001 - any failure to open is the user's file
         what = f"{path}" + (f" (array {array!r})" if array else "")
+        from jacrun import location
+
+        if location.is_url(path):  # name the URL only: the exception may quote options
+            raise ConfigError(f"{key}: cannot open zarr array: {location.problem(what, exc)}") from None
         raise ConfigError(f"{key}: cannot open {fmt} array {what}: {unreadable(exc)}") from None
     dtype = np.dtype(data.dtype)
     if dtype.kind not in "fiu":
@@ -169,12 +182,13 @@ def open_inputs(spec, n_in: int) -> RandomRows | ArrayRows:
     if spec.kind == "random":
         return RandomRows(spec.samples, n_in, spec.distribution, spec.seed)
     array = getattr(spec, "array", None)
-    shape, _ = open_array_checked(spec.path, array, spec.kind, "inputs.path")
+    options = getattr(spec, "storage_options", None)
+    shape, _ = open_array_checked(spec.path, array, spec.kind, "inputs.path", options)
     if len(shape) != 2 or shape[1] != n_in:
         raise ConfigError(f"inputs.path: {spec.path} has shape {shape}; the function needs (samples, {n_in})")
     if shape[0] == 0:
         raise ConfigError(f"inputs.path: {spec.path} has no rows")
-    return ArrayRows(str(spec.path), array, spec.kind, shape)
+    return ArrayRows(str(spec.path), array, spec.kind, shape, options)
 
 
 # ---- vectors ---------------------------------------------------------------------------------
@@ -200,6 +214,8 @@ class VectorSource:
     format: Literal["npy", "zarr"] = "npy"
     colouring: Any = field(default=None, compare=False, repr=False)
     """The :class:`jacrun.sparsity.SparseJacobian` whose seeds kind ``seeds`` reads."""
+    storage_options: dict | None = None
+    """fsspec options of a URL path."""
 
     def read(self, start: int, stop: int, k0: int, k1: int, dtype: np.dtype) -> np.ndarray:
         """Vectors k0:k1 of samples start:stop, shape (stop - start, k1 - k0, width).
@@ -225,7 +241,7 @@ class VectorSource:
                 return block
             block = block[0]
         else:
-            data = _open_array(self.path, self.array, self.format)
+            data = _open_array(self.path, self.array, self.format, self.storage_options)
             if self.shared:
                 block = np.asarray(data[k0:k1] if data.ndim == 2 else data[None, :], dtype=dtype)
             elif self.squeeze:
@@ -252,7 +268,8 @@ def open_vectors(spec, width: int, samples: int) -> VectorSource:
             seed=spec.seed,
         )
     array = getattr(spec, "array", None)
-    shape, _ = open_array_checked(spec.path, array, spec.kind, "vectors.path")
+    options = getattr(spec, "storage_options", None)
+    shape, _ = open_array_checked(spec.path, array, spec.kind, "vectors.path", options)
     where = f"vectors.path: {spec.path} has shape {shape}"
     if shape[-1] != width:
         raise ConfigError(f"{where}; its last axis must be the vector width {width}")
@@ -282,6 +299,7 @@ def open_vectors(spec, width: int, samples: int) -> VectorSource:
         path=str(spec.path),
         array=array,
         format=spec.kind,
+        storage_options=options,
     )
 
 

@@ -23,8 +23,9 @@ import zarr.storage
 from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore
 
-from jacrun import writeback
+from jacrun import checksum, lease, location, writeback
 from jacrun.errors import ConfigError
+from jacrun.location import Location
 from jacrun.plan import Plan
 from jacrun.reduce import Reducer, combine
 
@@ -33,6 +34,8 @@ MARKERS = "_blocks"
 OUTPUTS = "y"
 
 StoreState = Literal["absent", "empty", "jacrun", "foreign"]
+
+checksum.install()  # a corrupted chunk's error names its array and chunk
 
 
 class IncompleteWarning(UserWarning):
@@ -60,11 +63,15 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def store_state(path: Path) -> StoreState:
-    """What is at ``path``: nothing, an empty folder, a jacrun store, or something else."""
+def store_state(path: Location) -> StoreState:
+    """What is at ``path``: nothing, an empty folder, a jacrun store, or something else.
+    For a URL: ConfigError when its bucket or endpoint cannot be reached."""
+    if location.local_path(path) is None:
+        return _remote_state(path)
+    path = Path(path)
     if not path.exists():
         return "absent"
-    if path.is_dir() and not any(path.iterdir()):
+    if path.is_dir() and not any(p.name != lease.KEY for p in path.iterdir()):  # a lease alone: empty
         return "empty"
     if path.is_dir() and (path / "zarr.json").is_file():
         try:
@@ -76,17 +83,35 @@ def store_state(path: Path) -> StoreState:
     return "foreign"
 
 
-def read_attrs(path: str | Path) -> dict[str, Any]:
+def _remote_state(url: Location) -> StoreState:
+    names = [name for name in location.probe(url) if name != lease.KEY]
+    if not names:
+        return "empty"
+    if "zarr.json" in names:
+        try:
+            attrs = zarr.open_group(_zarr(url), mode="r").attrs.asdict()
+        except Exception:  # noqa: BLE001 - unreadable metadata means: not ours
+            return "foreign"
+        if isinstance(attrs.get(ATTR), dict) and "config_hash" in attrs[ATTR]:
+            return "jacrun"
+    return "foreign"
+
+
+def _zarr(path: Location, read_only: bool = False) -> zarr.abc.store.Store:
+    """The Zarr store at a path or URL (see jacrun.location)."""
+    return location.zarr_store(path, read_only=read_only)
+
+
+def read_attrs(path: Location) -> dict[str, Any]:
     """The ``jacrun`` attributes of a store (ConfigError if it is not a jacrun store)."""
-    path = Path(path)
     if store_state(path) != "jacrun":
-        raise ConfigError(f"{path}: not a jacrun store")
-    return dict(zarr.open_group(str(path), mode="r").attrs[ATTR])
+        raise ConfigError(f"{location.label(path)}: not a jacrun store")
+    return dict(zarr.open_group(_zarr(path), mode="r").attrs[ATTR])
 
 
-def update_attrs(path: str | Path, **changes: Any) -> dict[str, Any]:
+def update_attrs(path: Location, **changes: Any) -> dict[str, Any]:
     """Merge ``changes`` into the ``jacrun`` attributes (called from the client only)."""
-    group = zarr.open_group(str(path), mode="r+")
+    group = zarr.open_group(_zarr(path), mode="r+")
     attrs = dict(group.attrs[ATTR])
     attrs.update(changes)
     attrs["updated"] = now()
@@ -94,11 +119,14 @@ def update_attrs(path: str | Path, **changes: Any) -> dict[str, Any]:
     return attrs
 
 
-def remove_store(path: Path) -> None:
-    """Delete a store, but only one jacrun wrote."""
+def remove_store(path: Location) -> None:
+    """Delete a store, but only one jacrun wrote (for a URL: every object under its prefix)."""
     if store_state(path) != "jacrun":
-        raise ConfigError(f"{path}: refusing to delete: not a store written by jacrun")
-    shutil.rmtree(path)
+        raise ConfigError(f"{location.label(path)}: refusing to delete: not a store written by jacrun")
+    if location.local_path(path) is None:
+        location.delete_prefix(path)
+    else:
+        shutil.rmtree(path)
 
 
 def _compressors(name: str) -> Any:
@@ -127,7 +155,7 @@ def encode_seconds(arrays: list[np.ndarray], compression: str, dtype: str) -> fl
             shape=values.shape,
             chunks=values.shape,
             dtype=dtype,
-            compressors=_compressors(compression),
+            compressors=checksum.with_checksum(_compressors(compression)),
             config=_WRITE_CONFIG,
         )
         for n, values in enumerate(arrays)
@@ -142,7 +170,7 @@ def encode_seconds(arrays: list[np.ndarray], compression: str, dtype: str) -> fl
 
 
 def create_store(
-    path: Path,
+    path: Location,
     plan: Plan,
     attrs: dict[str, Any],
     *,
@@ -154,8 +182,8 @@ def create_store(
     """Create the group, the arrays and the empty marker grid; for a sparse Jacobian
     (``sparse``, a :class:`jacrun.sparsity.SparseJacobian`) also its pattern and colouring; for
     reductions, the arrays of the blocks' partials and the norms."""
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    compressors = _compressors(compression)
+    group = zarr.open_group(_zarr(path), mode="w", zarr_format=3)
+    compressors = checksum.with_checksum(_compressors(compression))  # every chunk: CRC32C last
     if plan.products:
         group.create_array(
             plan.result_name,
@@ -184,7 +212,7 @@ def create_store(
         chunks=(1, 1),
         dtype="uint8",
         fill_value=0,
-        compressors=None,
+        compressors=checksum.with_checksum(None),
         dimension_names=("sample_block", "vector_block"),
     )
     if sparse is not None:
@@ -199,7 +227,7 @@ PARTIAL = "_partial_"
 def _create_partials(group: zarr.Group, plan: Plan, reducer: Reducer) -> None:
     """``_partial_mean`` (sample_block, *product), ``_partial_gram`` (sample_block, vector_block,
     w, w), and ``norms``: each block owns its chunk of each."""
-    float64 = {"dtype": "float64", "fill_value": np.nan, "compressors": _compressors("zstd")}
+    float64 = {"dtype": "float64", "fill_value": np.nan, "compressors": _checksummed_zstd()}
     if "mean" in reducer.names:
         shape = reducer.product_shape
         block = (plan.vectors_per_block, *shape[1:]) if len(shape) == 2 and plan.mode != "jacobian" else shape
@@ -229,11 +257,11 @@ def _create_partials(group: zarr.Group, plan: Plan, reducer: Reducer) -> None:
         )
 
 
-def finish_reductions(path: str | Path, plan: Plan, reducer: Reducer) -> dict[str, np.ndarray]:
+def finish_reductions(path: Location, plan: Plan, reducer: Reducer) -> dict[str, np.ndarray]:
     """Combine every block's partials in block order into the final results, store them (Gram
     with its eigenvalues and eigenvectors, descending) and delete the partials. Called once,
     by the client, when every block is done."""
-    group = zarr.open_group(str(path), mode="r+")
+    group = zarr.open_group(_zarr(path), mode="r+")
     sums: dict[str, np.ndarray] = {}
     if f"{PARTIAL}mean" in group:
         partial = group[f"{PARTIAL}mean"]
@@ -255,7 +283,7 @@ def finish_reductions(path: str | Path, plan: Plan, reducer: Reducer) -> dict[st
             shape=values.shape,
             chunks=values.shape,
             dtype="float64",
-            compressors=_compressors("zstd"),
+            compressors=_checksummed_zstd(),
             dimension_names=dims[name],
             overwrite=True,
         )
@@ -283,28 +311,32 @@ def _write_pattern(group: zarr.Group, sparse: Any) -> None:
             shape=values.shape,
             chunks=values.shape,
             dtype=values.dtype,
-            compressors=_compressors("zstd"),
+            compressors=_checksummed_zstd(),
             dimension_names=(dim,),
         )
         array[...] = values
 
 
-def read_pattern(path: str | Path) -> dict[str, np.ndarray]:
+def read_pattern(path: Location) -> dict[str, np.ndarray]:
     """``indptr``, ``indices`` and ``colours`` of a sparse Jacobian store (ConfigError if absent)."""
-    group = zarr.open_group(str(path), mode="r")
+    group = zarr.open_group(_zarr(path, read_only=True), mode="r")
     if not all(name in group for name in PATTERN):
         raise ConfigError(f"{path}: not a sparse Jacobian store (no indptr, indices, colours)")
     return {name: group[name][...] for name in PATTERN}
 
 
-def read_rows(path: str | Path, name: str, start: int, stop: int) -> np.ndarray:
+def read_rows(path: Location, name: str, start: int, stop: int) -> np.ndarray:
     """Rows start:stop of array ``name`` (for the sparse helpers of :mod:`jacrun.api`)."""
-    return zarr.open_group(str(path), mode="r")[name][start:stop]
+    return zarr.open_group(_zarr(path, read_only=True), mode="r")[name][start:stop]
 
 
-def store_chunks(path: Path, plan: Plan) -> tuple[int, int] | None:
+def _checksummed_zstd() -> Any:
+    return checksum.with_checksum(_compressors("zstd"))
+
+
+def store_chunks(path: Location, plan: Plan) -> tuple[int, int] | None:
     """(samples, vectors) per block of an existing store's result array, or None if absent."""
-    group = zarr.open_group(str(path), mode="r")
+    group = zarr.open_group(_zarr(path), mode="r")
     if plan.result_name not in group:
         if plan.products:
             return None
@@ -331,10 +363,12 @@ def write_block(
     is (rows, k, width), or a sparse Jacobian's nonzeros (rows, nnz)."""
     a, b = plan.block_rows(i)
     k0, k1 = plan.block_vectors(j)
-    target = WriteBehindStore(path)
+    local = location.local_path(path) is not None  # else an object store: whole-chunk puts
+    target = WriteBehindStore(path) if local else _zarr(path)
     group = zarr.open_group(target, mode="r+")
     markers = group[MARKERS]
-    target.marker = target.root / MARKERS / markers.metadata.encode_chunk_key((i, j))
+    if local:
+        target.marker = target.root / MARKERS / markers.metadata.encode_chunk_key((i, j))
     _write_partials(group, plan, i, j, partials or {})
     array = group[plan.result_name].with_config(_WRITE_CONFIG) if plan.products else None
     if array is None:
@@ -352,7 +386,7 @@ def write_block(
         array[a:b, :] = result[:, 0, :]
     if y is not None and j == 0 and plan.save_outputs:
         group[OUTPUTS].with_config(_WRITE_CONFIG)[a:b, :] = y
-    error = writeback.failed(target.marker)  # this block's data, found bad by a later write
+    error = writeback.failed(target.marker) if local else None  # this block's data, found bad later
     if error is not None:
         raise OSError(error.code, error.reason)
     markers[i, j] = 1
@@ -377,9 +411,9 @@ def _write_partials(group: zarr.Group, plan: Plan, i: int, j: int, partials: dic
             norms[a:b] = partials["norms"]
 
 
-def unmark_block(path: str | Path, block: tuple[int, int]) -> None:
+def unmark_block(path: Location, block: tuple[int, int]) -> None:
     """Mark a block not done (its data turned out not to be on disk)."""
-    zarr.open_group(str(path), mode="r+")[MARKERS][block] = 0
+    zarr.open_group(_zarr(path), mode="r+")[MARKERS][block] = 0
 
 
 def marker_block(marker: str | Path) -> tuple[int, int] | None:
@@ -390,9 +424,9 @@ def marker_block(marker: str | Path) -> tuple[int, int] | None:
     return int(parts[-2]), int(parts[-1])
 
 
-def describe_arrays(path: str | Path) -> dict[str, str]:
+def describe_arrays(path: Location) -> dict[str, str]:
     """One line per array: dims, shape, dtype, chunks (for ``jacrun show``)."""
-    group = zarr.open_group(str(path), mode="r")
+    group = zarr.open_group(_zarr(path), mode="r")
     lines = {}
     for name, array in sorted(group.arrays()):
         dims = ", ".join(array.metadata.dimension_names or ())
@@ -400,30 +434,34 @@ def describe_arrays(path: str | Path) -> dict[str, str]:
     return lines
 
 
-def read_markers(path: str | Path) -> np.ndarray:
-    """Boolean grid of finished blocks."""
-    return zarr.open_group(str(path), mode="r")[MARKERS][...].astype(bool)
+def read_markers(path: Location) -> np.ndarray:
+    """Boolean grid of finished blocks (ConfigError for a corrupted marker: verify --repair)."""
+    try:
+        return zarr.open_group(_zarr(path), mode="r")[MARKERS][...].astype(bool)
+    except checksum.ChecksumError as exc:
+        raise ConfigError(str(exc).replace("STORE", location.label(path))) from None
 
 
-def consolidate(path: str | Path) -> None:
+def consolidate(path: Location) -> None:
     """Write consolidated metadata so ``xarray.open_zarr`` opens the store in one read."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "not part of the v3 spec yet": we know
-        zarr.consolidate_metadata(str(path))
+        zarr.consolidate_metadata(_zarr(path))
 
 
-def load(path: str | Path, *, markers: bool = False):
-    """Open a store as a lazy, dask-backed ``xarray.Dataset`` with named dimensions.
+def load(path: Location, *, markers: bool = False, storage_options: dict[str, Any] | None = None):
+    """Open a store (a path or URL) as a lazy, dask-backed ``xarray.Dataset`` with named dimensions.
 
-    Warns (IncompleteWarning) when the job has not finished every block: missing blocks
-    read as NaN.
+    ``storage_options``: fsspec options of a URL (endpoint_url, anon, profile, ...). Warns
+    (IncompleteWarning) when the job has not finished every block: missing blocks read as NaN.
     """
     import xarray as xr
 
-    path = Path(path)
+    path = path if location.is_url(path) else Path(path)
+    location.register(path, storage_options)
     attrs = read_attrs(path)
     drop = [] if markers else [MARKERS]
-    ds = xr.open_zarr(str(path), consolidated=False, drop_variables=drop, zarr_format=3)
+    ds = xr.open_zarr(_zarr(path, read_only=True), consolidated=False, drop_variables=drop, zarr_format=3)
     marks = read_markers(path)
     done, total = int(marks.sum()), marks.size
     if done != total:

@@ -196,7 +196,7 @@ def test_output_dtype_compression_and_plain_xarray(tmp_path, scheduler_address):
 
 def test_every_compression_stores_the_same_values_with_its_codec(tmp_path, scheduler_address):
     """zstd (level 1), blosc (lz4 over bit-shuffled values) and none: lossless, each recorded in
-    the arrays' metadata so any Zarr v3 reader decodes them."""
+    the arrays' metadata so any Zarr v3 reader decodes them; a CRC32C checksum comes last."""
     expected_codecs = {
         "zstd": [{"name": "zstd", "configuration": {"level": 1, "checksum": False}}],
         "blosc": [
@@ -220,7 +220,7 @@ def test_every_compression_stores_the_same_values_with_its_codec(tmp_path, sched
         values[compression] = run(cfg, scheduler_address).vjp.values
         for name in ("vjp", "y"):
             meta = json.loads((tmp_path / f"{compression}.zarr" / name / "zarr.json").read_text())
-            assert meta["codecs"][1:] == codecs, (compression, name)
+            assert meta["codecs"][1:] == [*codecs, {"name": "crc32c"}], (compression, name)
     np.testing.assert_array_equal(values["zstd"], values["none"])
     np.testing.assert_array_equal(values["blosc"], values["none"])
     assert np.isfinite(values["none"]).all()
