@@ -20,6 +20,7 @@ sys.path.insert(0, str(SCRIPT.parent))
 from jacrun_bench import common, kernels, memory  # noqa: E402
 from jacrun_bench import e2e as end_to_end  # noqa: E402
 from jacrun_bench import report as bench_report  # noqa: E402
+from jacrun_bench.sections import SECTIONS, sections  # noqa: E402
 
 KERNEL_ROWS = {
     (f"mlp {mode}", dtype) for mode in ("vjp", "jvp", "jacobian") for dtype in ("float32", "float64")
@@ -187,3 +188,11 @@ def test_skip_kernels_leaves_only_the_other_sections(tmp_path: Path) -> None:
     done = run_bench("--quick", "--skip-kernels", "--skip-e2e", "--skip-adapters", "--frameworks", "none")
     assert "Skipped (--skip-kernels)." in done.stdout
     assert not table_rows(done.stdout, "mlp ") and not table_rows(done.stdout, "lorenz96 ")
+
+
+def test_every_registered_section_plugs_in() -> None:
+    """A section is a module named in SECTIONS with its name, title, flag help and three functions."""
+    for name, section in zip(SECTIONS, sections(), strict=True):
+        assert name == section.NAME and section.TITLE and section.HELP
+        assert all(callable(getattr(section, part)) for part in ("measure", "render", "targets"))
+    assert SECTIONS[:2] == ("kernels", "e2e") and SECTIONS.index("memory") > SECTIONS.index("e2e")
