@@ -23,7 +23,11 @@ Adding a section (say ``sparse``): write ``scripts/jacrun_bench/sparse.py`` with
 "sparse"``, ``TITLE``, ``HELP`` (the help of its ``--skip-sparse`` flag), ``measure(ctx) ->
 result``, ``render(result, ctx) -> str`` (markdown) and ``targets(result) -> list[Target]``,
 and add ``"sparse"`` to :data:`~jacrun_bench.sections.SECTIONS`. The flag, the heading, the
-skip message and its rows in the targets table follow from that. A section measures through
+skip message and its rows in the targets table follow from that. ``ctx`` (a
+:class:`~jacrun_bench.common.Context`) carries ``quick`` (choose the section's own sizes by it,
+or add fields to :class:`~jacrun_bench.common.Shapes`), ``reps``-adjusted ``shapes``, the
+frameworks, ``log``, and ``results``: what each earlier section returned (``memory`` reads
+``results["e2e"]``; None for a skipped one). A section measures through
 jacrun's own functions (``jacrun.submit``, ``jacrun.block.run_block``, a ``Function``'s
 kernels), never a hand-written copy of a block.
 
