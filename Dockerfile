@@ -14,12 +14,9 @@
 # the same path (a shared volume), and any input files too.
 FROM python:3.11-slim
 
-# GLIBC_TUNABLES: malloc uses transparent huge pages, as jacrun's own local workers do
-# (docs/cluster.md); glibc reads it only at process start, hence here
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    GLIBC_TUNABLES=glibc.malloc.hugetlb=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /work
 COPY pyproject.toml README.md ./

@@ -11,7 +11,6 @@ from urllib.parse import urlsplit
 
 from jacrun.config import AddressClusterConfig, JobqueueClusterConfig, LocalClusterConfig
 from jacrun.errors import ConfigError
-from jacrun.memory import worker_environ
 
 
 @contextlib.contextmanager
@@ -98,67 +97,29 @@ def dashboard_line(
     return f"Dashboard: {link}"
 
 
-LOCAL_INTERVALS: dict[str, str] = {
-    "distributed.worker.profile.interval": "100ms",
-    "distributed.admin.tick.interval": "1s",
-}
-"""Dask intervals for the local clusters jacrun starts, in place of Dask's 10 ms and 20 ms.
-
-Each wakes an event loop (the workers', and the scheduler's and nannies' in this process),
-and on a busy machine that time comes out of the blocks. The profiler walks the worker's
-thread stacks on each sample: at 10 ms it took about 1.3% of a worker's CPU on an MLP job,
-and one sample in 100 ms still profiles a job of minutes well. The tick only measures how
-late the event loop runs, to warn when it was blocked for seconds (``admin.tick.limit``, 3 s):
-at 20 ms, the tick callbacks of the two workers, the scheduler and both nannies ran 250 times
-a second; at 1 s an idle local cluster uses a third less CPU and an 8N MLP job ran about 1.5%
-faster (8 paired runs)."""
-
-
-def _dask_defaults() -> dict:
-    """Dask's own defaults, before any user config (a config for ``dask.config.get``)."""
-    import dask
-
-    merged: dict = {}
-    for defaults in dask.config.defaults:
-        dask.config.update(merged, defaults)
-    return merged
-
-
 @contextlib.contextmanager
 def local_worker_settings() -> Iterator[None]:
-    """Dask settings for the workers of a local cluster started inside the block.
+    """Leave this process's environment as it was around a local cluster started inside the block.
 
-    Their environment (:func:`jacrun.memory.worker_environ`), which Dask's nanny sets before it
-    starts each worker process, restarts included; and :data:`LOCAL_INTERVALS`, each unless
-    the user's Dask config already changed it. A variable that the environment or the Dask
-    config (``pre-spawn-environ``, even as null) already sets is left as it is. The nanny
-    also copies that whole environment, Dask's own variables included (``OMP_NUM_THREADS=1``
-    and the like), into this process's ``os.environ``, where every program the caller starts
-    later would inherit it: on exit all those variables are as they were before.
+    Dask's nanny copies the variables it sets for its workers (``distributed.nanny.pre-spawn-environ``:
+    ``OMP_NUM_THREADS=1``, ``MALLOC_TRIM_THRESHOLD_`` and the like), and a ``PYTHONHASHSEED`` of
+    its own, into this process's ``os.environ``, where every program the caller starts later
+    would inherit them: on exit they are as they were before. A variable the caller set inside
+    the block is theirs to keep. jacrun adds no Dask setting or variable of its own for its
+    workers (docs/performance.md lists every setting it does impose, and why).
     """
     import dask
     import distributed  # noqa: F401 - loads Dask's distributed defaults into dask.config
 
-    chosen = dask.config.get("distributed.nanny.pre-spawn-environ")  # the user's Dask config
-    environ = {name: value for name, value in worker_environ().items() if name not in chosen}
-    settings: dict[str, str] = {
-        f"distributed.nanny.pre-spawn-environ.{name}": value for name, value in environ.items()
-    }
-    defaults = _dask_defaults()
-    for key, value in LOCAL_INTERVALS.items():
-        if dask.config.get(key) == dask.config.get(key, config=defaults):
-            settings[key] = value
-    before = {name: os.environ.get(name) for name in {*chosen, *environ, _HASH_SEED}}
+    chosen = dask.config.get("distributed.nanny.pre-spawn-environ")  # Dask's, or the user's
+    before = {name: os.environ.get(name) for name in {*chosen, _HASH_SEED}}
     # what the nanny writes: a config value where this process has none (Dask's own
     # _get_env_variables), and a hash seed of its own where there is none or "0"
     copied = {
-        name: str(value)
-        for name, value in {**chosen, **environ}.items()
-        if value is not None and before[name] is None
+        name: str(value) for name, value in chosen.items() if value is not None and before[name] is None
     }
     try:
-        with dask.config.set(settings):
-            yield
+        yield
     finally:
         for name, value in before.items():
             now = os.environ.get(name)
@@ -246,26 +207,15 @@ def jobqueue_kwargs(config: JobqueueClusterConfig) -> dict:
 
 
 def _prologue(kind: str, lines: Sequence[str]) -> list[str]:
-    """The batch job's shell lines before its workers start.
-
-    The user's lines (from the config, else from dask-jobqueue's own config, as dask-jobqueue
-    would take them), after an export of each :func:`jacrun.memory.worker_environ` variable
-    that keeps a value the job already has (sbatch passes the submitting environment on) and
-    that is left out where the user's lines set the variable themselves.
-    """
+    """The batch job's shell lines before its workers start: the config's, else dask-jobqueue's
+    own config (``job-script-prologue``, or the older ``env-extra``), as dask-jobqueue would take them."""
     import dask
 
-    lines = list(lines) or list(
+    return list(lines) or list(
         dask.config.get(f"jobqueue.{kind}.job-script-prologue", None)
         or dask.config.get(f"jobqueue.{kind}.env-extra", None)
         or []
     )
-    exports = [
-        f'export {name}="${{{name}-{value}}}"'
-        for name, value in worker_environ({}).items()
-        if not any(name in line for line in lines)
-    ]
-    return [*exports, *lines]
 
 
 def jobqueue_cluster(config: JobqueueClusterConfig):

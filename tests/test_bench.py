@@ -1,36 +1,31 @@
-"""Smoke tests of scripts/bench.py: it runs in seconds and its report has the expected rows,
-cells and verdicts. They check the script, not the speed (``--quick`` shapes measure nothing)."""
+"""Smoke tests of the benchmark (scripts/bench.py, the package scripts/jacrun_bench): it runs in
+seconds and its report has the expected rows, cells and verdicts. They check the benchmark, not
+the speed (``--quick`` shapes measure nothing)."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "bench.py"
+sys.path.insert(0, str(SCRIPT.parent))
+
+from jacrun_bench import common, kernels, memory  # noqa: E402
+from jacrun_bench import e2e as end_to_end  # noqa: E402
+from jacrun_bench import report as bench_report  # noqa: E402
+from jacrun_bench.sections import SECTIONS, sections  # noqa: E402
+
 KERNEL_ROWS = {
     (f"mlp {mode}", dtype) for mode in ("vjp", "jvp", "jacobian") for dtype in ("float32", "float64")
 }
 KERNEL_ROWS |= {("lorenz96 vjp", "float64"), ("lorenz96 vjp", "float32")}
-
-
-@pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("jacrun_bench_script", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
 
 
 def table_rows(report: str, first_cell: str) -> list[list[str]]:
@@ -81,9 +76,9 @@ def test_quick_run_reports_every_kernel(tmp_path: Path) -> None:
     assert "mlp vjp float64 >= 1.2x torch.func.vjp" in targets
 
 
-def test_framework_cells_and_targets(bench: ModuleType) -> None:
+def test_framework_cells_and_targets() -> None:
     """Ratios are framework time / jacrun time; targets compare them with the issue's goals."""
-    row = bench.Row(
+    row = kernels.Row(
         kernel="mlp vjp",
         dtype="float32",
         shape="s",
@@ -98,28 +93,29 @@ def test_framework_cells_and_targets(bench: ModuleType) -> None:
             "autograd": "not installed",
         },
     )
-    table = bench.kernel_table([row])
+    table = kernels.kernel_table([row])
     assert "**1.50x** (torch.func.vjp 150 ms)" in table
     assert "MISMATCH" in table and "not installed" in table
     assert "90% of 200" in table
-    verdicts = {cells[0]: cells[2] for cells in table_rows(bench.targets([row], None), "mlp vjp")}
+    verdicts = {
+        cells[0]: cells[2]
+        for cells in table_rows(bench_report.targets_table(kernels.targets([row])), "mlp vjp")
+    }
     assert verdicts["mlp vjp float32 >= 90% of GEMM peak"] == "yes"
     assert verdicts["mlp vjp float32 >= 1.2x torch.func.vjp"] == "yes"
     assert verdicts["mlp vjp float32 >= 1.1x jax jit(vjp)"] == "**no**"
 
 
-def test_end_to_end_on_a_cluster(
-    bench: ModuleType, scheduler_address: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_end_to_end_on_a_cluster(scheduler_address: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The end-to-end part on the test cluster: two small jobs, memory sampled, a table."""
     from distributed import Client
 
-    shapes = dataclasses.replace(bench.QUICK, e2e_samples=600, e2e_block=300, e2e_sizes=(8, 16, 4), reps=1)
+    shapes = dataclasses.replace(common.QUICK, e2e_samples=600, e2e_block=300, e2e_sizes=(8, 16, 4), reps=1)
     with Client(scheduler_address, set_as_default=False) as client:
         pids = list(client.run(os.getpid).values())
     inside: list[bool] = []  # whether the cluster is "running": no kernel baseline beside it
     kernels: list[tuple[str, bool]] = []
-    measure = bench.in_process_rate
+    measure = end_to_end.in_process_rate
 
     def recorded(*args, **kwargs):
         kernels.append((args[3] if len(args) > 3 else kwargs.get("mode", "vjp"), bool(inside)))
@@ -131,8 +127,8 @@ def test_end_to_end_on_a_cluster(
         yield scheduler_address, lambda: pids, 0.0
         inside.clear()
 
-    monkeypatch.setattr(bench, "in_process_rate", recorded)
-    e2e = bench.measure_e2e(shapes, test_cluster, lambda message: None)
+    monkeypatch.setattr(end_to_end, "in_process_rate", recorded)
+    e2e = end_to_end.measure_e2e(shapes, test_cluster, lambda message: None)
     assert sorted(kernels) == [("jacobian", False)] * 2 + [("vjp", False)] * 3
     assert e2e.small.ok and e2e.large.ok
     assert (e2e.small.blocks, e2e.large.blocks) == (2, 16)
@@ -140,18 +136,12 @@ def test_end_to_end_on_a_cluster(
     assert e2e.small.peak_rss >= e2e.small.idle_rss > 0 and e2e.large.projected > 0
     assert e2e.kernel_rate > 0 and e2e.ratio > 0
     assert len(e2e.kernel_rates) == 3 and e2e.kernel_rate == sorted(e2e.kernel_rates)[1]  # the median
-    assert set(e2e.steps) == {
-        "inputs (random x)",
-        "vectors (random v)",
-        "kernel",
-        "finiteness check",
-        "write (zstd, zarr)",
-    }
+    assert set(e2e.steps) == {"setup", "inputs", "kernel", "checks", "write"}  # jacrun.block.STEPS
     assert all(seconds > 0 for seconds in e2e.steps.values())
     assert set(e2e.codecs) == {"zstd", "blosc", "none"}
     assert all(seconds > 0 and 0 < ratio < 1.2 for seconds, ratio in e2e.codecs.values())
     assert 1.0 < e2e.codecs["none"][1] < 1.001  # uncompressed chunks: the raw bytes and a 4-byte CRC32C
-    table = bench.e2e_table(e2e, shapes)
+    table = end_to_end.e2e_table(e2e, shapes)
     assert "| total |" in table and "median of 3 measurements with no cluster running" in table
     assert [len(table_rows(table, name)) for name in ("zstd", "blosc", "none")] == [1, 1, 1]
     assert len(table_rows(table, "N")) == 1 and len(table_rows(table, "8N")) == 3
@@ -167,7 +157,11 @@ def test_end_to_end_on_a_cluster(
     assert e2e.jacobian.result_bytes == shapes.e2e_jacobian_samples * (4 * 8 + 4) * 4  # J and y
     (jacobian,) = table_rows(table, "per-sample Jacobians")
     assert jacobian[1] == f"{shapes.e2e_jacobian_samples:,}"
-    verdicts = table_rows(bench.targets([], e2e), "end to end") + table_rows(bench.targets([], e2e), "peak")
+    workers = memory.render(e2e, common.Context(shapes))
+    assert len(table_rows(workers, "N, ")) == 1 and len(table_rows(workers, "8N")) == 3
+    assert "Peak worker memory above idle at 8N vs N" in workers
+    targets = bench_report.targets_table(end_to_end.targets(e2e) + memory.targets(e2e))
+    verdicts = table_rows(targets, "end to end") + table_rows(targets, "peak")
     assert len(verdicts) == 10 and all(v[1] != "not measured" for v in verdicts)
 
 
@@ -194,3 +188,11 @@ def test_skip_kernels_leaves_only_the_other_sections(tmp_path: Path) -> None:
     done = run_bench("--quick", "--skip-kernels", "--skip-e2e", "--skip-adapters", "--frameworks", "none")
     assert "Skipped (--skip-kernels)." in done.stdout
     assert not table_rows(done.stdout, "mlp ") and not table_rows(done.stdout, "lorenz96 ")
+
+
+def test_every_registered_section_plugs_in() -> None:
+    """A section is a module named in SECTIONS with its name, title, flag help and three functions."""
+    for name, section in zip(SECTIONS, sections(), strict=True):
+        assert name == section.NAME and section.TITLE and section.HELP
+        assert all(callable(getattr(section, part)) for part in ("measure", "render", "targets"))
+    assert SECTIONS[:2] == ("kernels", "e2e") and SECTIONS.index("memory") > SECTIONS.index("e2e")

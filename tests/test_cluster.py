@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 
 import jacrun
-from jacrun.cluster import LOCAL_INTERVALS, blas_threads, connect, insecure_address_warning, jobqueue_cluster
+from jacrun.cluster import blas_threads, connect, insecure_address_warning, jobqueue_cluster
 from jacrun.config import JobqueueClusterConfig, LocalClusterConfig, config_from_dict
 from jacrun.errors import ConfigError
-from jacrun.memory import HUGE_PAGE_MALLOC, worker_environ
 from tests.helpers import DaskProcesses, job_config, write_config
 
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables")
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/environ")
 ONE_WORKER = LocalClusterConfig(workers=1, memory_limit="1GiB", dashboard=None)
 
 
@@ -171,28 +170,11 @@ def test_jobqueue_job_scripts(tmp_path, kind, directives):
         cluster.close()
     for directive in [*directives, "module load python", "--nworkers 2", "--nthreads 2"]:
         assert directive in script, script
-    # the workers' malloc setting comes first (keeping a value the job already has), so the
-    # user's own lines may change it; glibc tunables exist on Linux only
-    if sys.platform.startswith("linux"):
-        export = f'export GLIBC_TUNABLES="${{GLIBC_TUNABLES-{HUGE_PAGE_MALLOC}}}"'
-        assert script.index(export) < script.index("module load python"), script
 
 
-@linux_only
-def test_a_prologue_that_sets_glibc_tunables_keeps_its_own():
-    mine = "export GLIBC_TUNABLES=glibc.malloc.arena_max=2"
-    cluster = jobqueue_cluster(JobqueueClusterConfig(kind="slurm", job_script_prologue=[mine]))
-    try:
-        script = cluster.job_script()
-    finally:
-        cluster.close()
-    assert mine in script and HUGE_PAGE_MALLOC not in script, script
-
-
-@linux_only
 def test_a_prologue_from_dask_jobqueues_config_still_counts():
     """With no job_script_prologue in the job's config, dask-jobqueue's own config supplies
-    the lines, as it would without jacrun; the malloc export goes before them."""
+    the lines, as it would without jacrun."""
     import dask
 
     with dask.config.set({"jobqueue.slurm.job-script-prologue": ["module load site-python"]}):
@@ -201,7 +183,7 @@ def test_a_prologue_from_dask_jobqueues_config_still_counts():
             script = cluster.job_script()
         finally:
             cluster.close()
-    assert script.index(HUGE_PAGE_MALLOC) < script.index("module load site-python"), script
+    assert "module load site-python" in script and "GLIBC_TUNABLES" not in script, script
 
 
 def _started_with(name: str) -> str | None:
@@ -213,68 +195,6 @@ def _started_with(name: str) -> str | None:
             if key == name:
                 return value
     return None
-
-
-@linux_only
-def test_local_cluster_workers_start_with_huge_page_malloc(monkeypatch):
-    """glibc reads GLIBC_TUNABLES only at start: the nanny must set it before each worker
-    starts, and a user's own setting wins."""
-    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    with connect(ONE_WORKER) as client:
-        assert set(client.run(_started_with, "GLIBC_TUNABLES").values()) == {HUGE_PAGE_MALLOC}
-        assert set(client.run(_intervals).values()) == {INTERVALS}
-        before = set(client.run(os.getpid).values())
-        # a worker Dask restarts (after a crash, or on request) gets them too: from the nanny's
-        # settings, not from this process's environment, where the nanny also leaves them
-        monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-        client.restart()
-        assert set(client.run(os.getpid).values()).isdisjoint(before)
-        assert set(client.run(_started_with, "GLIBC_TUNABLES").values()) == {HUGE_PAGE_MALLOC}
-        assert set(client.run(_intervals).values()) == {INTERVALS}
-    assert "GLIBC_TUNABLES" not in os.environ  # the nanny's copy in this process is undone
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
-    with connect(ONE_WORKER) as client:
-        assert set(client.run(_started_with, "GLIBC_TUNABLES").values()) == {"glibc.malloc.arena_max=2"}
-    assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
-    assert worker_environ({"GLIBC_TUNABLES": "x"}) == {}
-
-
-@linux_only
-def test_glibc_tunables_in_the_users_dask_config_are_kept(monkeypatch):
-    """Dask's own way to set (or, with null, unset) a worker variable wins over jacrun's."""
-    import dask
-
-    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    with (
-        dask.config.set({"distributed.nanny.pre-spawn-environ.GLIBC_TUNABLES": None}),
-        connect(ONE_WORKER) as client,
-    ):
-        assert set(client.run(_started_with, "GLIBC_TUNABLES").values()) == {None}
-
-
-INTERVALS = (0.1, 1.0)
-"""LOCAL_INTERVALS as a running worker's (profile, tick) periodic callbacks see them, in seconds."""
-
-
-def _intervals(dask_worker) -> tuple[float, float]:
-    """The periods a running worker's profiler and tick callbacks really use."""
-    callbacks = dask_worker.periodic_callbacks
-    return (callbacks["profile"].callback_time / 1000, callbacks["tick"].callback_time / 1000)
-
-
-def test_local_clusters_run_at_jacrun_intervals():
-    """The workers' profiler and tick, and the scheduler's tick (in this process)."""
-    from dask.utils import parse_timedelta
-
-    assert tuple(parse_timedelta(value) for value in LOCAL_INTERVALS.values()) == INTERVALS
-    with connect(ONE_WORKER) as client:
-        assert set(client.run(_intervals).values()) == {INTERVALS}
-        tick = client.run_on_scheduler(_tick_milliseconds)
-        assert tick == 1000
-
-
-def _tick_milliseconds(dask_scheduler) -> float:
-    return dask_scheduler.periodic_callbacks["tick"].callback_time
 
 
 @linux_only
@@ -292,19 +212,10 @@ def test_a_local_cluster_leaves_this_process_environment_as_it_was(monkeypatch):
         assert set(client.run(_started_with, "OMP_NUM_THREADS").values()) == {"3"}
         assert set(client.run(_started_with, "MKL_NUM_THREADS").values()) == {"1"}  # Dask's
         assert set(client.run(_started_with, "PYTHONHASHSEED").values()) != {None}  # the nanny's
+        assert set(client.run(_started_with, "GLIBC_TUNABLES").values()) == {None}  # none of jacrun's
         os.environ["OPENBLAS_NUM_THREADS"] = "4"  # the caller's own, set inside: kept
     expected = {name: None for name in names} | {"OMP_NUM_THREADS": "3", "OPENBLAS_NUM_THREADS": "4"}
     assert {name: os.environ.get(name) for name in names} == expected
-
-
-def test_intervals_the_user_chose_are_kept():
-    import dask
-
-    chosen = {"distributed.worker.profile.interval": "20ms", "distributed.admin.tick.interval": "50ms"}
-    with dask.config.set(chosen), connect(ONE_WORKER) as client:
-        assert set(client.run(_intervals).values()) == {(0.02, 0.05)}
-    with dask.config.set({"distributed.admin.tick.interval": "50ms"}), connect(ONE_WORKER) as client:
-        assert set(client.run(_intervals).values()) == {(0.1, 0.05)}  # one chosen, one jacrun's
 
 
 def test_jobqueue_refuses_more_processes_than_cores(tmp_path):

@@ -229,12 +229,3 @@ def test_results_volume_is_shared_by_the_submit_and_the_workers(compose, service
         "the image must create the volume's mount point owned by the user the services run as"
     )
     assert ("USER", "1000:1000") in dockerfile_instructions()
-
-
-def test_the_image_gives_its_processes_huge_page_malloc():
-    """glibc reads GLIBC_TUNABLES only at process start: `dask worker` in the image must find it
-    in the environment, as jacrun's own local workers do."""
-    from jacrun.memory import HUGE_PAGE_MALLOC
-
-    settings = " ".join(rest for word, rest in dockerfile_instructions() if word == "ENV").split()
-    assert f"GLIBC_TUNABLES={HUGE_PAGE_MALLOC}" in settings
