@@ -22,6 +22,8 @@ from jacrun_bench import e2e as end_to_end  # noqa: E402
 from jacrun_bench import report as bench_report  # noqa: E402
 from jacrun_bench.sections import SECTIONS, sections  # noqa: E402
 
+from jacrun.block import STEPS  # noqa: E402
+
 KERNEL_ROWS = {
     (f"mlp {mode}", dtype) for mode in ("vjp", "jvp", "jacobian") for dtype in ("float32", "float64")
 }
@@ -55,7 +57,16 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
 def test_quick_run_reports_every_kernel(tmp_path: Path) -> None:
     """``--quick --skip-e2e`` without frameworks: every kernel row, the BLAS, the skips."""
     out = tmp_path / "bench.md"
-    done = run_bench("--quick", "--skip-e2e", "--frameworks", "none", "--output", str(out))
+    done = run_bench(
+        "--quick",
+        "--skip-e2e",
+        "--skip-sparse",
+        "--skip-reduce",
+        "--frameworks",
+        "none",
+        "--output",
+        str(out),
+    )
     report = out.read_text()
     assert report.strip() == done.stdout.strip()
     rows = table_rows(report, "mlp ") + table_rows(report, "lorenz96 ")
@@ -136,7 +147,7 @@ def test_end_to_end_on_a_cluster(scheduler_address: str, monkeypatch: pytest.Mon
     assert e2e.small.peak_rss >= e2e.small.idle_rss > 0 and e2e.large.projected > 0
     assert e2e.kernel_rate > 0 and e2e.ratio > 0
     assert len(e2e.kernel_rates) == 3 and e2e.kernel_rate == sorted(e2e.kernel_rates)[1]  # the median
-    assert set(e2e.steps) == {"setup", "inputs", "kernel", "checks", "write"}  # jacrun.block.STEPS
+    assert set(e2e.steps) == set(STEPS) and {"kernel", "write"} <= set(STEPS)  # run_block's own steps
     assert all(seconds > 0 for seconds in e2e.steps.values())
     assert set(e2e.codecs) == {"zstd", "blosc", "none"}
     assert all(seconds > 0 and 0 < ratio < 1.2 for seconds, ratio in e2e.codecs.values())
@@ -188,6 +199,25 @@ def test_skip_kernels_leaves_only_the_other_sections(tmp_path: Path) -> None:
     done = run_bench("--quick", "--skip-kernels", "--skip-e2e", "--skip-adapters", "--frameworks", "none")
     assert "Skipped (--skip-kernels)." in done.stdout
     assert not table_rows(done.stdout, "mlp ") and not table_rows(done.stdout, "lorenz96 ")
+
+
+def test_sparse_and_reduce_sections(tmp_path: Path) -> None:
+    """The sparse section (bratu in process, one job killed and resumed) and the reduce section
+    (the active-subspace job at N and 8N, 1 and 2 workers) run and report their rows."""
+    done = run_bench("--quick", "--skip-kernels", "--skip-e2e", "--skip-adapters", "--frameworks", "none")
+    report = done.stdout
+    grids = [row for row in table_rows(report, "") if row[0] in ("8", "16")]
+    assert [row[:4] for row in grids] == [["8", "64", "288", "5 / -"], ["16", "256", "1,216", "5 / -"]]
+    assert all(row[-1] == "-" for row in grids)  # no other contender to agree with (--frameworks none)
+    job = next(row for row in table_rows(report, "") if row[0] == "100")
+    assert "(complete)" in job[-1] and "values within" in job[-1]
+    assert [row[:2] for row in table_rows(report, "") if row[0] in ("10,000", "80,000")] == [
+        ["10,000", "4"],
+        ["80,000", "32"],
+    ]
+    assert "The Gram from 1 worker and from 2 workers: identical to the last bit." in report
+    assert "| active subspace: Gram from 1 and 2 workers bit-identical | 1 | yes |" in report
+    assert "| values agree with dense Jacobians (max relative error) |" in report
 
 
 def test_every_registered_section_plugs_in() -> None:

@@ -326,8 +326,8 @@ def measure_e2e(
 
 
 @contextlib.contextmanager
-def local_cluster() -> Iterator[Cluster]:
-    """A LocalCluster of 2 worker processes x 1 thread, with jacrun's local worker settings."""
+def local_cluster(workers: int = 2) -> Iterator[Cluster]:
+    """A LocalCluster of ``workers`` worker processes x 1 thread, with jacrun's local worker settings."""
     import logging
 
     from distributed import Client, LocalCluster
@@ -338,7 +338,7 @@ def local_cluster() -> Iterator[Cluster]:
     with (
         local_worker_settings(),  # the workers' settings, as jacrun's own local clusters
         LocalCluster(
-            n_workers=2,
+            n_workers=workers,
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
@@ -356,8 +356,8 @@ def local_cluster() -> Iterator[Cluster]:
             cluster.scale(0)
             while client.scheduler_info()["workers"]:
                 time.sleep(0.05)
-            cluster.scale(2)
-            client.wait_for_workers(2, timeout=120)
+            cluster.scale(workers)
+            client.wait_for_workers(workers, timeout=120)
             return list(client.run(warm_worker).values())
 
         yield cluster.scheduler_address, fresh_workers, time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""Sparse Jacobians of the 2-D Bratu residual: jacrun against asdex and dense autodiff, and one job.
+"""Section ``sparse``: sparse Jacobians of the 2-D Bratu residual against asdex and dense autodiff.
 
 In process, per grid size L (n = m = L^2, float64, the same inputs for every contender):
 
@@ -11,13 +11,11 @@ In process, per grid size L (n = m = L^2, float64, the same inputs for every con
 
 Every contender's Jacobians are checked against jacrun's nonzeros. Then one job through
 ``jacrun.submit`` on a 2-worker local cluster: its throughput, its workers' peak memory against
-the plan's projected memory per block, and a kill part-way and a resume.
+the plan's projected memory per block, and a kill part-way and a resume from the command line.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
 import shutil
 import signal
@@ -33,7 +31,12 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from jacrun_bench.common import Context, Target
+from jacrun_bench.frameworks import usable
+
+NAME = "sparse"
+TITLE = "Sparse Jacobians (bratu, float64)"
+HELP = "skip the sparse Jacobians (bratu against asdex and dense jax/torch, and its job)"
 LAM = 6.0
 
 
@@ -204,7 +207,10 @@ def bench_job(
 
     store = folder / f"sparse-{grid}.zarr"
     settings = job_config(grid, samples, store, chunk)
-    with warm_cluster() as (address, pids):
+    from jacrun_bench.e2e import local_cluster
+
+    with local_cluster() as (address, fresh_workers, _):
+        pids = fresh_workers()
         config = jacrun.config_from_dict(settings)
         sampler = _WorkerMemory(pids)
         start = time.perf_counter()
@@ -237,7 +243,8 @@ def bench_job(
     stored = zarr.open_group(str(store), mode="r")["jacobian"].get_orthogonal_selection((rows, slice(None)))
     inputs = RandomRows(samples, f.n_in, "uniform", 1)
     x = np.stack([inputs.read(int(r), int(r) + 1, f.dtype)[0] for r in rows])
-    error = float(np.max(np.abs(stored - sparse.evaluate(f, x)[1])))
+    expected = sparse.evaluate(f, x)[1]
+    error = float(np.max(np.abs(stored - expected)) / np.max(np.abs(expected)))
     shutil.rmtree(store, ignore_errors=True)
     log(f"  killed after {killed_after} of {plan['n_blocks']} blocks; resumed {resumed}")
     return SparseJob(
@@ -266,76 +273,23 @@ def _markers(store: Path) -> int:
         return 0
 
 
-def _warm() -> int:
-    """Import what a sparse block imports, so the idle baseline includes the libraries."""
-    import scipy.sparse  # noqa: F401
-    import zarr  # noqa: F401
-
-    import jacrun.block  # noqa: F401
-    import jacrun.store  # noqa: F401
-
-    return os.getpid()
-
-
-@contextlib.contextmanager
-def warm_cluster(workers: int = 2):
-    """(scheduler address, worker pids) of a LocalCluster of ``workers`` x 1 thread with jacrun's
-    worker settings, its workers warmed up."""
-    import logging
-
-    from distributed import Client, LocalCluster
-
-    from jacrun.cluster import local_worker_settings
-
-    with (
-        local_worker_settings(),
-        LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-            memory_limit="4GiB",
-            silence_logs=logging.CRITICAL,
-        ) as cluster,
-        Client(cluster, set_as_default=False) as client,
-    ):
-        yield cluster.scheduler_address, list(client.run(_warm).values())
-
-
 class _WorkerMemory:
     """The largest growth of a worker's resident memory over its idle (warm) size."""
 
     def __init__(self, pids: list[int]) -> None:
-        import threading
+        from jacrun_bench.memory import RssSampler
 
-        import psutil
-
-        self.processes = [psutil.Process(pid) for pid in pids]
-        self.idle = {p.pid: p.memory_info().rss for p in self.processes}
+        self.sampler = RssSampler(pids)
+        self.idle = self.sampler.current()
         self.peak_increase = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        import psutil
-
-        while not self._stop.is_set():
-            for process in self.processes:
-                try:
-                    rss = process.memory_info().rss
-                except psutil.Error:
-                    continue
-                self.peak_increase = max(self.peak_increase, rss - self.idle[process.pid])
-            self._stop.wait(0.01)
 
     def __enter__(self) -> _WorkerMemory:
-        self._thread.start()
+        self.sampler.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        self.sampler.__exit__(*exc)
+        self.peak_increase = max(self.sampler.peak[pid] - idle for pid, idle in self.idle.items())
 
 
 # ---- report ----------------------------------------------------------------------------------
@@ -354,11 +308,12 @@ def table(rows: list[SparseRow]) -> str:
         ratio = {
             k: f"{row.rates['jacrun'] / row.rates[k]:.2f}x" if k in row.rates else "-" for k in names[1:3]
         }
-        worst = max((row.errors or {}).values(), default=math.nan)
+        errors = (row.errors or {}).values()
+        worst = f"{max(errors):.1e}" if errors else "-"
         lines.append(
             f"| {row.grid} | {row.grid**2:,} | {row.nnz:,} | {row.colours} / {row.their_colours or '-'} | "
             + " | ".join(rates)
-            + f" | {ratio['asdex']} | {ratio['jax dense']} | {worst:.1e} |"
+            + f" | {ratio['asdex']} | {ratio['jax dense']} | {worst} |"
         )
     return "\n".join(lines)
 
@@ -380,42 +335,77 @@ def job_table(job: SparseJob) -> str:
     )
 
 
-def run(quick: bool, frameworks: set[str], log: Callable[[str], None]) -> str:
-    """The sparse section of the report (markdown)."""
-    grids = (8, 16) if quick else (32, 64, 128, 256)
-    reps = 2 if quick else 5
+@dataclass
+class SparseResult:
+    rows: list[SparseRow]
+    job: SparseJob
+    reps: int
+
+
+def measure(ctx: Context) -> SparseResult:
+    frameworks = {name for name, version in ctx.frameworks.items() if usable(version)}
+    grids = (8, 16) if ctx.quick else (32, 64, 128, 256)
+    reps = 2 if ctx.quick else 5
     rows = []
     for grid in grids:
-        samples = 8 if quick else max(8, min(512, 2**22 // grid**2))
-        rows.append(bench_grid(grid, samples, reps, frameworks, log))
-    job_grid, job_samples, chunk = (16, 200, 20) if quick else (256, 2000, "auto")
+        samples = 8 if ctx.quick else max(8, min(512, 2**22 // grid**2))
+        rows.append(bench_grid(grid, samples, reps, frameworks, ctx.log))
+    job_grid, job_samples, chunk = (8, 100, 20) if ctx.quick else (256, 2000, "auto")
     with tempfile.TemporaryDirectory() as folder:
-        job = bench_job(job_grid, job_samples, chunk, Path(folder), log)
+        job = bench_job(job_grid, job_samples, chunk, Path(folder), ctx.log)
+    return SparseResult(rows, job, reps)
+
+
+def render(result: SparseResult, ctx: Context) -> str:
+    job = result.job
     return "\n".join(
         [
-            "## Sparse Jacobians (bratu, float64)",
+            f"Jacobians per second in process, medians of {result.reps} rounds; jacrun on every core "
+            "into a reused buffer, asdex one sample at a time (jit), dense jax/torch on a batch where "
+            "it fits. `agreement`: the largest entry difference from jacrun's Jacobian, relative to "
+            "its largest entry.",
             "",
-            "Jacobians per second in process, medians of "
-            f"{reps} rounds; jacrun on every core into a reused buffer, asdex one sample at a time "
-            "(jit), dense jax/torch on a batch where it fits. `agreement`: the largest entry "
-            "difference from jacrun's Jacobian, relative to its largest entry.",
+            table(result.rows),
             "",
-            table(rows),
-            "",
-            f"One job through `jacrun.submit` (L = {job_grid}, 2 workers), then killed part-way "
-            "and resumed from the command line:",
+            f"One job through `jacrun.submit` (L = {job.grid}, 2 workers), then killed part-way and "
+            "resumed from the command line:",
             "",
             job_table(job),
-            "",
         ]
     )
 
 
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--frameworks", default="jax,torch")
-    args = parser.parse_args()
-    print(run(args.quick, set(args.frameworks.split(",")), lambda m: print(m, file=sys.stderr, flush=True)))
+def targets(result: SparseResult | None) -> list[Target]:
+    if result is None:
+        return []
+    by_grid = {row.grid: row for row in result.rows}
+    out = []
+    for grid in (128, 256):
+        row = by_grid.get(grid)
+        ratio = row.rates["jacrun"] / row.rates["asdex"] if row and "asdex" in row.rates else None
+        out.append(Target(f"bratu L={grid}: >= 2x asdex Jacobians/s", ratio, 2.0))
+        fewer = None if row is None or row.their_colours is None else row.their_colours - row.colours
+        out.append(
+            Target(f"bratu L={grid}: colours no more than asdex's (asdex - jacrun)", fewer, 0, "{:+.0f}")
+        )
+    row = by_grid.get(32)
+    dense = row.rates["jacrun"] / row.rates["jax dense"] if row and "jax dense" in row.rates else None
+    out.append(Target("bratu L=32: >= 100x dense jax.vmap(jax.jacfwd)", dense, 100.0, "{:.0f}x"))
+    job = result.job
+    out.append(
+        Target(
+            "sparse job: peak worker memory / projection",
+            job.peak_increase / job.projected,
+            1.0,
+            "{:.2f}",
+            below=True,
+        )
+    )
+    out.append(Target("sparse job: resumed after a kill (1 = complete)", float(job.resume_ok), 1.0, "{:.0f}"))
+    errors = [e for row in result.rows for e in (row.errors or {}).values()] + [job.max_error]
+    out.append(
+        Target(
+            "values agree with dense Jacobians (max relative error)", max(errors), 1e-12, "{:.1e}", below=True
+        )
+    )
+    return out

@@ -1,31 +1,33 @@
-"""The active subspace of a scalar MLP as a job: reductions over samples, products not stored.
+"""Section ``reduce``: the active subspace of a scalar MLP as a job, products not stored.
 
 ``mlp`` sizes [64, 256, 256, 1], ``vectors: ones`` (the gradient), ``reduce: [gram]`` and
 ``output.products: false``, float64:
 
 - in process: the vjp kernel plus the Gram's update (``Reducer.partials``) on block-sized
   batches, on every core: the work a block does, without Dask, the store or the inputs;
-- end to end: ``jacrun.submit`` on a 2-worker local cluster at N and 8N samples, its throughput
-  against the in-process rate, its workers' peak memory against the plan's projection, and the
-  size of the store;
+- end to end: ``jacrun.submit`` on a 2-worker local cluster at N and 8N samples (blocks of the
+  same size), its throughput against the in-process rate, its workers' peak memory against the
+  plan's projection, and the size of the store;
 - the same Gram from a 1-worker and a 2-worker cluster, compared bit for bit.
 """
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import statistics
-import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from jacrun_bench.common import Context, Target
+
+NAME = "reduce"
+TITLE = "Reductions: the active subspace of a scalar MLP"
+HELP = "skip the active-subspace job (reduce: gram, products: false)"
 SIZES = [64, 256, 256, 1]
 
 
@@ -83,12 +85,12 @@ class ReduceJob:
 def run_job(samples: int, folder: Path, workers: int, chunk: int) -> ReduceJob:
     """One job on a fresh ``workers``-worker local cluster, its workers' memory sampled."""
     import jacrun
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_sparse import _WorkerMemory, warm_cluster
+    from jacrun_bench.e2e import local_cluster
+    from jacrun_bench.sparse import _WorkerMemory
 
     store = folder / f"reduce-{samples}-{workers}.zarr"
-    with warm_cluster(workers) as (address, pids):
+    with local_cluster(workers) as (address, fresh_workers, _):
+        pids = fresh_workers()
         config = jacrun.config_from_dict(job_config(samples, store, chunk))
         sampler = _WorkerMemory(pids)
         start = time.perf_counter()
@@ -112,58 +114,98 @@ def run_job(samples: int, folder: Path, workers: int, chunk: int) -> ReduceJob:
     return result
 
 
-def run(quick: bool, log: Callable[[str], None]) -> str:
-    """The reductions section of the report (markdown)."""
-    n = 20_000 if quick else 1_250_000
-    block = 2_500 if quick else 32_768
-    reps = 3 if quick else 7
+@dataclass
+class ReduceResult:
+    jobs: list[ReduceJob]
+    single: ReduceJob
+    rate: float
+    block: int
+    reps: int
+
+    @property
+    def growth(self) -> float:
+        return self.jobs[1].peak_increase / max(self.jobs[0].peak_increase, 1) - 1
+
+    @property
+    def identical(self) -> bool:
+        return bool(np.array_equal(self.single.gram, self.jobs[0].gram))
+
+    def ratio(self, job: ReduceJob) -> float:
+        return job.samples / job.compute_seconds / self.rate
+
+
+def measure(ctx: Context) -> ReduceResult:
+    n = 10_000 if ctx.quick else 1_250_000  # 8N = 10 million samples
+    block = 2_500 if ctx.quick else 32_768
+    reps = 3 if ctx.quick else 7
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
         jobs = []
         for samples in (n, 8 * n):
-            log(f"  active subspace: {samples:,} samples on 2 workers")
+            ctx.log(f"  active subspace: {samples:,} samples on 2 workers")
             jobs.append(run_job(samples, folder, 2, block))
-            log(f"  {jobs[-1].seconds:.1f} s")
-        log("  the same Gram on 1 worker")
+            ctx.log(f"  {jobs[-1].seconds:.1f} s")
+        ctx.log("  the same Gram on 1 worker")
         single = run_job(n, folder, 1, block)
-    log("  in process: kernel plus Gram update")
-    rate = in_process_rate(block, reps)
+    ctx.log("  in process: kernel plus Gram update")
+    return ReduceResult(jobs, single, in_process_rate(block, reps), block, reps)
+
+
+def render(result: ReduceResult, ctx: Context) -> str:
     lines = [
-        "## Reductions: the active subspace of a scalar MLP",
-        "",
         f"mlp {SIZES} tanh, float64, `vectors: ones`, `reduce: [gram]`, `products: false`; 2 workers "
-        f"x 1 thread, blocks of {block:,} samples. In process: vjp plus the Gram's partial on "
-        f"{block:,}-row batches on "
-        f"every core, {rate:,.0f} samples/s (median of {reps}).",
+        f"x 1 thread, blocks of {result.block:,} samples. In process: vjp plus the Gram's partial on "
+        f"{result.block:,}-row batches on every core, {result.rate:,.0f} samples/s (median of "
+        f"{result.reps}).",
         "",
         "| samples | blocks | seconds (computing) | samples/s | of in-process | projected / peak memory "
         "per worker | store |",
         "|---|---|---|---|---|---|---|",
     ]
-    for job in jobs:
-        per_second = job.samples / job.compute_seconds
+    for job in result.jobs:
         within = "within" if job.peak_increase <= job.projected else "OVER"
         lines.append(
             f"| {job.samples:,} | {job.blocks} | {job.seconds:.1f} ({job.compute_seconds:.1f}) | "
-            f"{per_second:,.0f} | {per_second / rate:.0%} | {job.projected / 2**20:.0f} / "
-            f"{job.peak_increase / 2**20:.0f} MiB ({within}) | {job.store_bytes / 1024:,.0f} KiB |"
+            f"{job.samples / job.compute_seconds:,.0f} | {result.ratio(job):.0%} | "
+            f"{job.projected / 2**20:.0f} / {job.peak_increase / 2**20:.0f} MiB ({within}) | "
+            f"{job.store_bytes / 1024:,.0f} KiB |"
         )
-    growth = jobs[1].peak_increase / max(jobs[0].peak_increase, 1) - 1
-    same = np.array_equal(single.gram, jobs[0].gram)
+    same = "identical to the last bit" if result.identical else "DIFFERENT"
     lines += [
         "",
-        f"Peak worker memory at 8N against N: {growth:+.1%}. The Gram from 1 worker and from 2 "
-        f"workers: {'identical to the last bit' if same else 'DIFFERENT'}.",
-        "",
+        f"Peak worker memory at 8N against N: {result.growth:+.1%}. The Gram from 1 worker and from "
+        f"2 workers: {same}.",
     ]
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    with contextlib.suppress(KeyboardInterrupt):
-        print(run(args.quick, lambda m: print(m, file=sys.stderr, flush=True)))
+def targets(result: ReduceResult | None) -> list[Target]:
+    if result is None:
+        return []
+    large = result.jobs[1]
+    return [
+        Target(
+            "active subspace: end to end >= 80% of in-process kernel + Gram",
+            result.ratio(large),
+            0.8,
+            "{:.0%}",
+        ),
+        Target(
+            "active subspace: peak worker memory / projection (8N)",
+            large.peak_increase / large.projected,
+            1.0,
+            "{:.2f}",
+            below=True,
+        ),
+        Target("active subspace: memory 8N vs N", result.growth, 0.10, "{:+.1%}", below=True),
+        Target(
+            "active subspace: store size (MB)",
+            max(j.store_bytes for j in result.jobs) / 1e6,
+            1.0,
+            "{:.3f}",
+            below=True,
+        ),
+        Target(
+            "active subspace: Gram from 1 and 2 workers bit-identical", float(result.identical), 1.0, "{:.0f}"
+        ),
+    ]
