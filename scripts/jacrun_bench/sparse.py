@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
-from jacrun_bench.common import Context, Target
+from jacrun_bench.common import Context, Target, rounds
 from jacrun_bench.frameworks import usable
 
 NAME = "sparse"
@@ -49,17 +49,6 @@ class SparseRow:
     """Jacobians per second of each contender."""
     their_colours: int | None = None
     errors: dict[str, float] | None = None
-
-
-def _median_rate(run: Callable[[], int], reps: int) -> float:
-    """Median Jacobians per second over ``reps`` calls of ``run`` (which returns how many)."""
-    run()  # warm-up: compiles, allocates
-    rates = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        count = run()
-        rates.append(count / (time.perf_counter() - start))
-    return statistics.median(rates)
 
 
 def _jax_bratu(grid: int):
@@ -103,13 +92,11 @@ def bench_grid(
     sparse = choose(f.sparsity(), "auto", "declared")
     x = random_rows("uniform", 1, 1, 0, samples, n)
     out = np.empty((samples, sparse.nnz))
-    rates = {"jacrun": _median_rate(lambda: sparse.evaluate(f, x, out=out)[1].shape[0], reps)}
-    reference = out.copy()
-    errors: dict[str, float] = {}
+    contenders: dict[str, Callable[[], Any]] = {"jacrun": lambda: sparse.evaluate(f, x, out=out)}
+    counts = {"jacrun": samples}
+    check: dict[str, Callable[[], Any]] = {}  # name -> sample 0's Jacobian, theirs
     their_colours = None
-    log(f"  L={grid}: jacrun {rates['jacrun']:,.0f} Jacobians/s ({sparse.n_colours} colours)")
-    jax_ok = "jax" in frameworks
-    if jax_ok:
+    if "jax" in frameworks:
         import jax
 
         jax.config.update("jax_enable_x64", True)
@@ -122,41 +109,50 @@ def bench_grid(
             colouring = asdex.jacobian_coloring(residual, np.zeros(n))
             their_colours = int(colouring.num_colors)
             jac = jax.jit(asdex.jacobian_from_coloring(residual, colouring))
-            count = min(samples, 64)
+            counts["asdex"] = count = min(samples, 64)
 
-            def run_asdex() -> int:
+            def run_asdex() -> None:
                 for i in range(count):
                     last = jac(x[i])
                 jax.block_until_ready(last)
-                return count
 
-            rates["asdex"] = _median_rate(run_asdex, reps)
-            got = jac(x[0])
-            errors["asdex"] = _nonzero_error(sparse, reference[0], np.asarray(got.todense()))
-            log(f"  L={grid}: asdex {rates['asdex']:,.0f} Jacobians/s")
-        if n * n * 8 * min(samples, 16) < 2 << 30:
+            contenders["asdex"] = run_asdex
+            check["asdex"] = lambda: _bcoo_to_csr(jac(x[0]))
+        if n * n * 8 * min(samples, 16) < 1 << 30:
             dense = jax.jit(jax.vmap(jax.jacfwd(residual)))
             batch = x[: min(samples, 16)]
-            rates["jax dense"] = _median_rate(lambda: jax.block_until_ready(dense(batch)).shape[0], reps)
-            errors["jax dense"] = _nonzero_error(sparse, reference[0], np.asarray(dense(batch)[0]))
-            log(f"  L={grid}: dense jax.vmap(jacfwd) {rates['jax dense']:,.0f} Jacobians/s")
-    if "torch" in frameworks and n * n * 8 * 4 < 1 << 30:
+            counts["jax dense"] = len(batch)
+            contenders["jax dense"] = lambda: jax.block_until_ready(dense(batch))
+            check["jax dense"] = lambda: np.asarray(dense(batch)[0])
+    if "torch" in frameworks and n <= 1024:  # dense torch: 22 Jacobians/s at n = 1024
         import torch
         from torch.func import jacfwd, vmap
 
-        residual_t = _torch_bratu(grid)
-        dense_t = vmap(jacfwd(residual_t))
+        dense_t = vmap(jacfwd(_torch_bratu(grid)))
         batch_t = torch.from_numpy(x[: min(samples, 4)])
-        rates["torch dense"] = _median_rate(lambda: dense_t(batch_t).shape[0], max(1, reps // 2))
-        errors["torch dense"] = _nonzero_error(sparse, reference[0], dense_t(batch_t)[0].numpy())
-        log(f"  L={grid}: dense torch.func.vmap(jacfwd) {rates['torch dense']:,.0f} Jacobians/s")
+        counts["torch dense"] = len(batch_t)
+        contenders["torch dense"] = lambda: dense_t(batch_t)
+        check["torch dense"] = lambda: dense_t(batch_t)[0].numpy()
+    seconds = rounds(contenders, reps, warmup=1)
+    rates = {name: counts[name] / seconds[name] for name in contenders}
+    for name, rate in rates.items():
+        log(f"  L={grid}: {name} {rate:,.0f} Jacobians/s")
+    errors = {name: _nonzero_error(sparse, out[0], theirs()) for name, theirs in check.items()}
     return SparseRow(grid, sparse.nnz, sparse.n_colours, rates, their_colours, errors)
 
 
-def _nonzero_error(sparse, values: np.ndarray, dense: np.ndarray) -> float:
-    """max |J_theirs - J_jacrun| / max |J_jacrun| over every entry."""
-    ours = sparse.csr(values).toarray()
-    return float(np.max(np.abs(ours - dense)) / np.max(np.abs(ours)))
+def _bcoo_to_csr(matrix) -> sp.csr_array:
+    """A JAX BCOO matrix as a scipy CSR one (without densifying it)."""
+    indices = np.asarray(matrix.indices)
+    data = np.asarray(matrix.data)
+    return sp.csr_array((data, (indices[:, 0], indices[:, 1])), shape=matrix.shape)
+
+
+def _nonzero_error(sparse, values: np.ndarray, theirs) -> float:
+    """max |J_theirs - J_jacrun| / max |J_jacrun| over every entry (theirs dense or scipy)."""
+    ours = sparse.csr(values)
+    difference = abs(sp.csr_array(theirs) - ours)
+    return float(difference.max() / abs(ours).max())
 
 
 # ---- the job ---------------------------------------------------------------------------------
