@@ -62,6 +62,7 @@ def test_quick_run_reports_every_kernel(tmp_path: Path) -> None:
         "--skip-e2e",
         "--skip-sparse",
         "--skip-reduce",
+        "--skip-s3",
         "--frameworks",
         "none",
         "--output",
@@ -201,9 +202,10 @@ def test_skip_kernels_leaves_only_the_other_sections(tmp_path: Path) -> None:
     assert not table_rows(done.stdout, "mlp ") and not table_rows(done.stdout, "lorenz96 ")
 
 
-def test_sparse_and_reduce_sections(tmp_path: Path) -> None:
-    """The sparse section (bratu in process, one job killed and resumed) and the reduce section
-    (the active-subspace job at N and 8N, 1 and 2 workers) run and report their rows."""
+def test_sparse_reduce_and_s3_sections(tmp_path: Path) -> None:
+    """The sparse section (bratu in process, one job killed and resumed), the reduce section
+    (the active-subspace job at N and 8N, 1 and 2 workers) and the s3 section (a job into moto's
+    server against local disk) run and report their rows."""
     done = run_bench("--quick", "--skip-kernels", "--skip-e2e", "--skip-adapters", "--frameworks", "none")
     report = done.stdout
     grids = [row for row in table_rows(report, "") if row[0] in ("8", "16")]
@@ -218,6 +220,7 @@ def test_sparse_and_reduce_sections(tmp_path: Path) -> None:
     assert "The Gram from 1 worker and from 2 workers: identical to the last bit." in report
     assert "| active subspace: Gram from 1 and 2 workers bit-identical | 1 | yes |" in report
     assert "| values agree with dense Jacobians (max relative error) |" in report
+    assert "The two stores' results are bit-identical." in report  # the s3 section, on moto
 
 
 def test_every_registered_section_plugs_in() -> None:
