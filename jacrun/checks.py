@@ -447,25 +447,43 @@ def check_sparse(
     v^T J against the kernels' JVPs and VJPs, and (small n, m) every entry against the dense J.
     A pattern that misses a nonzero fails them."""
     dtype = np.dtype(function.dtype)
-    limits = TOLERANCES[dtype.name]
     x = _readonly(np.asarray(x), dtype)
-    rows = []
-    for index, (name, run) in enumerate(SPARSE_CHECKS.items()):
-        rng = np.random.default_rng([seed, 100 + index])
-        try:
-            error, detail = run(function, sparse, x, vectors, rng)
-        except Exception as exc:
-            error, detail = float("inf"), f"raised {type(exc).__name__}: {exc}"
-        rows.append(CheckResult(name, error, limits[name], bool(error <= limits[name]), detail))
+    rows = _run(
+        SPARSE_CHECKS,
+        lambda run, rng: run(function, sparse, x, vectors, rng),
+        TOLERANCES[dtype.name],
+        seed,
+        100,
+    )
     return CheckReport(
         function=repr(function),
         dtype=dtype.name,
         samples=x.shape[0],
         vectors=vectors,
         seed=seed,
-        rows=tuple(rows),
+        rows=rows,
         label=f"{dtype.name} sparse Jacobian ({sparse.nnz} nonzeros, {sparse.n_colours} colours)",
     )
+
+
+def _run(
+    checks: Mapping[str, Callable[..., tuple[float, str]]],
+    call: Callable[[Callable[..., tuple[float, str]], np.random.Generator], tuple[float, str]],
+    limits: Mapping[str, float],
+    seed: int,
+    offset: int = 0,
+) -> tuple[CheckResult, ...]:
+    """Each check of ``checks`` through ``call(check, rng)``, its own generator from (seed,
+    offset + its index); a check that raises fails with the exception as its detail."""
+    rows = []
+    for index, (name, run) in enumerate(checks.items()):
+        rng = np.random.default_rng([seed, offset + index])
+        try:
+            error, detail = call(run, rng)
+        except Exception as exc:
+            error, detail = float("inf"), f"raised {type(exc).__name__}: {exc}"
+        rows.append(CheckResult(name, error, limits[name], bool(error <= limits[name]), detail))
+    return tuple(rows)
 
 
 # ---- running -------------------------------------------------------------------------------
@@ -501,21 +519,14 @@ def check(
         raise ValueError(f"unknown checks in tolerances: {sorted(unknown)}; known: {list(CHECKS)}")
     limits = {**TOLERANCES[dtype.name], **(tolerances or {})}
     x = _readonly(x, dtype)
-    rows = []
-    for index, (name, run) in enumerate(CHECKS.items()):
-        rng = np.random.default_rng([seed, index])
-        try:
-            error, detail = run(function, x, vectors, rng)
-        except Exception as exc:
-            error, detail = float("inf"), f"raised {type(exc).__name__}: {exc}"
-        rows.append(CheckResult(name, error, limits[name], bool(error <= limits[name]), detail))
+    rows = _run(CHECKS, lambda run, rng: run(function, x, vectors, rng), limits, seed)
     return CheckReport(
         function=repr(function),
         dtype=dtype.name,
         samples=x.shape[0],
         vectors=vectors,
         seed=seed,
-        rows=tuple(rows),
+        rows=rows,
         label=dtype.name,
     )
 

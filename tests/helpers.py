@@ -121,6 +121,19 @@ def wait_for_markers(store: Path, count: int, proc: subprocess.Popen, timeout: f
     return markers_done(store)
 
 
+def kill_part_way(config: Path, store: Path, blocks: int, total: int) -> int:
+    """``jacrun submit`` in a subprocess, SIGKILLed once ``blocks`` of ``total`` are done; the
+    blocks done then (at least one, fewer than all)."""
+    proc = start_submit(config)
+    try:
+        done = wait_for_markers(store, blocks, proc)
+        assert 1 <= done < total, "the job ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return markers_done(store)
+
+
 def read_scheduler_file(path: Path, timeout: float = 60) -> str:
     """The address a `dask scheduler --scheduler-file PATH` wrote, once it is there."""
     deadline = time.monotonic() + timeout

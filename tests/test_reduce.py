@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 
@@ -17,10 +15,8 @@ from jacrun.functions import build_function
 from jacrun.prepare import prepare
 from tests.helpers import (  # noqa: F401 - fresh_targets: an autouse fixture
     fresh_targets,
-    markers_done,
+    kill_part_way,
     run_cli,
-    start_submit,
-    wait_for_markers,
     write_config,
 )
 
@@ -198,13 +194,7 @@ def test_killed_reduction_resumes_to_the_same_bits(tmp_path) -> None:
         ),
     )
     store = tmp_path / "killed.zarr"
-    proc = start_submit(config)
-    try:
-        assert 1 <= wait_for_markers(store, 10, proc) < 60, "the job ended before it could be killed"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    partial = markers_done(store)
+    partial = kill_part_way(config, store, 10, 60)
     again = run_cli("submit", str(config), "--quiet")
     assert again.returncode == 0, again.stdout + again.stderr
     runs = jacrun.load(store).attrs["jacrun"]["runs"]

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -19,10 +16,9 @@ from jacrun.runner import open_output
 from jacrun.sparsity import SparseJacobian, as_pattern, choose, colouring, conflict_graph
 from tests.helpers import (  # noqa: F401 - fresh_targets: an autouse fixture
     fresh_targets,
+    kill_part_way,
     markers_done,
     run_cli,
-    start_submit,
-    wait_for_markers,
     write_config,
 )
 
@@ -288,13 +284,7 @@ def test_killed_sparse_job_resumes_with_its_stored_colouring(tmp_path) -> None:
     job["cluster"] = {"kind": "local", "workers": 2, "memory_limit": "1GiB", "dashboard": None}
     config = write_config(tmp_path, job)
     store = tmp_path / "out.zarr"
-    proc = start_submit(config)
-    try:
-        assert 1 <= wait_for_markers(store, 3, proc) < 30, "the job ended before it could be killed"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    partial = markers_done(store)
+    partial = kill_part_way(config, store, 3, 30)
     # the colouring in the store wins over a fresh one: permute its colour names
     colours = zarr.open_group(str(store), mode="r+")["colours"]
     stored = colours[...]
