@@ -257,8 +257,11 @@ def submit(
     location.register(config.output.store, config.output.storage_options)
     try:
         state = store.store_state(config.output.store)  # a URL: its bucket and endpoint are reachable
+        if state in ("absent", "empty"):
+            check_creatable(config.output.store)  # before the lease, which is the store's first file
     except ConfigError as exc:
-        raise ConfigError(config.locate(f"output.store: {exc}")) from None
+        message = str(exc) if str(exc).startswith("output.store: ") else f"output.store: {exc}"
+        raise ConfigError(config.locate(message)) from None
     if state == "foreign":  # refused below: write no lease into it
         held = contextlib.nullcontext(None)
     else:
