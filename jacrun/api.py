@@ -76,6 +76,8 @@ def _sparse_store(store: str | Path):
     info = attrs.get("sparsity")
     if not info:
         raise ConfigError(f"{store}: holds no sparse Jacobian (mode {attrs.get('mode')}, dense)")
+    if not attrs["config"]["output"].get("products", True):
+        raise ConfigError(f"{store}: keeps no per-sample Jacobians (output.products: false), only reductions")
     arrays = read_pattern(store)
     sparse = SparseJacobian(
         shape=tuple(info["shape"]),

@@ -261,6 +261,16 @@ def plan_table(job) -> Table:
         ),
         ("FLOPs per block", flops),
         ("output size", f"{fmt_bytes(p.output_bytes)} uncompressed"),
+        *(
+            [
+                (
+                    "reductions",
+                    f"{', '.join(p.reductions)}; partial sums {fmt_bytes(p.partial_bytes)} until the end",
+                )
+            ]
+            if p.reductions
+            else []
+        ),
         (
             "estimated runtime",
             f"{estimate} on {p.workers} worker(s)"

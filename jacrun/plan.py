@@ -125,6 +125,16 @@ class Plan:
         return self.n_out if self.mode == "jvp" else self.n_in
 
     @property
+    def partial_bytes(self) -> int:
+        """Float64 bytes of the reductions' partial sums the store keeps until the job completes."""
+        per_block = 0
+        if "gram" in self.reductions:
+            per_block += self.gram_width**2 * self.grid[1]
+        if "mean" in self.reductions:
+            per_block += math.prod(self.result_shape[1:])
+        return 8 * per_block * self.grid[0]
+
+    @property
     def output_bytes(self) -> int:
         """Uncompressed bytes of every array the job writes (once complete)."""
         total = math.prod(self.result_shape) if self.products else 0
@@ -205,9 +215,8 @@ def block_memory(
     products of each kernel call are part of ``work_bytes``.
     """
     c, o = compute_itemsize, output_itemsize
-    extra = _reduction_bytes(
-        rows, k, rows * (nnz if nnz is not None else k * max(n_in, n_out)), c, mode, n_in, n_out, reductions
-    )
+    products = rows * (nnz if nnz is not None else k * max(n_in, n_out))
+    extra = _reduction_bytes(rows, k, products, c, mode, n_in, n_out, reductions, sparse=nnz is not None)
     if nnz is not None:
         values = rows * nnz
         memory = rows * n_in * c + rows * n_out * c + values * c + int(work_bytes(rows, k))
@@ -231,10 +240,20 @@ def block_memory(
 
 
 def _reduction_bytes(
-    rows: int, k: int, products: int, itemsize: int, mode: Mode, n_in: int, n_out: int, reductions
+    rows: int,
+    k: int,
+    products: int,
+    itemsize: int,
+    mode: Mode,
+    n_in: int,
+    n_out: int,
+    reductions,
+    sparse: bool = False,
 ) -> int:
     """What reductions add to a block: a float64 copy of float32 products (mean, gram), the
-    Gram's partial (and a product's temporary), the mean's partial and the norms."""
+    Gram's partial (and a product's temporary), the mean's partial and the norms; for a sparse
+    Jacobian's Gram, the block's Jacobians as one CSR matrix and its transpose (column indices
+    and values, twice: 32 bytes a nonzero)."""
     if not reductions:
         return 0
     extra = rows * k * 8
@@ -242,7 +261,7 @@ def _reduction_bytes(
         extra += (products * 8 if itemsize != 8 else 0) + products // max(rows, 1) * 8
     if "gram" in reductions:
         width = n_out if mode == "jvp" else n_in
-        extra += 2 * width * width * 8
+        extra += 2 * width * width * 8 + (products * 32 if sparse else 0)
     return extra
 
 

@@ -15,8 +15,9 @@ norms  the Euclidean norm of every product (N, K), or the Frobenius norm of ever
 Each block turns its products into *partials* (:meth:`Reducer.partials`): sums over its samples,
 in float64 whatever the compute dtype, with the Gram's matrix product on one BLAS thread, so the
 same block gives the same bits on any worker. The store keeps every block's partials until the
-last block is done; :func:`combine` then adds them in block order, so a result is bit-identical
-for any worker count, order of execution or resume, and agrees across chunkings to rounding.
+last block is done; :func:`combine` then adds them in block order, so for a given block size a
+result is bit-identical for any worker count, order of execution or resume, and agrees across
+block sizes to rounding.
 
 This module imports neither dask nor zarr.
 """
@@ -24,7 +25,6 @@ This module imports neither dask nor zarr.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -89,26 +89,6 @@ class Reducer:
         plan = self.plan
         return (plan.samples_per_block, plan.vectors_per_block)[: len(self.norms_shape)]
 
-    def partial_bytes(self) -> int:
-        """Float64 bytes of one block's partials (what the store keeps per block until the end)."""
-        plan = self.plan
-        total = 0
-        if "mean" in self.names:
-            total += int(np.prod(self.product_shape)) // max(plan.grid[1], 1) * 8
-        if "gram" in self.names:
-            total += self.width * self.width * 8
-        return total
-
-    def block_bytes(self, rows: int, k: int) -> int:
-        """Memory the reductions add to a block: partials, a float64 copy of the products for the
-        Gram and the mean, and the Gram's product."""
-        plan = self.plan
-        products = rows * (plan.nnz if plan.sparse else k * plan.result_width)
-        extra = self.partial_bytes() + (products * 8 if {"mean", "gram"} & set(self.names) else 0)
-        if "gram" in self.names and self.sparse is not None:
-            extra += self._pair_count * 8 * 3
-        return extra + rows * k * 8
-
     # ---- partials ----------------------------------------------------------------------------
 
     def partials(self, result: np.ndarray) -> dict[str, np.ndarray]:
@@ -116,7 +96,8 @@ class Reducer:
         width) or a sparse Jacobian's nonzeros (rows, nnz). ``norms`` are per sample."""
         out: dict[str, np.ndarray] = {}
         plan = self.plan
-        wide = result.astype(np.float64, copy=False)
+        if {"mean", "gram"} & set(self.names):
+            wide = result.astype(np.float64, copy=False)
         if "mean" in self.names:
             total = wide.sum(axis=0)
             if plan.mode == "jacobian" and plan.strategy == "fwd" and not plan.sparse:
@@ -126,12 +107,12 @@ class Reducer:
             out["mean"] = total
         if "gram" in self.names:
             out["gram"] = self._gram(wide)
-        if "norms" in self.names:
+        if "norms" in self.names:  # summed in float64, without a float64 copy of the products
             if plan.mode == "jacobian":
-                flat = wide.reshape(wide.shape[0], -1)
-                out["norms"] = np.sqrt(np.einsum("bp,bp->b", flat, flat))
+                flat = result.reshape(result.shape[0], -1)
+                out["norms"] = np.sqrt(np.einsum("bp,bp->b", flat, flat, dtype=np.float64))
             else:
-                out["norms"] = np.sqrt(np.einsum("bkw,bkw->bk", wide, wide))
+                out["norms"] = np.sqrt(np.einsum("bkw,bkw->bk", result, result, dtype=np.float64))
                 if not plan.vector_dim:
                     out["norms"] = out["norms"][:, 0]
         return out
@@ -140,37 +121,23 @@ class Reducer:
         from jacrun.functions.parallel import one_blas_thread
 
         plan = self.plan
-        if self.sparse is not None:
-            first, second, target = self._pairs
-            weights = np.einsum("bp,bp->p", wide[:, first], wide[:, second])
-            return np.bincount(target, weights=weights, minlength=self.width**2).reshape(self.width, -1)
+        if self.sparse is not None:  # the block's Jacobians stacked as one CSR matrix (rows * m, n)
+            import scipy.sparse as sp
+
+            batch, (m, n), nnz = wide.shape[0], self.sparse.shape, self.sparse.nnz
+            indptr = np.append(
+                (np.arange(batch)[:, None] * nnz + self.sparse.indptr[None, :-1]).ravel(), batch * nnz
+            )
+            stacked = sp.csr_array(
+                (wide.ravel(), np.tile(self.sparse.indices, batch), indptr), shape=(batch * m, n)
+            )
+            return (stacked.T @ stacked).toarray()
         if plan.mode == "jacobian" and plan.strategy == "fwd":
             rows = wide.transpose(0, 2, 1).reshape(-1, plan.n_in)  # the rows of every J_i
         else:
             rows = wide.reshape(-1, wide.shape[-1])
         with one_blas_thread():  # the same bits on any worker, whatever its BLAS threads
             return rows.T @ rows
-
-    @cached_property
-    def _pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For a sparse J: every pair (p, q) of nonzeros in one row, and where p's column times
-        q's column lands in the flattened (n, n) Gram: (J^T J)_ab = sum_r J_ra J_rb."""
-        sparse = self.sparse
-        assert sparse is not None
-        counts = np.diff(sparse.indptr)
-        first = np.repeat(np.arange(sparse.nnz), np.repeat(counts, counts))
-        starts = np.repeat(sparse.indptr[:-1], counts * counts)
-        offsets = np.arange(first.size) - np.repeat(
-            np.cumsum(counts * counts) - counts * counts, counts * counts
-        )
-        second = starts + offsets % np.repeat(counts, counts * counts)
-        target = sparse.indices[first] * self.width + sparse.indices[second]
-        return first, second, target
-
-    @property
-    def _pair_count(self) -> int:
-        assert self.sparse is not None
-        return int(np.sum(np.diff(self.sparse.indptr) ** 2))
 
     # ---- the result --------------------------------------------------------------------------
 

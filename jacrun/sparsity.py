@@ -212,6 +212,11 @@ class SparseJacobian:
         return self.shape[1] if self.direction == "fwd" else self.shape[0]
 
     @property
+    def product_width(self) -> int:
+        """Length of one compressed product: m (fwd, J times a seed) or n (rev, a seed times J)."""
+        return self.shape[0] if self.direction == "fwd" else self.shape[1]
+
+    @property
     def density(self) -> float:
         return self.nnz / max(self.shape[0] * self.shape[1], 1)
 
@@ -267,8 +272,8 @@ class SparseJacobian:
         return y, values
 
     def kernel_rows(self, itemsize: int) -> int:
-        """Samples per kernel call in :meth:`evaluate`."""
-        return max(1, CHUNK_BYTES // max(self.n_colours * self.width * itemsize, 1))
+        """Samples per kernel call in :meth:`evaluate`: about CHUNK_BYTES of compressed products."""
+        return max(1, CHUNK_BYTES // max(self.n_colours * self.product_width * itemsize, 1))
 
     def work_bytes(self, function: Function, rows: int) -> int:
         """Peak temporary memory of :meth:`evaluate` on ``rows`` samples: the seeds, and on
@@ -279,7 +284,7 @@ class SparseJacobian:
         span = min(rows, self.kernel_rows(itemsize))
         threads = max(1, min(kernel_threads(), -(-rows // span)))
         per_call = function.work_bytes(span, self.n_colours, "jvp" if self.direction == "fwd" else "vjp")
-        compressed = span * self.n_colours * self.width * itemsize
+        compressed = span * self.n_colours * self.product_width * itemsize
         index = self.nnz * 8 * 2  # the index map and the row of every nonzero
         return self.n_colours * self.width * itemsize + index + threads * (per_call + compressed)
 
@@ -297,7 +302,7 @@ class SparseJacobian:
         return cache[key]
 
     def gather(self, compressed: np.ndarray) -> np.ndarray:
-        """Nonzeros (B, nnz) in CSR order from the compressed products (B, C, width)."""
+        """Nonzeros (B, nnz) in CSR order from the compressed products (B, C, product_width)."""
         batch = compressed.shape[0]
         return np.take(compressed.reshape(batch, -1), self.index_map, axis=1, mode="clip")
 

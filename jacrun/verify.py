@@ -21,6 +21,7 @@ import numpy as np
 import zarr
 
 from jacrun import checksum, location
+from jacrun.errors import ConfigError
 from jacrun.location import Location
 
 Block = tuple[int, int]
@@ -225,6 +226,12 @@ def repair(where: Location, blocks: list[Block]) -> None:
     """Clear the markers of ``blocks`` so that the next ``jacrun submit`` recomputes them."""
     from jacrun import store
 
+    if blocks and store.read_attrs(where).get("reductions"):
+        raise ConfigError(
+            f"{location.label(where)}: its reductions were combined from every block and the blocks' "
+            "partial sums deleted, so recomputing some blocks cannot repair them; rerun the job "
+            "with --overwrite"
+        )
     group = zarr.open_group(location.zarr_store(where), mode="r+")
     markers = group[store.MARKERS]
     for block in blocks:

@@ -292,3 +292,31 @@ def test_reductions_of_an_autodiff_function_on_a_scheduler_address(tmp_path, sch
     grads = 2 * x * np.arange(1.0, 4.0)  # grad of sum_j j x_j^2
     np.testing.assert_allclose(ds.gram.values, grads.T @ grads / len(x), rtol=1e-12)
     np.testing.assert_allclose(ds["mean"].values, grads.mean(axis=0), rtol=1e-12, atol=1e-15)
+
+
+def test_vector_blocks_split_the_products_of_a_sample(tmp_path) -> None:
+    """chunks.vectors < K: each block holds some of a sample's products; the results agree."""
+    probes = {"kind": "random", "count": 5, "seed": 5}
+    whole = run(tmp_path, job("whole.zarr", vectors=probes, function={"kind": "mlp", "sizes": [6, 9, 4]}))
+    split = run(
+        tmp_path,
+        job(
+            "split.zarr",
+            vectors=probes,
+            function={"kind": "mlp", "sizes": [6, 9, 4]},
+            chunks={"samples": 64, "vectors": 2},
+        ),
+    )
+    assert split.attrs["jacrun"]["plan"]["grid"] == [5, 3]
+    np.testing.assert_array_equal(split["mean"].values, whole["mean"].values)
+    np.testing.assert_array_equal(split.norms.values, whole.norms.values)
+    np.testing.assert_allclose(split.gram.values, whole.gram.values, rtol=1e-13)
+
+
+def test_repair_refuses_a_store_whose_reductions_were_combined(tmp_path) -> None:
+    from jacrun.verify import repair
+
+    config = config_from_dict(job(), tmp_path)
+    assert jacrun.submit(config, progress=False).ok
+    with pytest.raises(jacrun.ConfigError, match="rerun the job with --overwrite"):
+        repair(config.output.store, [(0, 0)])

@@ -330,3 +330,24 @@ def test_detect_finds_the_pattern_of_a_jax_function(tmp_path) -> None:
     expected = np.eye(8, dtype=bool) | np.eye(8, k=1, dtype=bool)
     np.testing.assert_array_equal(sparse.pattern().toarray(), expected)
     assert sparse.source == "detected" and sparse.n_colours == 2
+
+
+@pytest.mark.parametrize("shape,direction", [((4000, 40), "fwd"), ((40, 4000), "rev")])
+def test_kernel_calls_hold_about_chunk_bytes_of_products_when_m_and_n_differ(shape, direction) -> None:
+    """A call's compressed products are (rows, C, m) forward and (rows, C, n) reverse."""
+    from jacrun.sparsity import CHUNK_BYTES, dense_pattern
+
+    sparse = SparseJacobian.from_pattern(dense_pattern(*shape), direction)
+    assert sparse.product_width == 4000
+    rows = sparse.kernel_rows(8)
+    assert rows * sparse.n_colours * 4000 * 8 <= CHUNK_BYTES < (rows + 1) * sparse.n_colours * 4000 * 8
+
+
+def test_helpers_refuse_a_store_without_products(tmp_path) -> None:
+    config = write_config(
+        tmp_path,
+        bratu_job(grid=4, samples=20, reduce=["mean"], output={"store": "out.zarr", "products": False}),
+    )
+    assert run_cli("submit", str(config), "--quiet").returncode == 0
+    with pytest.raises(jacrun.ConfigError, match=r"no per-sample Jacobians \(output.products: false\)"):
+        jacrun.jacobian(tmp_path / "out.zarr", 0)
