@@ -26,6 +26,11 @@ MIN_BLOCK_SECONDS = 0.2
 """...and never shorter than this (unless the whole job is), so per-task overhead stays small."""
 
 
+ENCODE_COPIES = 3
+"""Copies of a block's results while it is written: the cast to the output dtype, the encoded
+chunk, and the encoded chunk with its CRC32C appended (zarr's crc32c codec makes a new buffer)."""
+
+
 class PlanError(ConfigError):
     """A plan that cannot run: a block larger than the budget or a worker's memory."""
 
@@ -220,7 +225,7 @@ def block_memory(
     if nnz is not None:
         values = rows * nnz
         memory = rows * n_in * c + rows * n_out * c + values * c + int(work_bytes(rows, k))
-        memory += values * o * 2 + (rows * n_out * o * 2 if save_outputs else 0)  # cast + encoded chunk
+        memory += values * o * ENCODE_COPIES + (rows * n_out * o * ENCODE_COPIES if save_outputs else 0)
         return memory + values + extra  # the finiteness mask
     if mode == "vjp":
         vec_width, res_width = n_out, n_in
@@ -234,7 +239,7 @@ def block_memory(
     memory += int(work_bytes(rows, k))
     if mode == "jacobian" and strategy == "fwd":
         memory += result * c  # the transposed copy written to the store
-    memory += result * o * 2 + (rows * n_out * o * 2 if save_outputs else 0)  # cast + encoded chunk
+    memory += result * o * ENCODE_COPIES + (rows * n_out * o * ENCODE_COPIES if save_outputs else 0)
     memory += result  # the finiteness mask
     return memory + extra
 
