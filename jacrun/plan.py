@@ -127,7 +127,7 @@ class Plan:
     @property
     def gram_width(self) -> int:
         """The side of a ``gram`` reduction: m for jvp, n otherwise."""
-        return self.n_out if self.mode == "jvp" else self.n_in
+        return gram_width(self.mode, self.n_in, self.n_out)
 
     @property
     def partial_bytes(self) -> int:
@@ -244,6 +244,11 @@ def block_memory(
     return memory + extra
 
 
+def gram_width(mode: Mode, n_in: int, n_out: int) -> int:
+    """The side of a ``gram`` reduction: m for jvp (J J^T), n for vjp and jacobian (J^T J)."""
+    return n_out if mode == "jvp" else n_in
+
+
 def _reduction_bytes(
     rows: int,
     k: int,
@@ -265,7 +270,7 @@ def _reduction_bytes(
     if {"mean", "gram"} & set(reductions):
         extra += (products * 8 if itemsize != 8 else 0) + products // max(rows, 1) * 8
     if "gram" in reductions:
-        width = n_out if mode == "jvp" else n_in
+        width = gram_width(mode, n_in, n_out)
         extra += 2 * width * width * 8 + (products * 32 if sparse else 0)
     return extra
 
@@ -323,7 +328,7 @@ def make_plan(
             )
         chunk_vectors = vectors
     if "gram" in reductions:
-        width = n_out if mode == "jvp" else n_in
+        width = gram_width(mode, n_in, n_out)
         size = 8 * width * width
         if 3 * size > task_memory:
             raise PlanError(

@@ -52,7 +52,7 @@ class Reducer:
     @property
     def width(self) -> int:
         """The side of the Gram: n for vjp and jacobian, m for jvp."""
-        return self.plan.n_out if self.plan.mode == "jvp" else self.plan.n_in
+        return self.plan.gram_width
 
     @property
     def gram_dims(self) -> tuple[str, str]:

