@@ -118,9 +118,10 @@ def worker_function(job: BlockJob) -> Function:
 
 def compute_block(
     job: BlockJob, function: Function, i: int, j: int, laps: Laps | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """(x, y, result (rows, k, width)) of block (i, j), in the compute dtype; ``laps`` times
-    the reading ("inputs") and the kernel. A sparse Jacobian's result is its nonzeros (rows, nnz)."""
+    the reading ("inputs") and the kernel. A sparse Jacobian's result is its nonzeros (rows, nnz),
+    and its y may be None when the job does not save it."""
     plan = job.plan
     a, b = plan.block_rows(i)
     k0, k1 = plan.block_vectors(j)
@@ -128,7 +129,7 @@ def compute_block(
     if job.sparse is not None:
         if laps is not None:
             laps.lap("inputs")
-        y, result = job.sparse.evaluate(function, x)
+        y, result = job.sparse.evaluate(function, x, outputs=plan.save_outputs)
         if laps is not None:
             laps.lap("kernel")
         return x, y, result
@@ -170,7 +171,13 @@ def run_block(job: BlockJob, i: int, j: int) -> BlockResult:
     dtype = np.dtype(job.config.output_dtype)
     register(job.config.output.store, job.config.output.storage_options)  # a URL's options, here too
     write_block(
-        job.store, job.plan, i, j, y.astype(dtype, copy=False), result.astype(dtype, copy=False), partials
+        job.store,
+        job.plan,
+        i,
+        j,
+        None if y is None else y.astype(dtype, copy=False),
+        result.astype(dtype, copy=False),
+        partials,
     )
     laps.lap("write")
     return BlockResult(
@@ -227,12 +234,14 @@ def nonfinite_count(values: np.ndarray) -> int:
 
 
 def _finiteness(
-    job: BlockJob, i: int, j: int, x: np.ndarray, y: np.ndarray, result: np.ndarray
+    job: BlockJob, i: int, j: int, x: np.ndarray, y: np.ndarray | None, result: np.ndarray
 ) -> dict[str, int]:
     """Count non-finite values; under ``nan_policy: raise`` name the first bad sample instead."""
     a, _ = job.plan.block_rows(i)
     counts = {}
     for name, values in (("x", x), ("y", y), (job.plan.result_name, result)):
+        if values is None:  # y of a sparse job that does not save it may be skipped
+            continue
         count = nonfinite_count(values)
         counts[name] = count
         if count and job.config.nan_policy == "raise":

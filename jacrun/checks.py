@@ -390,7 +390,7 @@ def _sparse_products(
     """J t (or v^T J) from the decompressed nonzeros against the function's own jvp (vjp) on
     random vectors: a nonzero that the pattern lacks shows up as a difference."""
     b = x.shape[0]
-    _, values = sparse.evaluate(f, x)
+    _, values = sparse.evaluate(f, x, outputs=False)
     values = _f64(values)
     width = f.n_in if forward else f.n_out
     vectors = rng.standard_normal((b, k, width))
@@ -421,7 +421,7 @@ def _sparse_dense(f, sparse, x, k, rng) -> tuple[float, str]:
     """Every entry against the dense Jacobian (small functions only): values and pattern."""
     if f.n_in * f.n_out > MAX_DENSE_ENTRIES:
         return 0.0, f"skipped: a dense J has {f.n_out * f.n_in:,} entries (over {MAX_DENSE_ENTRIES:,})"
-    _, values = sparse.evaluate(f, x)
+    _, values = sparse.evaluate(f, x, outputs=False)
     _, dense = f.jacobian(x)
     dense = _f64(dense)
     got = np.stack([sparse.csr(_f64(v)).toarray() for v in values])

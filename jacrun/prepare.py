@@ -125,7 +125,11 @@ def block_timer(
 
     kernel = function.vjp_batch if reverse else function.jvp_batch
     if sparse is not None:
-        kernel = lambda x, _: sparse.evaluate(function, x)  # noqa: E731 - the seeds are its own
+        outputs = output is None or output.save_outputs
+
+        def kernel(x: np.ndarray, _: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+            return sparse.evaluate(function, x, outputs=outputs)  # the seeds are its own
+
     cache: dict[int, float] = {}
 
     def read(rows: int, k: int) -> tuple[np.ndarray, np.ndarray]:

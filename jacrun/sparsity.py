@@ -242,34 +242,46 @@ class SparseJacobian:
         return self.colours[self.rows].astype(np.int64) * self.shape[1] + self.indices  # (S^T J)[colour_i, j]
 
     def evaluate(
-        self, function: Function, x: np.ndarray, out: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self, function: Function, x: np.ndarray, out: np.ndarray | None = None, outputs: bool = True
+    ) -> tuple[np.ndarray | None, np.ndarray]:
         """(y (B, m), nonzeros (B, nnz)) of ``function`` at the rows of ``x``; the nonzeros go
-        into ``out`` when given (a reused buffer spares the page faults of a fresh one).
+        into ``out`` when given (a reused buffer spares the page faults of a fresh one). With
+        ``outputs`` false, y may be None: a function that forms the nonzeros without the
+        products (see ``Function.sparse_nonzeros``) then skips it.
 
-        One ``jvp_batch`` (fwd) or ``vjp_batch`` (rev) with the C seeds as shared vectors per
-        range of samples, then :meth:`gather`. Ranges hold about :data:`CHUNK_BYTES` of
-        compressed products, so the gather reads them from the cache, and run on the kernel
-        threads of :mod:`jacrun.functions.parallel` (one on a worker with one BLAS thread).
+        ``function.sparse_nonzeros`` per range of samples: by default :meth:`gather_products`.
+        Ranges hold about :data:`CHUNK_BYTES` of compressed products, so the gather reads them
+        from the cache, and run on the kernel threads of :mod:`jacrun.functions.parallel` (one
+        on a worker with one BLAS thread).
         """
         from jacrun.functions.parallel import for_row_ranges, kernel_threads
 
         batch, dtype = x.shape[0], function.dtype
-        kernel = function.jvp_batch if self.direction == "fwd" else function.vjp_batch
-        seeds = self._seeds(dtype)
         span = self.kernel_rows(dtype.itemsize)
         threads = max(1, min(kernel_threads(), -(-batch // span)))
         y = np.empty((batch, self.shape[0]), dtype)
         values = np.empty((batch, self.nnz), dtype) if out is None else out
         _ = self.index_map  # built once, before the kernel threads share it
+        skipped = []
 
         def run(start: int, stop: int, slot: int) -> None:
-            rows = stop - start
-            y[start:stop], compressed = kernel(x[start:stop], np.broadcast_to(seeds, (rows, *seeds.shape)))
-            self.gather(compressed, out=values[start:stop])
+            part = function.sparse_nonzeros(x[start:stop], self, values[start:stop], outputs)
+            if part is None:
+                skipped.append(start)
+            else:
+                y[start:stop] = part
 
         for_row_ranges(batch, threads, span, run)
-        return y, values
+        return (None if skipped else y), values
+
+    def gather_products(self, function: Function, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """y of x (B, n); into ``out`` the nonzeros gathered from one ``jvp_batch`` (fwd) or
+        ``vjp_batch`` (rev) call with the C seeds as shared vectors."""
+        kernel = function.jvp_batch if self.direction == "fwd" else function.vjp_batch
+        seeds = self._seeds(function.dtype)
+        y, compressed = kernel(x, np.broadcast_to(seeds, (x.shape[0], *seeds.shape)))
+        self.gather(compressed, out=out)
+        return y
 
     def kernel_rows(self, itemsize: int) -> int:
         """Samples per kernel call in :meth:`evaluate`: about CHUNK_BYTES of compressed products."""
@@ -286,7 +298,8 @@ class SparseJacobian:
         per_call = function.work_bytes(span, self.n_colours, "jvp" if self.direction == "fwd" else "vjp")
         compressed = span * self.n_colours * self.product_width * itemsize
         index = self.nnz * 8 * 2  # the index map and the row of every nonzero
-        return self.n_colours * self.width * itemsize + index + threads * (per_call + compressed)
+        kept = function.sparse_cache_bytes(self)
+        return self.n_colours * self.width * itemsize + index + kept + threads * (per_call + compressed)
 
     def seeds(self, k0: int, k1: int, dtype) -> np.ndarray:
         """Seed vectors k0:k1, (k1 - k0, width): row k sums the unit vectors of colour k."""

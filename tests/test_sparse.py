@@ -130,6 +130,92 @@ def test_float32_nonzeros_match_float64() -> None:
     np.testing.assert_allclose(v32, v64, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("grid", [1, 2, 3, 10])
+def test_bratu_stencil_is_the_five_point_matrix(grid: int) -> None:
+    """The flat shifts that cross grid rows put those entries back: A t exactly, batched."""
+    from jacrun.functions.bratu import stencil
+
+    laplacian_1d = sp.diags_array(
+        [-np.ones(grid - 1), 2 * np.ones(grid), -np.ones(grid - 1)], offsets=[-1, 0, 1]
+    )
+    eye = sp.eye_array(grid)
+    matrix = (sp.kron(laplacian_1d, eye) + sp.kron(eye, laplacian_1d)).toarray()
+    t = np.random.default_rng(3).normal(size=(2, 3, grid * grid))
+    got = stencil(t, np.empty_like(t), grid)
+    np.testing.assert_allclose(got, t @ matrix.T, rtol=0, atol=1e-13)
+
+
+def bratu_generic_nonzeros(f, sparse: SparseJacobian, x: np.ndarray) -> np.ndarray:
+    """Bratu's nonzeros the way any function gets them: its kernel on the seeds, then the gather."""
+    out = np.empty((x.shape[0], sparse.nnz), f.dtype)
+    sparse.gather_products(f, x, out)
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("strategy", ["fwd", "rev"])
+@pytest.mark.parametrize(
+    "edit", ["declared", "missing diagonal", "extra entries"], ids=lambda e: e.replace(" ", "-")
+)
+def test_bratu_forms_the_gathered_products_bit_for_bit(edit: str, strategy: str, dtype: str) -> None:
+    """Bratu writes gather(A S) - c at gather(S) = 1 instead of computing J(x) S: the same
+    bits as its kernels and the gather, for any colouring (a pattern that misses diagonal
+    entries sends c to other positions, which is what the products would have done too)."""
+    f = build_function({"kind": "bratu", "grid": 8, "dtype": dtype})
+    pattern = f.sparsity().tolil()
+    if edit == "missing diagonal":
+        for i in (0, 9, 30, 63):
+            pattern[i, i] = False
+    elif edit == "extra entries":
+        pattern[0, 63] = pattern[40, 2] = pattern[5, 5 + 16] = True
+    sparse = choose(sp.csr_array(pattern), strategy, "file")
+    x = np.random.default_rng(4).uniform(-1, 2, (23, f.n_in)).astype(dtype)
+    with blas_limit(2):
+        y, values = sparse.evaluate(f, x)
+    assert values.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(values, bratu_generic_nonzeros(f, sparse, x))
+    np.testing.assert_array_equal(y, f.forward_batch(x))
+    parts = f._coloured_parts(sparse)
+    assert (parts.columns is None) == (edit != "missing diagonal")
+
+
+def test_bratu_skips_its_outputs_only_when_asked() -> None:
+    f = build_function({"kind": "bratu", "grid": 6})
+    sparse = choose(f.sparsity(), "auto", "declared")
+    x = np.random.default_rng(5).uniform(-1, 1, (9, f.n_in))
+    y, values = sparse.evaluate(f, x, outputs=False)
+    assert y is None
+    np.testing.assert_array_equal(values, sparse.evaluate(f, x)[1])
+    rosenbrock = build_function({"kind": "rosenbrock", "dim": 6})
+    other = choose(rosenbrock.sparsity(), "auto", "declared")
+    y, _ = other.evaluate(rosenbrock, x[:, :6], outputs=False)  # the kernel's y comes anyway
+    np.testing.assert_array_equal(y, rosenbrock.forward_batch(x[:, :6]))
+
+
+def test_bratu_colouring_parts_follow_the_colouring() -> None:
+    """A permuted colouring (a resumed store's) gets its own parts; the same one is reused."""
+    f = build_function({"kind": "bratu", "grid": 6})
+    sparse = choose(f.sparsity(), "auto", "declared")
+    x = np.random.default_rng(6).uniform(-1, 1, (4, f.n_in))
+    first = sparse.evaluate(f, x)[1]
+    parts = f._coloured_parts(sparse)
+    permuted = SparseJacobian.from_pattern(f.sparsity(), sparse.direction, (sparse.colours + 2) % 5)
+    np.testing.assert_array_equal(permuted.evaluate(f, x)[1], first)
+    assert f._coloured_parts(permuted) is not parts
+    again = SparseJacobian.from_pattern(f.sparsity(), permuted.direction, permuted.colours)
+    assert f._coloured_parts(again).base is f._coloured_parts(permuted).base
+
+
+def test_sparse_work_counts_what_bratu_keeps(tmp_path) -> None:
+    f = build_function({"kind": "bratu", "grid": 64})
+    sparse = choose(f.sparsity(), "auto", "declared")
+    kept = f.sparse_cache_bytes(sparse)
+    assert kept >= sparse.nnz * 8 + f.n_in * 16
+    rosenbrock = build_function({"kind": "rosenbrock", "dim": 64})
+    assert rosenbrock.sparse_cache_bytes(choose(rosenbrock.sparsity(), "auto", "declared")) == 0
+    assert sparse.work_bytes(f, 100) >= kept
+
+
 # ---- config and plan -----------------------------------------------------------------------------
 
 
@@ -277,6 +363,22 @@ def test_sparse_job_end_to_end_through_the_cli(tmp_path) -> None:
     np.testing.assert_allclose(batch.todense(), dense[30:], rtol=0, atol=1e-12)
     with pytest.raises(jacrun.ConfigError, match="out of range"):
         jacrun.jacobian(store, 40)
+
+
+def test_sparse_job_without_outputs_skips_them(tmp_path) -> None:
+    """save_outputs: false lets bratu skip y; the nonzeros are the same, the counts exclude y."""
+    output = {"store": "out.zarr", "save_outputs": False}
+    config = write_config(tmp_path, bratu_job(grid=5, samples=20, output=output, chunks={"samples": 8}))
+    done = run_cli("submit", str(config), "--check")
+    assert done.returncode == 0, done.stdout + done.stderr
+    group = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
+    assert "y" not in group
+    f = build_function({"kind": "bratu", "grid": 5})
+    x = prepare(jacrun.load_config(config), calibrate=False).inputs.read(0, 20, np.dtype("float64"))
+    _, expected = choose(f.sparsity(), "auto", "declared").evaluate(f, x)
+    np.testing.assert_array_equal(group["jacobian"][...], expected)
+    nonfinite = jacrun.store.read_attrs(tmp_path / "out.zarr")["nonfinite"]
+    assert "y" not in nonfinite and nonfinite["jacobian"] == 0
 
 
 def test_killed_sparse_job_resumes_with_its_stored_colouring(tmp_path) -> None:

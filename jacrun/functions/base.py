@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 if TYPE_CHECKING:
     import scipy.sparse
 
+    from jacrun.sparsity import SparseJacobian
+
 Mode = Literal["vjp", "jvp", "jacobian"]
 Strategy = Literal["rev", "fwd", "auto"]
 
@@ -80,6 +82,23 @@ class Function(ABC):
         declared entries (``jacrun check`` on the job catches a missing one).
         """
         return None
+
+    def sparse_nonzeros(
+        self, x: np.ndarray, sparse: SparseJacobian, out: np.ndarray, outputs: bool = True
+    ) -> np.ndarray | None:
+        """y (B, m) of x (B, n), and the nonzeros of J(x) in ``sparse``'s CSR order written into
+        ``out`` (B, nnz): the gather of the compressed products J(x) S (or S^T J(x)).
+
+        The default runs ``jvp_batch`` (``vjp_batch``) on the seeds, then gathers. A function
+        may override it when it can form the gather without the products, as ``bratu`` does;
+        its :meth:`sparse_cache_bytes` then counts what it keeps for that. With ``outputs``
+        false it may skip y and return None.
+        """
+        return sparse.gather_products(self, x, out)
+
+    def sparse_cache_bytes(self, sparse: SparseJacobian) -> int:
+        """Memory kept between calls of :meth:`sparse_nonzeros` for ``sparse``."""
+        return 0
 
     # ---- cost model for the planner --------------------------------------------------------
 
