@@ -3,8 +3,9 @@
 In process, per grid size L (n = m = L^2, float64, the same inputs for every contender):
 
 - jacrun: ``SparseJacobian.evaluate`` on batches of samples, on every core (kernel threads),
-  into a reused output buffer, the Jacobians only (as every contender); the colouring is
-  computed once, before the timing. ``bratu`` forms the gathered products directly
+  into a reused output buffer, the Jacobians only (as every contender), with malloc's
+  thresholds of :mod:`jacrun.memory` that a worker has (set for the whole process, so for
+  every contender); the colouring is computed once, before the timing. ``bratu`` forms the gathered products directly
   (``Bratu.sparse_nonzeros``);
 - jacrun products: the same, the way a function without that shortcut gets its nonzeros:
   its ``vjp_batch`` on the seeds, then the gather;
@@ -368,6 +369,9 @@ class SparseResult:
 
 
 def measure(ctx: Context) -> SparseResult:
+    from jacrun.memory import keep_freed_memory
+
+    keep_freed_memory()  # malloc keeps freed blocks, as on a worker (for every contender alike)
     frameworks = {name for name, version in ctx.frameworks.items() if usable(version)}
     grids = (8, 16) if ctx.quick else (32, 64, 128, 256)
     reps = 2 if ctx.quick else 5
