@@ -177,6 +177,7 @@ def test_bratu_forms_the_gathered_products_bit_for_bit(edit: str, strategy: str,
     np.testing.assert_array_equal(y, f.forward_batch(x))
     parts = f._coloured_parts(sparse)
     assert (parts.columns is None) == (edit != "missing diagonal")
+    assert parts.fill == (None if edit == "extra entries" else -1.0)  # their 0s: gather(A S) is copied
 
 
 def test_bratu_skips_its_outputs_only_when_asked() -> None:

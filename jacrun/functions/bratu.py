@@ -91,6 +91,8 @@ class ColouredParts:
     """The nonzeros where gather(S) = 1; J(x) S there is A S - c."""
     diagonal: np.ndarray
     """gather(A S) at those positions."""
+    fill: float | None
+    """The one value gather(A S) has everywhere else (-1, the stencil's neighbours), if it has one."""
     columns: np.ndarray | None
     """The entry of c each position takes; None when it is position i -> c_i."""
 
@@ -193,7 +195,8 @@ class Bratu(Function):
 
         With the one-hot seeds S, J(x) S = A S - c * S (J^T = J, so both directions), and the
         gather is linear: the nonzeros are gather(A S), the same for every sample, minus c_j
-        where gather(S) = 1. Per sample that is one exp, one copy and one scatter of n values,
+        where gather(S) = 1. Per sample that is one exp, one copy (a fill with -1 when the
+        stencil's neighbours are all that is left) and one scatter of n values,
         instead of C products of n and a gather; the numbers are the same bit for bit. y (the
         stencil of x) is skipped unless ``outputs``.
         """
@@ -205,7 +208,10 @@ class Bratu(Function):
             c = c[:, parts.columns]
         diagonal = np.subtract(parts.diagonal, c, out=c)
         for row, values in zip(out, diagonal, strict=True):
-            np.copyto(row, parts.base)
+            if parts.fill is None:
+                np.copyto(row, parts.base)
+            else:  # writes without reading gather(A S): about 12% faster at L = 256
+                row.fill(parts.fill)
             row[parts.positions] = values
         return y
 
@@ -225,8 +231,11 @@ class Bratu(Function):
                 positions = np.flatnonzero(ones)
                 columns = sparse.index_map[positions] % self.n_in
                 identity = np.array_equal(columns, np.arange(self.n_in))
+                rest = np.delete(base, positions)
+                bits = rest.view(f"u{rest.itemsize}")  # one value to the bit (0.0 is not -0.0)
+                fill = float(rest[0]) if rest.size and (bits == bits[0]).all() else None
                 self._parts = ColouredParts(
-                    sparse, key, base, positions, base[positions], None if identity else columns
+                    sparse, key, base, positions, base[positions], fill, None if identity else columns
                 )
             elif self._parts.owner is not sparse:  # the same colouring in another object
                 self._parts = dataclasses.replace(self._parts, owner=sparse)
