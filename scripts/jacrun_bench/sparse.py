@@ -5,8 +5,8 @@ In process, per grid size L (n = m = L^2, float64, the same inputs for every con
 - jacrun: ``SparseJacobian.evaluate`` on batches of samples, on every core (kernel threads),
   into a reused output buffer, the Jacobians only (as every contender), with malloc's
   thresholds of :mod:`jacrun.memory` that a worker has (set for the whole process, so for
-  every contender); the colouring is computed once, before the timing. ``bratu`` forms the gathered products directly
-  (``Bratu.sparse_nonzeros``);
+  every contender); the colouring is computed once, before the timing. ``bratu`` forms the
+  gathered products directly (``Bratu.sparse_nonzeros``);
 - jacrun products: the same, the way a function without that shortcut gets its nonzeros:
   its ``vjp_batch`` on the seeds, then the gather;
 - asdex (JAX sparse AD): ``jax.jit(asdex.jacobian_from_coloring(F, colouring))``, one sample at
