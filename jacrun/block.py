@@ -121,7 +121,7 @@ def compute_block(
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """(x, y, result (rows, k, width)) of block (i, j), in the compute dtype; ``laps`` times
     the reading ("inputs") and the kernel. A sparse Jacobian's result is its nonzeros (rows, nnz),
-    and its y may be None when the job does not save it."""
+    and its y is None when the job does not save it."""
     plan = job.plan
     a, b = plan.block_rows(i)
     k0, k1 = plan.block_vectors(j)
@@ -240,7 +240,7 @@ def _finiteness(
     a, _ = job.plan.block_rows(i)
     counts = {}
     for name, values in (("x", x), ("y", y), (job.plan.result_name, result)):
-        if values is None:  # y of a sparse job that does not save it may be skipped
+        if values is None:  # y of a sparse job that does not save it is not computed
             continue
         count = nonfinite_count(values)
         counts[name] = count

@@ -246,8 +246,8 @@ class SparseJacobian:
     ) -> tuple[np.ndarray | None, np.ndarray]:
         """(y (B, m), nonzeros (B, nnz)) of ``function`` at the rows of ``x``; the nonzeros go
         into ``out`` when given (a reused buffer spares the page faults of a fresh one). With
-        ``outputs`` false, y may be None: a function that forms the nonzeros without the
-        products (see ``Function.sparse_nonzeros``) then skips it.
+        ``outputs`` false, y is None: a function that forms the nonzeros without the products
+        (see ``Function.sparse_nonzeros``) then skips computing it.
 
         ``function.sparse_nonzeros`` per range of samples: by default :meth:`gather_products`.
         Ranges hold about :data:`CHUNK_BYTES` of compressed products, so the gather reads them
@@ -259,20 +259,17 @@ class SparseJacobian:
         batch, dtype = x.shape[0], function.dtype
         span = self.kernel_rows(dtype.itemsize)
         threads = max(1, min(kernel_threads(), -(-batch // span)))
-        y = np.empty((batch, self.shape[0]), dtype)
+        y = np.empty((batch, self.shape[0]), dtype) if outputs else None
         values = np.empty((batch, self.nnz), dtype) if out is None else out
         _ = self.index_map  # built once, before the kernel threads share it
-        skipped = []
 
         def run(start: int, stop: int, slot: int) -> None:
             part = function.sparse_nonzeros(x[start:stop], self, values[start:stop], outputs)
-            if part is None:
-                skipped.append(start)
-            else:
+            if y is not None:
                 y[start:stop] = part
 
         for_row_ranges(batch, threads, span, run)
-        return (None if skipped else y), values
+        return y, values
 
     def gather_products(self, function: Function, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         """y of x (B, n); into ``out`` the nonzeros gathered from one ``jvp_batch`` (fwd) or
