@@ -374,7 +374,7 @@ def measure(ctx: Context) -> SparseResult:
     keep_freed_memory()  # malloc keeps freed blocks, as on a worker (for every contender alike)
     frameworks = {name for name, version in ctx.frameworks.items() if usable(version)}
     grids = (8, 16) if ctx.quick else (32, 64, 128, 256)
-    reps = 2 if ctx.quick else 5
+    reps = ctx.shapes.reps  # 7 (--quick: 3), or --reps
     rows = []
     for grid in grids:
         samples = 8 if ctx.quick else max(8, min(512, 2**22 // grid**2))
