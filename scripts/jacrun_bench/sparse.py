@@ -43,6 +43,8 @@ NAME = "sparse"
 TITLE = "Sparse Jacobians (bratu, float64)"
 HELP = "skip the sparse Jacobians (bratu against asdex and dense jax/torch, and its job)"
 LAM = 6.0
+MIN_SECONDS = 0.25
+"""Each contender runs for at least this long per round: throughput, not a thread pool's wake-up."""
 
 
 @dataclass
@@ -142,7 +144,7 @@ def bench_grid(
         counts["torch dense"] = len(batch_t)
         contenders["torch dense"] = lambda: dense_t(batch_t)
         check["torch dense"] = lambda: dense_t(batch_t)[0].numpy()
-    seconds = rounds(contenders, reps, warmup=1)
+    seconds = rounds(contenders, reps, warmup=1, min_seconds=MIN_SECONDS)
     rates = {name: counts[name] / seconds[name] for name in contenders}
     for name, rate in rates.items():
         log(f"  L={grid}: {name} {rate:,.0f} Jacobians/s")
@@ -389,7 +391,8 @@ def render(result: SparseResult, ctx: Context) -> str:
     job = result.job
     return "\n".join(
         [
-            f"Jacobians per second in process, medians of {result.reps} rounds; jacrun on every core "
+            f"Jacobians per second in process, medians of {result.reps} rounds of at least "
+            f"{MIN_SECONDS} s each; jacrun on every core "
             "into a reused buffer, asdex one sample at a time (jit), dense jax/torch on a batch where "
             "it fits. `jacrun` is what a `bratu` job runs (the gathered products formed directly); "
             "`jacrun products` is the path of any other function (its VJPs on the seeds, then the "
