@@ -37,15 +37,15 @@ ConfigArg = Annotated[Path, typer.Argument(help="The job's YAML config file.", s
 StoreArg = Annotated[
     str, typer.Argument(help="A store written by `jacrun submit`: a path or URL.", show_default=False)
 ]
+STORAGE_HELP = (
+    "An fsspec option of a URL store, e.g. endpoint_url=http://host:9000 (dots nest: "
+    "client_kwargs.region_name=eu-west-1)."
+)
 StorageOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--storage-option",
-        "-o",
-        metavar="KEY=VALUE",
-        help="An fsspec option of a URL store, e.g. endpoint_url=http://host:9000 (dots nest: "
-        "client_kwargs.region_name=eu-west-1).",
-    ),
+    list[str] | None, typer.Option("--storage-option", "-o", metavar="KEY=VALUE", help=STORAGE_HELP)
+]
+StorageLongOpt = Annotated[  # for a command whose -o is --output
+    list[str] | None, typer.Option("--storage-option", metavar="KEY=VALUE", help=STORAGE_HELP)
 ]
 SetOpt = Annotated[
     list[str] | None,
@@ -386,14 +386,18 @@ def show(store_path: StoreArg, storage_options: StorageOpt = None) -> None:
 def plot(
     store_path: StoreArg,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="The PNG to write (default: STORE with .png).")
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="The PNG to write (default: STORE with .png; a URL store's name, here)."
+        ),
     ] = None,
+    storage_options: StorageLongOpt = None,
 ) -> None:
     """Draw a store as a PNG: Gram eigenvalues (gap marked) and eigenvectors, a histogram of
     norms, the mean and spread of per-sample products. Needs matplotlib (jacrun[plot])."""
     from jacrun.plot import plot_store
 
-    path = plot_store(store_path, output)
+    path = plot_store(_store(store_path, storage_options), output)
     out.print(f"wrote {path}")
 
 

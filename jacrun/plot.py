@@ -18,21 +18,24 @@ EIGENVECTORS = 3
 """Eigenvectors drawn beside the eigenvalues."""
 
 
-def default_output(store: Path) -> Path:
-    """``results/job.zarr`` -> ``results/job.png``."""
-    return store.with_suffix(".png") if store.suffix == ".zarr" else store.with_name(store.name + ".png")
+def default_output(store: str | Path) -> Path:
+    """``results/job.zarr`` -> ``results/job.png``; ``s3://bucket/job.zarr`` -> ``job.png`` here."""
+    from jacrun.location import is_url
+
+    path = Path(str(store).rstrip("/").rsplit("/", 1)[-1]) if is_url(str(store)) else Path(store)
+    return path.with_suffix(".png") if path.suffix == ".zarr" else path.with_name(path.name + ".png")
 
 
 def plot_store(store: str | Path, output: str | Path | None = None) -> Path:
-    """Draw the store's panels into a PNG and return its path. ConfigError when matplotlib is
-    missing or the store holds nothing to draw (nothing is written then)."""
+    """Draw the store's panels (a path or a URL whose options are registered) into a PNG and
+    return its path. ConfigError when matplotlib is missing or the store holds nothing to draw
+    (nothing is written then)."""
     try:
         import matplotlib
     except ImportError:
         raise ConfigError("plot needs matplotlib: pip install 'jacrun[plot]'") from None
     from jacrun.store import load
 
-    store = Path(store)
     ds = load(store)
     attrs = ds.attrs["jacrun"]
     panels = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -237,6 +238,14 @@ def test_cli_submit_check_show_and_plot(tmp_path) -> None:
     assert chosen.returncode == 0 and (tmp_path / "g.png").exists()
     opened = __import__("xarray").open_zarr(tmp_path / "out.zarr")  # consolidated metadata is current
     assert "gram_eigenvalues" in opened and "_partial_gram" not in opened
+
+
+def test_plot_names_its_png_after_the_store() -> None:
+    from jacrun.plot import default_output
+
+    assert default_output("results/job.zarr") == Path("results/job.png")
+    assert default_output(Path("results/job")) == Path("results/job.png")
+    assert default_output("s3://bucket/runs/job.zarr/") == Path("job.png")  # here, not in the bucket
 
 
 def test_plot_without_matplotlib_says_which_extra(tmp_path) -> None:

@@ -126,6 +126,13 @@ def test_a_job_into_s3_is_bit_identical_to_local_and_reads_back_everywhere(
         )
         assert result.exit_code == 0, (command, result.output)
         outputs.append(result.output)
+    picture = tmp_path / "remote.png"
+    options_given = [
+        f"--storage-option={o}" for o in (f"endpoint_url={endpoint}", f"secret={SECRET}", "key=testing")
+    ]
+    plotted = run_cli("plot", url, "--output", str(picture), *options_given)  # a fresh process
+    assert plotted.returncode == 0 and picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plotted.stderr
+    outputs.append(plotted.stdout + plotted.stderr)
     s3 = fs(endpoint)  # a lost marker, then a flipped byte: found, repaired, recomputed bit-identical
     s3.rm(f"{BUCKET}/same.zarr/_blocks/c/1/1")
     assert jacrun.submit(cfg, scheduler=scheduler_address, progress=False).blocks_run == 1
