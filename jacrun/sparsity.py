@@ -266,6 +266,8 @@ class SparseJacobian:
         def run(start: int, stop: int, slot: int) -> None:
             part = function.sparse_nonzeros(x[start:stop], self, values[start:stop], outputs)
             if y is not None:
+                if part is None:
+                    raise TypeError(f"{type(function).__name__}.sparse_nonzeros returned no y")
                 y[start:stop] = part
 
         for_row_ranges(batch, threads, span, run)

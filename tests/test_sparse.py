@@ -9,6 +9,7 @@ import zarr
 
 import jacrun
 from jacrun.config import config_from_dict
+from jacrun.functions import bratu as bratu_module
 from jacrun.functions import build_function
 from jacrun.functions.parallel import blas_limit
 from jacrun.prepare import prepare, resolve_sparsity
@@ -152,15 +153,21 @@ def bratu_generic_nonzeros(f, sparse: SparseJacobian, x: np.ndarray) -> np.ndarr
     return out
 
 
+@pytest.mark.parametrize("rows", ["range", "row"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("strategy", ["fwd", "rev"])
 @pytest.mark.parametrize(
     "edit", ["declared", "missing diagonal", "extra entries"], ids=lambda e: e.replace(" ", "-")
 )
-def test_bratu_forms_the_gathered_products_bit_for_bit(edit: str, strategy: str, dtype: str) -> None:
+def test_bratu_forms_the_gathered_products_bit_for_bit(
+    edit: str, strategy: str, dtype: str, rows: str, monkeypatch
+) -> None:
     """Bratu writes gather(A S) - c at gather(S) = 1 instead of computing J(x) S: the same
     bits as its kernels and the gather, for any colouring (a pattern that misses diagonal
-    entries sends c to other positions, which is what the products would have done too)."""
+    entries sends c to other positions, which is what the products would have done too),
+    writing a whole range of rows at once or one row at a time (as large grids do)."""
+    if rows == "row":
+        monkeypatch.setattr(bratu_module, "WHOLE_RANGE_BYTES", 0)
     f = build_function({"kind": "bratu", "grid": 8, "dtype": dtype})
     pattern = f.sparsity().tolil()
     if edit == "missing diagonal":
@@ -178,6 +185,36 @@ def test_bratu_forms_the_gathered_products_bit_for_bit(edit: str, strategy: str,
     parts = f._coloured_parts(sparse)
     assert (parts.columns is None) == (edit != "missing diagonal")
     assert parts.fill == (None if edit == "extra entries" else -1.0)  # their 0s: gather(A S) is copied
+
+
+@pytest.mark.parametrize("rows", ["range", "row"])
+def test_bratu_keeps_true_entries_where_exp_overflows(rows: str, monkeypatch) -> None:
+    """Where exp(u) is inf the products give NaN for the whole column (inf * 0); the direct
+    nonzeros keep the column's -1s and put -inf on the diagonal only."""
+    if rows == "row":
+        monkeypatch.setattr(bratu_module, "WHOLE_RANGE_BYTES", 0)
+    f = build_function({"kind": "bratu", "grid": 3})
+    sparse = choose(f.sparsity(), "rev", "declared")
+    x = np.zeros((2, 9))
+    x[1, 4] = 800.0  # the centre cell: exp overflows
+    with np.errstate(over="ignore", invalid="ignore"):
+        _, values = sparse.evaluate(f, x)
+        products = bratu_generic_nonzeros(f, sparse, x)
+    np.testing.assert_array_equal(values[0], products[0])
+    finite = np.isfinite(products[1])
+    np.testing.assert_array_equal(values[1][finite], products[1][finite])
+    centre = sparse.csr(values[1]).toarray()[:, 4]
+    assert centre[4] == -np.inf and (centre[[1, 3, 5, 7]] == -1).all()
+    assert np.count_nonzero(~np.isfinite(values[1])) == 1 < np.count_nonzero(~finite)
+
+
+def test_a_sparse_nonzeros_that_returns_no_outputs_is_an_error() -> None:
+    f = build_function({"kind": "bratu", "grid": 4})
+    sparse = choose(f.sparsity(), "auto", "declared")
+    f.sparse_nonzeros = lambda x, sparse, out, outputs=True: None  # forgets y
+    with pytest.raises(TypeError, match="returned no y"):
+        sparse.evaluate(f, np.zeros((3, 16)))
+    assert sparse.evaluate(f, np.zeros((3, 16)), outputs=False)[0] is None
 
 
 def test_bratu_skips_its_outputs_only_when_asked() -> None:

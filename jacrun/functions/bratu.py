@@ -77,6 +77,21 @@ def stencil_pattern(grid: int) -> sp.csr_array:
     return sp.csr_array((np.ones(row.size, dtype=bool), (row, col)), shape=shape)
 
 
+WHOLE_RANGE_BYTES = 256 << 10
+"""Rows of nonzeros up to this size (L <= 64 in float64) are written one range at a time:
+per-row calls held the GIL long enough that two kernel threads ran slower than one (L = 16:
+390k against 870k Jacobians/s). Larger rows go one at a time, which is faster from L = 128."""
+
+
+def _fill(rows: np.ndarray, parts: ColouredParts) -> None:
+    """gather(A S) into ``rows``: a fill when it holds one value (about 12% faster at L = 256
+    than copying it, which reads it too)."""
+    if parts.fill is None:
+        rows[...] = parts.base
+    else:
+        rows.fill(parts.fill)
+
+
 @dataclass(frozen=True)
 class ColouredParts:
     """What :meth:`Bratu.sparse_nonzeros` keeps of one colouring: gather(A S), and where
@@ -197,8 +212,10 @@ class Bratu(Function):
         gather is linear: the nonzeros are gather(A S), the same for every sample, minus c_j
         where gather(S) = 1. Per sample that is one exp, one copy (a fill with -1 when the
         stencil's neighbours are all that is left) and one scatter of n values,
-        instead of C products of n and a gather; the numbers are the same bit for bit. y (the
-        stencil of x) is skipped unless ``outputs``.
+        instead of C products of n and a gather; the numbers are the same bit for bit while
+        exp(u) is finite (where it overflows, the products also turn that column's -1s into
+        NaN, as inf * 0; here they stay -1, the true entries). y (the stencil of x) is skipped
+        unless ``outputs``.
         """
         parts = self._coloured_parts(sparse)
         x = np.asarray(x, self.dtype)
@@ -207,11 +224,12 @@ class Bratu(Function):
         if parts.columns is not None:
             c = c[:, parts.columns]
         diagonal = np.subtract(parts.diagonal, c, out=c)
+        if out.shape[1] * out.itemsize <= WHOLE_RANGE_BYTES:  # one call each for all the rows
+            _fill(out, parts)
+            out[:, parts.positions] = diagonal
+            return y
         for row, values in zip(out, diagonal, strict=True):
-            if parts.fill is None:
-                np.copyto(row, parts.base)
-            else:  # writes without reading gather(A S): about 12% faster at L = 256
-                row.fill(parts.fill)
+            _fill(row, parts)
             row[parts.positions] = values
         return y
 

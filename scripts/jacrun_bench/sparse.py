@@ -3,10 +3,9 @@
 In process, per grid size L (n = m = L^2, float64, the same inputs for every contender):
 
 - jacrun: ``SparseJacobian.evaluate`` on batches of samples, on every core (kernel threads),
-  into a reused output buffer, the Jacobians only (as every contender), with malloc's
-  thresholds of :mod:`jacrun.memory` that a worker has (set for the whole process, so for
-  every contender); the colouring is computed once, before the timing. ``bratu`` forms the
-  gathered products directly (``Bratu.sparse_nonzeros``);
+  into a reused output buffer, the Jacobians only (as every contender); the colouring is
+  computed once, before the timing. ``bratu`` forms the gathered products directly
+  (``Bratu.sparse_nonzeros``);
 - jacrun products: the same, the way a function without that shortcut gets its nonzeros:
   its ``vjp_batch`` on the seeds, then the gather;
 - asdex (JAX sparse AD): ``jax.jit(asdex.jacobian_from_coloring(F, colouring))``, one sample at
@@ -148,8 +147,8 @@ def bench_grid(
     rates = {name: counts[name] / seconds[name] for name in contenders}
     for name, rate in rates.items():
         log(f"  L={grid}: {name} {rate:,.0f} Jacobians/s")
+    sparse.evaluate(f, x[:1], out=out[:1])  # the `jacrun` row's Jacobian, which the others match
     errors = {name: _nonzero_error(sparse, out[0], theirs()) for name, theirs in check.items()}
-    sparse.evaluate(f, x[:1], out=out[:1])
     errors["jacrun products"] = _nonzero_error(sparse, out[0], _products_jacobian(products, sparse, x[:1]))
     return SparseRow(grid, sparse.nnz, sparse.n_colours, rates, their_colours, errors)
 
@@ -371,9 +370,6 @@ class SparseResult:
 
 
 def measure(ctx: Context) -> SparseResult:
-    from jacrun.memory import keep_freed_memory
-
-    keep_freed_memory()  # malloc keeps freed blocks, as on a worker (for every contender alike)
     frameworks = {name for name, version in ctx.frameworks.items() if usable(version)}
     grids = (8, 16) if ctx.quick else (32, 64, 128, 256)
     reps = ctx.shapes.reps  # 7 (--quick: 3), or --reps
