@@ -13,7 +13,8 @@ last, DSATUR); the fewest colours win. DSATUR finds the optimal 5 colours of the
 :class:`SparseJacobian` is what a job keeps of it: the CSR pattern, the colouring and its mode.
 Its ``seeds`` are the shared vectors a block feeds to ``jvp_batch`` / ``vjp_batch``, and
 ``gather`` reads every nonzero out of the compressed products (B, C, w) with one precomputed
-index map: one vectorised take, no loop over rows, samples or colours.
+index map: one vectorised take, no loop over rows, samples or colours. A function that can
+form that gather without the products overrides ``Function.sparse_nonzeros`` (``bratu`` does).
 
 This module imports neither dask nor zarr.
 """
