@@ -72,6 +72,14 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 240) -> subpro
     )
 
 
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    """The one stderr line of a command that refused bad input with exit 2 (no traceback)."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     """max |a - b| / max |b| (the scale-free error used throughout the tests)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)

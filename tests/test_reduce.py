@@ -17,6 +17,7 @@ from jacrun.prepare import prepare
 from tests.helpers import (  # noqa: F401 - fresh_targets: an autouse fixture
     fresh_targets,
     kill_part_way,
+    one_error_line,
     run_cli,
     write_config,
 )
@@ -259,13 +260,6 @@ def test_plot_without_matplotlib_says_which_extra(tmp_path) -> None:
     assert not (tmp_path / "out.png").exists()
 
 
-def one_line(result) -> str:
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
-
-
 def test_bad_reduction_configs_are_one_line_exit_2(tmp_path) -> None:
     cases = {
         "unknown": (job(reduce=["mean", "median"]), "reduce.1: unknown reduction 'median'"),
@@ -280,7 +274,7 @@ def test_bad_reduction_configs_are_one_line_exit_2(tmp_path) -> None:
         ),
     }
     for name, (config, message) in cases.items():
-        line = one_line(run_cli("validate", str(write_config(tmp_path, config, f"{name}.yaml"))))
+        line = one_error_line(run_cli("validate", str(write_config(tmp_path, config, f"{name}.yaml"))))
         assert message in line and f"{name}.yaml" in line, (name, line)
         assert "norms" in line or name != "too large"
     assert not (tmp_path / "out.zarr").exists()

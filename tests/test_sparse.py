@@ -19,6 +19,7 @@ from tests.helpers import (  # noqa: F401 - fresh_targets: an autouse fixture
     fresh_targets,
     kill_part_way,
     markers_done,
+    one_error_line,
     run_cli,
     write_config,
 )
@@ -326,13 +327,6 @@ def test_pattern_file_for_a_python_function(tmp_path) -> None:
 
 
 # ---- bad input through the real command ----------------------------------------------------------
-
-
-def one_error_line(result) -> str:
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
 
 
 def test_bad_sparsity_inputs_are_one_line_exit_2(tmp_path) -> None:
