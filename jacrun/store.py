@@ -74,12 +74,7 @@ def store_state(path: Location) -> StoreState:
     if path.is_dir() and not any(p.name != lease.KEY for p in path.iterdir()):  # a lease alone: empty
         return "empty"
     if path.is_dir() and (path / "zarr.json").is_file():
-        try:
-            attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
-        except Exception:  # noqa: BLE001 - unreadable metadata means: not ours
-            return "foreign"
-        if isinstance(attrs.get(ATTR), dict) and "config_hash" in attrs[ATTR]:
-            return "jacrun"
+        return _group_state(str(path))
     return "foreign"
 
 
@@ -88,13 +83,17 @@ def _remote_state(url: Location) -> StoreState:
     if not names:
         return "empty"
     if "zarr.json" in names:
-        try:
-            attrs = zarr.open_group(_zarr(url), mode="r").attrs.asdict()
-        except Exception:  # noqa: BLE001 - unreadable metadata means: not ours
-            return "foreign"
-        if isinstance(attrs.get(ATTR), dict) and "config_hash" in attrs[ATTR]:
-            return "jacrun"
+        return _group_state(_zarr(url))
     return "foreign"
+
+
+def _group_state(store: str | zarr.abc.store.Store) -> StoreState:
+    """``jacrun`` when the Zarr group at ``store`` holds a job's attributes, else ``foreign``."""
+    try:
+        attrs = zarr.open_group(store, mode="r").attrs.asdict()
+    except Exception:  # noqa: BLE001 - unreadable metadata means: not ours
+        return "foreign"
+    return "jacrun" if isinstance(attrs.get(ATTR), dict) and "config_hash" in attrs[ATTR] else "foreign"
 
 
 def _zarr(path: Location, read_only: bool = False) -> zarr.abc.store.Store:
