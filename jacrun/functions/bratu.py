@@ -244,7 +244,7 @@ class Bratu(Function):
                 self._parts = None  # the last colouring's memory goes first
                 seeds = sparse.seeds(0, sparse.n_colours, self.dtype)
                 products = stencil(seeds, np.empty_like(seeds), self.grid)
-                base = sparse.gather(products.reshape(1, -1, self.n_in))[0]
+                base = sparse.gather(products[None])[0]
                 ones = sparse.gather(seeds[None])[0]
                 positions = np.flatnonzero(ones)
                 columns = sparse.index_map[positions] % self.n_in
