@@ -62,12 +62,7 @@ class Reducer:
     @property
     def product_shape(self) -> tuple[int, ...]:
         """One sample's product, as ``mean`` stores it."""
-        plan = self.plan
-        if plan.sparse:
-            return (plan.nnz,)
-        if plan.mode == "jacobian":
-            return (plan.n_out, plan.n_in)
-        return (plan.vectors, plan.result_width) if plan.vector_dim else (plan.result_width,)
+        return self.plan.result_shape[1:]
 
     @property
     def product_dims(self) -> tuple[str, ...]:

@@ -228,12 +228,10 @@ def _create_partials(group: zarr.Group, plan: Plan, reducer: Reducer) -> None:
     w, w), and ``norms``: each block owns its chunk of each."""
     float64 = {"dtype": "float64", "fill_value": np.nan, "compressors": _checksummed_zstd()}
     if "mean" in reducer.names:
-        shape = reducer.product_shape
-        block = (plan.vectors_per_block, *shape[1:]) if len(shape) == 2 and plan.mode != "jacobian" else shape
         group.create_array(
             f"{PARTIAL}mean",
-            shape=(plan.grid[0], *shape),
-            chunks=(1, *block),
+            shape=(plan.grid[0], *reducer.product_shape),
+            chunks=(1, *plan.result_chunks[1:]),  # a Jacobian's reductions take all its vectors a block
             dimension_names=("sample_block", *reducer.product_dims),
             **float64,
         )
