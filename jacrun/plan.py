@@ -222,22 +222,20 @@ def block_memory(
     c, o = compute_itemsize, output_itemsize
     products = rows * (nnz if nnz is not None else k * max(n_in, n_out))
     extra = _reduction_bytes(rows, k, products, c, mode, n_in, n_out, reductions, sparse=nnz is not None)
-    if nnz is not None:
-        values = rows * nnz
-        memory = rows * n_in * c + rows * n_out * c + values * c + int(work_bytes(rows, k))
-        memory += values * o * ENCODE_COPIES + (rows * n_out * o * ENCODE_COPIES if save_outputs else 0)
-        return memory + values + extra  # the finiteness mask
-    if mode == "vjp":
-        vec_width, res_width = n_out, n_in
-    elif mode == "jvp":
-        vec_width, res_width = n_in, n_out
+    if nnz is not None:  # the nonzeros; the seeds are counted in work_bytes
+        vectors, result = 0, rows * nnz
     else:
-        vec_width, res_width = (n_out, n_in) if strategy == "rev" else (n_in, n_out)
-    vectors = (k if shared_vectors else rows * k) * vec_width * c
-    result = rows * k * res_width
+        if mode == "vjp":
+            vec_width, res_width = n_out, n_in
+        elif mode == "jvp":
+            vec_width, res_width = n_in, n_out
+        else:
+            vec_width, res_width = (n_out, n_in) if strategy == "rev" else (n_in, n_out)
+        vectors = (k if shared_vectors else rows * k) * vec_width * c
+        result = rows * k * res_width
     memory = rows * n_in * c + vectors + rows * n_out * c + result * c
     memory += int(work_bytes(rows, k))
-    if mode == "jacobian" and strategy == "fwd":
+    if nnz is None and mode == "jacobian" and strategy == "fwd":
         memory += result * c  # the transposed copy written to the store
     memory += result * o * ENCODE_COPIES + (rows * n_out * o * ENCODE_COPIES if save_outputs else 0)
     memory += result  # the finiteness mask
