@@ -38,6 +38,7 @@ from pydantic import (
 from jacrun.errors import ConfigError
 from jacrun.functions import FunctionSpec, kinds, parse_spec
 from jacrun.paths import InputLocation, InputPath, OutputLocation
+from jacrun.reduce import Reduction
 
 Dtype = Literal["float32", "float64"]
 Loc = tuple[Any, ...]
@@ -304,7 +305,7 @@ class JobConfig(Strict):
         description="jacobian only: auto (sparse when the function declares a pattern that needs "
         "fewer products), dense, detect (JAX targets), or {file: pattern.npz}",
     )
-    reduce: list[Literal["mean", "gram", "norms"]] = Field(
+    reduce: list[Reduction] = Field(
         default_factory=list, description="reductions over samples: mean, gram, norms"
     )
     output: OutputConfig

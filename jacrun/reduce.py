@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from jacrun.sparsity import SparseJacobian
 
 Reduction = Literal["mean", "gram", "norms"]
-REDUCTIONS: tuple[Reduction, ...] = ("mean", "gram", "norms")
 
 
 @dataclass(frozen=True, eq=False)
