@@ -353,9 +353,6 @@ class SparseJacobian:
             state.pop(cached, None)
         return state
 
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-
 
 def choose(pattern: sp.csr_array, strategy: Literal["fwd", "rev", "auto"], source: str) -> SparseJacobian:
     """Colour for ``strategy``; ``auto`` colours both ways and keeps the fewer colours (ties: rev)."""
