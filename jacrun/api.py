@@ -40,7 +40,7 @@ def check_job(config: JobConfig | str | Path, *, samples: int = 8, vectors: int 
 
     from jacrun.checks import check_sparse, check_spec
     from jacrun.errors import ConfigError
-    from jacrun.prepare import build, resolve_sparsity
+    from jacrun.prepare import build, resolve_sparsity, sized_function
     from jacrun.sources import open_inputs
 
     config = _config(config)
@@ -52,7 +52,7 @@ def check_job(config: JobConfig | str | Path, *, samples: int = 8, vectors: int 
     x = inputs.read(0, rows, np.dtype("float64"))
     if not np.isfinite(x).all():
         raise ConfigError(f"check: the first {rows} input samples contain non-finite values")
-    reports = check_spec(config.function, x, vectors=vectors, seed=seed)
+    reports = check_spec(sized_function(config), x, vectors=vectors, seed=seed)  # n_in from a file too
     sparse = resolve_sparsity(config, function)[0] if config.mode == "jacobian" else None
     if sparse is not None:
         reports.append(check_sparse(function, sparse, x, vectors=vectors, seed=seed))

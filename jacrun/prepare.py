@@ -71,7 +71,7 @@ def _check_array_files(spec) -> None:
             raise ConfigError(f"function.{name}: cannot read {path}: {unreadable(exc)}") from None
 
 
-def _sized_by_inputs(config: JobConfig):
+def sized_function(config: JobConfig):
     """The function section to build: an ``autodiff`` section without ``n_in`` takes it from
     inputs in a file (.npy or Zarr), whose width fixes it; given both, they must agree."""
     spec, inputs = config.function, config.inputs
@@ -93,7 +93,7 @@ def _sized_by_inputs(config: JobConfig):
 def build(config: JobConfig) -> Function:
     """The job's function; a build failure is the user's config problem."""
     _check_array_files(config.function)
-    spec = _sized_by_inputs(config)
+    spec = sized_function(config)
     try:
         return build_function(spec)
     except (ValueError, TypeError, OSError, KeyError) as exc:

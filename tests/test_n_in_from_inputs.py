@@ -61,6 +61,14 @@ def test_a_job_without_n_in_runs_on_npy_inputs(tmp_path):
     assert np.allclose(vjp, 2.0 * (1.0 - np.tanh(x) ** 2))
 
 
+def test_check_takes_n_in_from_npy_inputs_as_submit_does(tmp_path):
+    np.save(tmp_path / "x.npy", np.random.default_rng(1).standard_normal((24, 4)))
+    path = write_config(tmp_path, autodiff_job(tmp_path, {"kind": "npy", "path": "x.npy"}))
+    result = run_cli("check", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "n_in=4" in result.stdout and "all checks passed" in result.stdout
+
+
 def test_zarr_inputs_fix_n_in(tmp_path):
     array = zarr.open_group(str(tmp_path / "in.zarr"), mode="w").create_array("x", shape=(20, 6), dtype="f8")
     array[...] = np.ones((20, 6))
