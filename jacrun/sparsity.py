@@ -14,7 +14,9 @@ last, DSATUR); the fewest colours win. DSATUR finds the optimal 5 colours of the
 Its ``seeds`` are the shared vectors a block feeds to ``jvp_batch`` / ``vjp_batch``, and
 ``gather`` reads every nonzero out of the compressed products (B, C, w) with one precomputed
 index map: one vectorised take, no loop over rows, samples or colours. A function that can
-form that gather without the products overrides ``Function.sparse_nonzeros`` (``bratu`` does).
+form that gather without the products overrides ``Function.sparse_nonzeros`` (``bratu`` does);
+one whose framework compiles the products and the gather together, for a whole block, provides
+``Function.fused_nonzeros`` (the autodiff adapters do).
 
 This module imports neither dask nor zarr.
 """
@@ -250,13 +252,24 @@ class SparseJacobian:
         ``outputs`` false, y is None: a function that forms the nonzeros without the products
         (see ``Function.sparse_nonzeros``) then skips computing it.
 
-        ``function.sparse_nonzeros`` per range of samples: by default :meth:`gather_products`.
-        Ranges hold about :data:`CHUNK_BYTES` of compressed products, so the gather reads them
-        from the cache, and run on the kernel threads of :mod:`jacrun.functions.parallel` (one
-        on a worker with one BLAS thread).
+        A function with a fused path (``Function.fused_nonzeros``, the autodiff adapters)
+        computes the whole block in one call; ``out``, when given, then receives a copy.
+        Otherwise ``function.sparse_nonzeros`` per range of samples: by default
+        :meth:`gather_products`. Ranges hold about :data:`CHUNK_BYTES` of compressed products,
+        so the gather reads them from the cache, and run on the kernel threads of
+        :mod:`jacrun.functions.parallel` (one on a worker with one BLAS thread).
         """
         from jacrun.functions.parallel import for_row_ranges, kernel_threads
 
+        fused = function.fused_nonzeros(x, self, outputs)
+        if fused is not None:
+            y, values = fused
+            if outputs and y is None:
+                raise TypeError(f"{type(function).__name__}.fused_nonzeros returned no y")
+            if out is not None:
+                np.copyto(out, values)
+                values = out
+            return (y if outputs else None), values
         batch, dtype = x.shape[0], function.dtype
         span = self.kernel_rows(dtype.itemsize)
         threads = max(1, min(kernel_threads(), -(-batch // span)))
@@ -288,10 +301,14 @@ class SparseJacobian:
         return max(1, CHUNK_BYTES // max(self.n_colours * self.product_width * itemsize, 1))
 
     def work_bytes(self, function: Function, rows: int) -> int:
-        """Peak temporary memory of :meth:`evaluate` on ``rows`` samples: the seeds, and on
-        each kernel thread one call's kernel work and compressed products."""
+        """Peak temporary memory of :meth:`evaluate` on ``rows`` samples: the function's fused
+        path's (``Function.fused_work_bytes``) where it has one; else the seeds, and on each
+        kernel thread one call's kernel work and compressed products."""
         from jacrun.functions.parallel import kernel_threads
 
+        fused = function.fused_work_bytes(self, rows)
+        if fused is not None:
+            return int(fused)
         itemsize = function.dtype.itemsize
         span = min(rows, self.kernel_rows(itemsize))
         threads = max(1, min(kernel_threads(), -(-rows // span)))

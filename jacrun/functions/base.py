@@ -89,8 +89,10 @@ class Function(ABC):
         """y (B, m) of x (B, n), and the nonzeros of J(x) in ``sparse``'s CSR order written into
         ``out`` (B, nnz): the gather of the compressed products J(x) S (or S^T J(x)).
 
-        The default runs ``jvp_batch`` (``vjp_batch``) on the seeds, then gathers. A function
-        may override it when it can form the gather without the products, as ``bratu`` does;
+        The general path, for NumPy functions: called per range of samples on the kernel
+        threads (see :meth:`fused_nonzeros` for a whole-block path). The default runs
+        ``jvp_batch`` (``vjp_batch``) on the seeds, then gathers. A function may override it
+        when it can form the gather without the products, as ``bratu`` does;
         its :meth:`sparse_cache_bytes` then counts what it keeps for that. With ``outputs``
         false it may skip y and return None.
         """
@@ -99,6 +101,25 @@ class Function(ABC):
     def sparse_cache_bytes(self, sparse: SparseJacobian) -> int:
         """Memory kept between calls of :meth:`sparse_nonzeros` for ``sparse``."""
         return 0
+
+    def fused_nonzeros(
+        self, x: np.ndarray, sparse: SparseJacobian, outputs: bool = True
+    ) -> tuple[np.ndarray | None, np.ndarray] | None:
+        """(y (B, m) or None, nonzeros (B, nnz)) of a whole block in one call, or None (the
+        default) when the function has no such fused path.
+
+        A framework computes the products for all colours and the gather in one compiled
+        computation that threads itself and returns its own buffer (the autodiff adapters do:
+        ``jax.jit``, ``torch.func``); :meth:`SparseJacobian.evaluate` then calls it once per
+        block instead of :meth:`sparse_nonzeros` on cache-sized ranges on the kernel threads.
+        Its memory is :meth:`fused_work_bytes`. With ``outputs`` false, y may be None.
+        """
+        return None
+
+    def fused_work_bytes(self, sparse: SparseJacobian, rows: int) -> int | None:
+        """Peak temporary memory of :meth:`fused_nonzeros` on ``rows`` samples, the nonzeros
+        and y excluded (the planner counts those); None when there is no fused path."""
+        return None
 
     # ---- cost model for the planner --------------------------------------------------------
 

@@ -34,6 +34,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
+import threading
 import typing
 from abc import abstractmethod
 from collections.abc import Callable
@@ -57,6 +58,12 @@ if TYPE_CHECKING:
     from types import ModuleType
 
     from jacrun.functions.python import PythonSpec
+    from jacrun.sparsity import SparseJacobian
+
+Fused = Callable[[np.ndarray, bool], tuple[Any, np.ndarray]]
+"""A backend's fused sparse kernel for one colouring: (x (B, n), outputs) -> (y or None, nonzeros)."""
+
+_FUSED_LOCK = threading.Lock()
 
 Role = Literal["function", "factory", "class"]
 
@@ -203,6 +210,50 @@ class AutodiffFunction(Function):
         """An estimate: frameworks keep the forward pass's intermediates and a few per vector."""
         width = max(self.n_in, self.n_out, self.width or 0)
         return 8 * batch * (k + 1) * width * self.dtype.itemsize
+
+    # ---- sparse Jacobians: one fused computation per block ----------------------------------
+
+    fuses: ClassVar[bool] = False
+    """Whether the backend has a fused sparse path (:meth:`_fuse`)."""
+
+    def _fuse(self, sparse: SparseJacobian) -> Fused:
+        """The backend's kernel for ``sparse``: the products of all colours and the gather."""
+        raise NotImplementedError
+
+    def fused_nonzeros(
+        self, x: np.ndarray, sparse: SparseJacobian, outputs: bool = True
+    ) -> tuple[np.ndarray | None, np.ndarray] | None:
+        """The whole block in one framework computation: ``jvp`` (fwd) or ``vjp`` (rev) of f
+        for every colour's seed, and the gather by the index map, compiled together."""
+        if not self.fuses:
+            return None
+        return self._fused_kernel(sparse)(x, outputs)
+
+    def fused_work_bytes(self, sparse: SparseJacobian, rows: int) -> int | None:
+        """x as the framework's array, the compressed products (rows, C, w) and the framework's
+        work for C vectors (:meth:`work_bytes`); kept: the seeds and the index map, NumPy's and
+        the framework's copies, and the row of every nonzero."""
+        if not self.fuses:
+            return None
+        item, colours = self.dtype.itemsize, sparse.n_colours
+        mode: Mode = "jvp" if sparse.direction == "fwd" else "vjp"
+        products = rows * colours * sparse.product_width * item
+        kept = 2 * colours * sparse.width * item + 3 * sparse.nnz * 8
+        return rows * self.n_in * item + products + self.work_bytes(rows, colours, mode) + kept
+
+    def _fused_kernel(self, sparse: SparseJacobian) -> Fused:
+        """The kernel of ``sparse``'s colouring, built once per colouring (the last one kept)."""
+        cached = self.__dict__.get("_fused")
+        if cached is not None and cached[0] is sparse:
+            return cached[2]
+        key = (sparse.digest, sparse.direction, sparse.colours.tobytes())
+        with _FUSED_LOCK:
+            cached = self.__dict__.get("_fused")
+            if cached is None or cached[1] != key:
+                self.__dict__.pop("_fused", None)  # the last colouring's arrays go first
+                cached = (sparse, key, self._fuse(sparse))
+            self.__dict__["_fused"] = (sparse, key, cached[2])
+        return cached[2]
 
     def __repr__(self) -> str:
         shape = "batched" if self.batched else "per sample"

@@ -12,6 +12,9 @@ Arrays cross as zero-copy views (``torch.from_numpy``, ``Tensor.numpy``). A modu
 to the config's dtype, put in eval mode (dropout off, batch norm on its running statistics)
 and its parameters stop requiring gradients. ``torch.set_num_threads`` follows ``threads``
 (default: the process's BLAS thread count, which jacrun sets on its workers).
+
+A sparse Jacobian's block is one ``torch.func`` call for all C seeds and an ``index_select``
+of the nonzeros (:meth:`TorchFunction._fuse`), on torch's own threads.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,8 +30,11 @@ from torch import nn
 from torch.func import jvp, vjp, vmap
 
 from jacrun.functions import adapters
-from jacrun.functions.adapters import AutodiffFunction
+from jacrun.functions.adapters import AutodiffFunction, Fused
 from jacrun.functions.targets import TargetError
+
+if TYPE_CHECKING:
+    from jacrun.sparsity import SparseJacobian
 
 TARGET_CLASSES: tuple[type, ...] = (nn.Module,)
 """Classes accepted as targets (instantiated with params) and as factory return annotations."""
@@ -115,6 +121,31 @@ class TorchFunction(AutodiffFunction):
         xt, f = _tensor(x), self._batched
         y, ydot = vmap(lambda tk: jvp(f, (xt,), (tk,)), in_dims=1, out_dims=(None, 1))(_tensor(t))
         return _numpy(y), _numpy(ydot)
+
+    fuses = True
+
+    def _fuse(self, sparse: SparseJacobian) -> Fused:
+        """The block's products for all C seeds in one ``torch.func`` call (``jvp`` vmapped over
+        the seeds, the primal once; or one ``vjp``, its pullback vmapped over them), then the
+        gather by the index map with ``index_select`` into the returned buffer."""
+        f, forward = self._batched, sparse.direction == "fwd"
+        seeds = torch.from_numpy(sparse.seeds(0, sparse.n_colours, self.dtype))
+        index = torch.from_numpy(sparse.index_map)
+
+        def run(x: np.ndarray, outputs: bool) -> tuple[np.ndarray | None, np.ndarray]:
+            xt = _tensor(x)
+            rows = xt.shape[0]
+            if forward:
+                one = lambda s: jvp(f, (xt,), (s.expand(rows, -1),))  # noqa: E731
+                y, compressed = vmap(one, out_dims=(None, 1))(seeds)
+            else:
+                y, pullback = vjp(f, xt)
+                compressed = vmap(lambda s: pullback(s.expand(rows, -1))[0], out_dims=1)(seeds)
+            values = torch.empty((rows, sparse.nnz), dtype=compressed.dtype)
+            torch.index_select(compressed.reshape(rows, -1), 1, index, out=values)
+            return (_numpy(y) if outputs else None), values.numpy()
+
+        return run
 
 
 Adapter = TorchFunction
