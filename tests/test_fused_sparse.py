@@ -14,8 +14,8 @@ import pytest
 import zarr
 
 import jacrun
-from jacrun.functions import build_function
 from jacrun.functions import adapters as adapters_pkg
+from jacrun.functions import build_function
 from jacrun.prepare import prepare
 from jacrun.sparsity import SparseJacobian
 from jacrun.store import read_attrs
