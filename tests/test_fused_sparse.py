@@ -14,6 +14,7 @@ import pytest
 import zarr
 
 import jacrun
+from jacrun import sparsity
 from jacrun.functions import adapters as adapters_pkg
 from jacrun.functions import build_function
 from jacrun.prepare import prepare
@@ -106,6 +107,7 @@ class GeneralPath:
 def test_fused_nonzeros_equal_the_general_path_and_the_dense_jacobian(
     backend: str, direction: str, batched: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(sparsity, "CHUNK_BYTES", 3 * 9 * GRID**2 * 8)  # ranges of 3 rows (torch's too)
     f = adapter(backend, batched)
     numpy_f = stencil_residuals.AllenCahn9(GRID, C)
     sparse = SparseJacobian.from_pattern(numpy_f.sparsity(), direction)
@@ -143,8 +145,8 @@ def test_fused_float32_and_a_new_colouring(backend: str) -> None:
 
 @needs["jax"]
 def test_the_plan_counts_the_fused_block() -> None:
-    """A sparse block of a fused function projects x, the compressed products of the whole
-    block and the framework's work on them, not one cache-sized range."""
+    """A sparse block of a fused JAX function projects x, the compressed products of the whole
+    block and the framework's work on them, not one cache-sized range (torch: its range)."""
     f = adapter("jax", batched=False)
     sparse = SparseJacobian.from_pattern(stencil_residuals.stencil9_pattern(GRID), "rev")
     rows = 100
@@ -153,6 +155,11 @@ def test_the_plan_counts_the_fused_block() -> None:
     assert work == f.fused_work_bytes(sparse, rows)
     assert work >= products + f.work_bytes(rows, sparse.n_colours, "vjp") + rows * f.n_in * 8
     assert sparse.work_bytes(stencil_residuals.AllenCahn9(GRID), rows) < work  # ranges of products
+    if adapters_pkg.available("torch"):  # torch runs cache-sized ranges: their products count
+        torch_f = adapter("torch", batched=False)
+        span = sparse.kernel_rows(8)
+        assert torch_f.fused_rows(sparse, 10 * span) == span
+        assert sparse.work_bytes(torch_f, 10 * span) < sparse.work_bytes(f, 10 * span)
 
 
 @needs["jax"]

@@ -13,8 +13,9 @@ to the config's dtype, put in eval mode (dropout off, batch norm on its running 
 and its parameters stop requiring gradients. ``torch.set_num_threads`` follows ``threads``
 (default: the process's BLAS thread count, which jacrun sets on its workers).
 
-A sparse Jacobian's block is one ``torch.func`` call for all C seeds and an ``index_select``
-of the nonzeros (:meth:`TorchFunction._fuse`), on torch's own threads.
+A sparse Jacobian's block runs all C seeds in one ``torch.func`` call per cache-sized range
+of rows and gathers the nonzeros with ``index_select`` into the block's buffer
+(:meth:`TorchFunction._fuse`), on torch's own threads.
 """
 
 from __future__ import annotations
@@ -125,27 +126,45 @@ class TorchFunction(AutodiffFunction):
     fuses = True
 
     def _fuse(self, sparse: SparseJacobian) -> Fused:
-        """The block's products for all C seeds in one ``torch.func`` call (``jvp`` vmapped over
-        the seeds, the primal once; or one ``vjp``, its pullback vmapped over them), then the
-        gather by the index map with ``index_select`` into the returned buffer."""
+        """The products for all C seeds in one ``torch.func`` call per range of rows (the
+        kernels of :meth:`vjp_batch` / :meth:`jvp_batch` on the seeds broadcast over the rows,
+        so the same numbers), each gathered by ``index_select`` into the block's nonzeros.
+
+        Ranges hold about ``CHUNK_BYTES`` of compressed products (:meth:`fused_rows`): torch
+        runs each step of the pullback on whole tensors, so a whole block's products at L = 128
+        would stream every step through memory (the 9-point residual's VJPs ran 4x slower in
+        one call than one sample at a time); in the cache they run on torch's own threads.
+        """
         f, forward = self._batched, sparse.direction == "fwd"
         seeds = torch.from_numpy(sparse.seeds(0, sparse.n_colours, self.dtype))
         index = torch.from_numpy(sparse.index_map)
+        span = self.fused_rows(sparse, 1 << 62)
+
+        def products(xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            vectors = seeds.expand(xt.shape[0], *seeds.shape)
+            if forward:
+                return vmap(lambda tk: jvp(f, (xt,), (tk,)), in_dims=1, out_dims=(None, 1))(vectors)
+            y, pullback = vjp(f, xt)
+            return y, vmap(lambda vk: pullback(vk)[0], in_dims=1, out_dims=1)(vectors)
 
         def run(x: np.ndarray, outputs: bool) -> tuple[np.ndarray | None, np.ndarray]:
             xt = _tensor(x)
             rows = xt.shape[0]
-            if forward:
-                one = lambda s: jvp(f, (xt,), (s.expand(rows, -1),))  # noqa: E731
-                y, compressed = vmap(one, out_dims=(None, 1))(seeds)
-            else:
-                y, pullback = vjp(f, xt)
-                compressed = vmap(lambda s: pullback(s.expand(rows, -1))[0], out_dims=1)(seeds)
-            values = torch.empty((rows, sparse.nnz), dtype=compressed.dtype)
-            torch.index_select(compressed.reshape(rows, -1), 1, index, out=values)
-            return (_numpy(y) if outputs else None), values.numpy()
+            values = torch.empty((rows, sparse.nnz), dtype=DTYPES[self.dtype])
+            y = torch.empty((rows, self.n_out), dtype=values.dtype) if outputs else None
+            for start in range(0, rows, span):
+                stop = min(start + span, rows)
+                part, compressed = products(xt[start:stop])
+                torch.index_select(compressed.reshape(stop - start, -1), 1, index, out=values[start:stop])
+                if y is not None:
+                    y[start:stop] = part
+            return (None if y is None else y.numpy()), values.numpy()
 
         return run
+
+    def fused_rows(self, sparse: SparseJacobian, rows: int) -> int:
+        """Rows per ``torch.func`` call: about ``CHUNK_BYTES`` of compressed products."""
+        return min(rows, sparse.kernel_rows(self.dtype.itemsize))
 
 
 Adapter = TorchFunction
