@@ -253,7 +253,7 @@ class SparseJacobian:
         (see ``Function.sparse_nonzeros``) then skips computing it.
 
         A function with a fused path (``Function.fused_nonzeros``, the autodiff adapters)
-        computes the whole block in one call; ``out``, when given, then receives a copy.
+        computes the whole block in one call.
         Otherwise ``function.sparse_nonzeros`` per range of samples: by default
         :meth:`gather_products`. Ranges hold about :data:`CHUNK_BYTES` of compressed products,
         so the gather reads them from the cache, and run on the kernel threads of
@@ -261,12 +261,12 @@ class SparseJacobian:
         """
         from jacrun.functions.parallel import for_row_ranges, kernel_threads
 
-        fused = function.fused_nonzeros(x, self, outputs)
+        fused = function.fused_nonzeros(x, self, out, outputs)
         if fused is not None:
             y, values = fused
             if outputs and y is None:
                 raise TypeError(f"{type(function).__name__}.fused_nonzeros returned no y")
-            if out is not None:
+            if out is not None and values is not out:
                 np.copyto(out, values)
                 values = out
             return (y if outputs else None), values

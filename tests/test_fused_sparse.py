@@ -94,7 +94,7 @@ class GeneralPath:
     def __init__(self, f) -> None:
         self.f, self.dtype = f, f.dtype
 
-    def fused_nonzeros(self, x: np.ndarray, sparse: SparseJacobian, outputs: bool = True) -> None:
+    def fused_nonzeros(self, x, sparse, out=None, outputs=True) -> None:
         return None
 
     def sparse_nonzeros(self, x, sparse, out, outputs=True):
@@ -107,11 +107,17 @@ class GeneralPath:
 def test_fused_nonzeros_equal_the_general_path_and_the_dense_jacobian(
     backend: str, direction: str, batched: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sparsity, "CHUNK_BYTES", 3 * 9 * GRID**2 * 8)  # ranges of 3 rows (torch's too)
     f = adapter(backend, batched)
     numpy_f = stencil_residuals.AllenCahn9(GRID, C)
     sparse = SparseJacobian.from_pattern(numpy_f.sparsity(), direction)
     assert sparse.n_colours == 9
+    # framework calls of 3 rows (7 rows: 3 + 3 + 1), and of the whole block
+    monkeypatch.setattr(sparsity, "CHUNK_BYTES", 3 * 9 * GRID**2 * 8)  # torch's ranges
+    if backend == "jax":
+        monkeypatch.setattr(
+            sys.modules[type(f).__module__], "FUSED_CALL_BYTES", 3 * (9 * GRID**2 + sparse.nnz) * 8
+        )
+    assert f.fused_rows(sparse, 7) == 3
     x = np.random.default_rng(0).uniform(-1.5, 1.5, (7, f.n_in))
     general_y, general = sparse.evaluate(GeneralPath(f), x)
 
@@ -128,6 +134,8 @@ def test_fused_nonzeros_equal_the_general_path_and_the_dense_jacobian(
     assert sparse.evaluate(f, x, outputs=False)[0] is None
     out = np.full_like(values, np.nan)
     assert sparse.evaluate(f, x, out=out)[1] is out and np.array_equal(out, values)
+    _, whole = sparse.evaluate(f, x[:3], outputs=False)  # one call for the block
+    assert np.array_equal(whole, values[:3])
 
 
 @pytest.mark.parametrize("backend", [pytest.param(b, marks=needs[b]) for b in ("jax", "torch")])

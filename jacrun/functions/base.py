@@ -103,16 +103,17 @@ class Function(ABC):
         return 0
 
     def fused_nonzeros(
-        self, x: np.ndarray, sparse: SparseJacobian, outputs: bool = True
+        self, x: np.ndarray, sparse: SparseJacobian, out: np.ndarray | None = None, outputs: bool = True
     ) -> tuple[np.ndarray | None, np.ndarray] | None:
-        """(y (B, m) or None, nonzeros (B, nnz)) of a whole block in one call, or None (the
-        default) when the function has no such fused path.
+        """(y (B, m) or None, nonzeros (B, nnz)) of a whole block, or None (the default) when
+        the function has no such fused path.
 
-        A framework computes the products for all colours and the gather in one compiled
-        computation that threads itself and returns its own buffer (the autodiff adapters do:
-        ``jax.jit``, ``torch.func``); :meth:`SparseJacobian.evaluate` then calls it once per
-        block instead of :meth:`sparse_nonzeros` on cache-sized ranges on the kernel threads.
-        Its memory is :meth:`fused_work_bytes`. With ``outputs`` false, y may be None.
+        A framework computes the products for all colours and the gather together, in compiled
+        computations that thread themselves (the autodiff adapters do: ``jax.jit``,
+        ``torch.func``); :meth:`SparseJacobian.evaluate` then calls this once per block instead
+        of :meth:`sparse_nonzeros` on ranges on the kernel threads. The nonzeros go into ``out``
+        when given, else into a buffer of the function's (the framework's own result). Its
+        memory is :meth:`fused_work_bytes`. With ``outputs`` false, y may be None.
         """
         return None
 

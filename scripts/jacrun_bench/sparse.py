@@ -1,174 +1,225 @@
-"""Section ``sparse``: sparse Jacobians of the 2-D Bratu residual against asdex and dense autodiff.
+"""Section ``sparse``: sparse Jacobians of two stencil residuals against asdex, both ways.
 
-In process, per grid size L (n = m = L^2, float64, the same inputs for every contender):
+The residuals (``examples/stencils/stencil_residuals.py``; float64, L x L grids, n = m = L^2):
+``bratu`` (jacrun's built-in) and the 9-point Allen-Cahn residual (not shipped). In process,
+per residual and L, every contender on the same ``SAMPLES`` inputs, the Jacobians only:
 
-- jacrun: ``SparseJacobian.evaluate`` on batches of samples, on every core (kernel threads),
-  into a reused output buffer, the Jacobians only (as every contender); the colouring is
-  computed once, before the timing. ``bratu`` forms the gathered products directly
-  (``Bratu.sparse_nonzeros``);
-- jacrun products: the same, the way a function without that shortcut gets its nonzeros:
-  its ``vjp_batch`` on the seeds, then the gather;
-- asdex (JAX sparse AD): ``jax.jit(asdex.jacobian_from_coloring(F, colouring))``, one sample at
-  a time as asdex is used, its own colouring;
-- dense ``jax.vmap(jax.jacfwd(F))`` and ``torch.func.vmap(torch.func.jacfwd(F))`` where a
-  batch of dense Jacobians fits in memory.
+- built-in (bratu): ``SparseJacobian.evaluate`` with ``Bratu.sparse_nonzeros`` (the gathered
+  products formed directly), on every core, into a reused buffer;
+- NumPy Function: the general path of a NumPy Function (its ``vjp_batch`` on the seeds in
+  cache-sized ranges on the kernel threads, then the gather): bratu without its shortcut, and
+  the ``AllenCahn9`` class;
+- jax adapter, torch adapter: ``kind: python`` with ``autodiff: jax | torch`` on the plain
+  function, whose blocks take the fused path (``Function.fused_nonzeros``), into the same
+  reused buffer;
+- asdex loop: ``jax.jit(asdex.jacobian_from_coloring(F, colouring))`` one sample at a time,
+  every sample's result kept (a list);
+  asdex vmap: ``jax.jit(jax.vmap(...))`` of the same over the batch; jacrun is compared with
+  the better of the two;
+- jax dense, torch dense (bratu, where a batch of dense Jacobians fits): ``vmap(jacfwd)``;
+- fill (bratu): ``ndarray.fill`` of a buffer the size of the built-in's nonzeros, in row
+  ranges on the kernel threads: the write bandwidth the built-in is measured against.
 
-Every contender's Jacobians are checked against jacrun's nonzeros. Then one job through
-``jacrun.submit`` on a 2-worker local cluster: its throughput, its workers' peak memory against
-the plan's projected memory per block, and a kill part-way and a resume from the command line.
+Every contender's Jacobian is checked against the NumPy path's, and each adapter's fused
+nonzeros against its general path. Then the jobs of :mod:`jacrun_bench.sparse_jobs`.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
+from jacrun_bench import residuals
 from jacrun_bench.common import Context, Target, rounds
+from jacrun_bench.e2e import local_cluster
 from jacrun_bench.frameworks import usable
+from jacrun_bench.residuals import Residual
+from jacrun_bench.sparse_jobs import SparseJob, bench_bratu_job, bench_jax_job, job_table
 
 NAME = "sparse"
-TITLE = "Sparse Jacobians (bratu, float64)"
-HELP = "skip the sparse Jacobians (bratu against asdex and dense jax/torch, and its job)"
-LAM = 6.0
+TITLE = "Sparse Jacobians (bratu and a 9-point residual, float64)"
+HELP = "skip the sparse Jacobians (two stencil residuals against asdex, jacrun's jobs)"
 MIN_SECONDS = 0.25
 """Each contender runs for at least this long per round: throughput, not a thread pool's wake-up."""
+SAMPLES = 32
+"""Samples per call of every contender."""
+GRIDS = (32, 64, 128, 256)
+ASDEX = ("asdex loop", "asdex vmap")
+JACRUN = ("built-in", "NumPy Function", "jax adapter", "torch adapter")
+COLUMNS = (*JACRUN, *ASDEX, "jax dense", "torch dense")
 
 
 @dataclass
 class SparseRow:
+    residual: Residual
     grid: int
     nnz: int
     colours: int
     rates: dict[str, float]
     """Jacobians per second of each contender."""
     their_colours: int | None = None
-    errors: dict[str, float] | None = None
+    errors: dict[str, float] = field(default_factory=dict)
+    """Each contender's Jacobian of sample 0 against the NumPy path's (relative, every entry)."""
+    fused_errors: dict[str, float] = field(default_factory=dict)
+    """Each adapter's fused nonzeros against its general path (relative)."""
+    fill_bytes_per_second: float | None = None
+
+    def best_asdex(self) -> float | None:
+        rates = [self.rates[name] for name in ASDEX if name in self.rates]
+        return max(rates) if rates else None
+
+    def against_asdex(self, name: str) -> float | None:
+        best = self.best_asdex()
+        return self.rates[name] / best if best and name in self.rates else None
+
+    def write_share(self) -> float | None:
+        """Bytes of nonzeros the built-in writes per second, over the fill's."""
+        if self.fill_bytes_per_second is None or "built-in" not in self.rates:
+            return None
+        return self.rates["built-in"] * self.nnz * 8 / self.fill_bytes_per_second
 
 
-def _jax_bratu(grid: int):
-    import jax.numpy as jnp
+class _GeneralPath:
+    """``f`` on the general path: its kernel on the seeds in ranges, then the gather (no
+    ``sparse_nonzeros`` shortcut, no fused path)."""
 
-    h2 = 1.0 / (grid + 1) ** 2
+    def __init__(self, f) -> None:
+        self.f, self.dtype = f, f.dtype
 
-    def residual(u):
-        v = u.reshape(grid, grid)
-        p = jnp.pad(v, 1)
-        r = 4 * v - p[:-2, 1:-1] - p[2:, 1:-1] - p[1:-1, :-2] - p[1:-1, 2:] - LAM * h2 * jnp.exp(v)
-        return r.ravel()
+    def fused_nonzeros(self, x, sparse, out=None, outputs=True) -> None:
+        return None
 
-    return residual
+    def fused_work_bytes(self, sparse, rows) -> None:
+        return None
+
+    def sparse_nonzeros(self, x, sparse, out, outputs=True):
+        return sparse.gather_products(self.f, x, out)
 
 
-def _torch_bratu(grid: int):
-    import torch
+def _fill_probe(out: np.ndarray) -> Callable[[], None]:
+    """Fill ``out`` in row ranges on the kernel threads, as the built-in writes its nonzeros."""
+    from jacrun.functions.parallel import for_row_ranges, kernel_threads
 
-    h2 = 1.0 / (grid + 1) ** 2
+    rows = out.shape[0]
+    threads = max(1, min(kernel_threads(), rows))
+    span = -(-rows // threads)
 
-    def residual(u):
-        v = u.reshape(grid, grid)
-        p = torch.nn.functional.pad(v, (1, 1, 1, 1))
-        r = 4 * v - p[:-2, 1:-1] - p[2:, 1:-1] - p[1:-1, :-2] - p[1:-1, 2:] - LAM * h2 * torch.exp(v)
-        return r.reshape(-1)
+    def fill(start: int, stop: int, slot: int) -> None:
+        out[start:stop].fill(-1.0)
 
-    return residual
+    return lambda: for_row_ranges(rows, threads, span, fill)
 
 
 def bench_grid(
-    grid: int, samples: int, reps: int, frameworks: set[str], log: Callable[[str], None]
+    residual: Residual, grid: int, samples: int, reps: int, frameworks: set[str], log: Callable[[str], None]
 ) -> SparseRow:
-    """One row: jacrun, asdex and (small grids) dense jax/torch on ``samples`` inputs."""
-    from jacrun.functions import build_function
+    """One row: every contender on ``samples`` inputs of ``residual`` on an L x L grid."""
     from jacrun.sources import random_rows
     from jacrun.sparsity import choose
 
-    f = build_function({"kind": "bratu", "grid": grid, "lam": LAM})
-    n = f.n_in
-    sparse = choose(f.sparsity(), "auto", "declared")
+    numpy_f = residuals.builtin_bratu(grid) if residual == "bratu" else residuals.numpy_allen_cahn(grid)
+    n = numpy_f.n_in
+    sparse = choose(numpy_f.sparsity(), "auto", "declared")
     x = random_rows("uniform", 1, 1, 0, samples, n)
     out = np.empty((samples, sparse.nnz))
-    products = _ProductsOnly(f)
+    general = _GeneralPath(numpy_f)
     contenders: dict[str, Callable[[], Any]] = {
-        "jacrun": lambda: sparse.evaluate(f, x, out=out, outputs=False),
-        "jacrun products": lambda: sparse.evaluate(products, x, out=out, outputs=False),
+        "NumPy Function": lambda: sparse.evaluate(general, x, out=out, outputs=False)
     }
-    counts = {"jacrun": samples, "jacrun products": samples}
+    reference = sparse.evaluate(general, x[:4])[1]  # sample 0's is the one every contender matches
     check: dict[str, Callable[[], Any]] = {}  # name -> sample 0's Jacobian, theirs
+    fused_errors: dict[str, float] = {}
+    if residual == "bratu":
+        contenders["built-in"] = lambda: sparse.evaluate(numpy_f, x, out=out, outputs=False)
+        contenders["fill"] = _fill_probe(out)
+        check["built-in"] = lambda: sparse.csr(sparse.evaluate(numpy_f, x[:1])[1][0])
+    counts = dict.fromkeys(contenders, samples)
+    for backend in ("jax", "torch"):
+        if backend in frameworks:
+            f = residuals.adapter(residual, backend, grid)
+            name = f"{backend} adapter"
+            contenders[name] = lambda f=f: sparse.evaluate(f, x, out=out, outputs=False)
+            counts[name] = samples
+            fused = sparse.evaluate(f, x[:4])[1]
+            check[name] = lambda fused=fused: sparse.csr(fused[0])
+            fused_errors[name] = _relative(fused, sparse.evaluate(_GeneralPath(f), x[:4])[1])
     their_colours = None
     if "jax" in frameworks:
-        import jax
+        their_colours = _asdex(residual, grid, x, contenders, counts, check)
+        if residual == "bratu" and n * n * 8 * min(samples, 16) < 1 << 30:
+            import jax
 
-        jax.config.update("jax_enable_x64", True)
-        residual = _jax_bratu(grid)
-        try:
-            import asdex
-        except ImportError:
-            asdex = None
-        if asdex is not None:
-            colouring = asdex.jacobian_coloring(residual, np.zeros(n))
-            their_colours = int(colouring.num_colors)
-            jac = jax.jit(asdex.jacobian_from_coloring(residual, colouring))
-            counts["asdex"] = count = min(samples, 64)
-
-            def run_asdex() -> None:
-                for i in range(count):
-                    last = jac(x[i])
-                jax.block_until_ready(last)
-
-            contenders["asdex"] = run_asdex
-            check["asdex"] = lambda: _bcoo_to_csr(jac(x[0]))
-        if n * n * 8 * min(samples, 16) < 1 << 30:
-            dense = jax.jit(jax.vmap(jax.jacfwd(residual)))
+            dense = jax.jit(jax.vmap(jax.jacfwd(residuals.plain(residual, "jax", grid))))
             batch = x[: min(samples, 16)]
             counts["jax dense"] = len(batch)
             contenders["jax dense"] = lambda: jax.block_until_ready(dense(batch))
             check["jax dense"] = lambda: np.asarray(dense(batch)[0])
-    if "torch" in frameworks and n <= 1024:  # dense torch: 22 Jacobians/s at n = 1024
+    if "torch" in frameworks and residual == "bratu" and n <= 1024:  # dense torch: 22 J/s at n = 1024
         import torch
         from torch.func import jacfwd, vmap
 
-        dense_t = vmap(jacfwd(_torch_bratu(grid)))
+        dense_t = vmap(jacfwd(residuals.plain(residual, "torch", grid)))
         batch_t = torch.from_numpy(x[: min(samples, 4)])
         counts["torch dense"] = len(batch_t)
         contenders["torch dense"] = lambda: dense_t(batch_t)
         check["torch dense"] = lambda: dense_t(batch_t)[0].numpy()
     seconds = rounds(contenders, reps, warmup=1, min_seconds=MIN_SECONDS)
-    rates = {name: counts[name] / seconds[name] for name in contenders}
+    fill = seconds.pop("fill", None)
+    rates = {name: counts[name] / value for name, value in seconds.items()}
     for name, rate in rates.items():
-        log(f"  L={grid}: {name} {rate:,.0f} Jacobians/s")
-    sparse.evaluate(f, x[:1], out=out[:1])  # the `jacrun` row's Jacobian, which the others match
-    errors = {name: _nonzero_error(sparse, out[0], theirs()) for name, theirs in check.items()}
-    theirs = sparse.csr(sparse.evaluate(products, x[:1])[1][0])
-    errors["jacrun products"] = _nonzero_error(sparse, out[0], theirs)
-    return SparseRow(grid, sparse.nnz, sparse.n_colours, rates, their_colours, errors)
+        log(f"  {residual} L={grid}: {name} {rate:,.0f} Jacobians/s")
+    errors = {name: _nonzero_error(sparse, reference[0], theirs()) for name, theirs in check.items()}
+    return SparseRow(
+        residual,
+        grid,
+        sparse.nnz,
+        sparse.n_colours,
+        rates,
+        their_colours,
+        errors,
+        fused_errors,
+        None if fill is None else out.nbytes / fill,
+    )
 
 
-class _ProductsOnly:
-    """``f`` without its ``sparse_nonzeros``: its kernel on the seeds, then the gather."""
+def _asdex(residual: Residual, grid: int, x: np.ndarray, contenders, counts, check) -> int | None:
+    """Add asdex's two uses to ``contenders``; its colours (None without asdex)."""
+    try:
+        import asdex
+    except ImportError:
+        return None
+    import jax
 
-    def __init__(self, f) -> None:
-        self.dtype, self.jvp_batch, self.vjp_batch = f.dtype, f.jvp_batch, f.vjp_batch
+    f = residuals.plain(residual, "jax", grid)
+    colouring = asdex.jacobian_coloring(f, np.zeros(x.shape[1]))
+    one = asdex.jacobian_from_coloring(f, colouring)
+    loop, batched = jax.jit(one), jax.jit(jax.vmap(one))
 
-    def sparse_nonzeros(self, x, sparse, out, outputs=True):
-        return sparse.gather_products(self, x, out)
+    def run_loop() -> None:  # every sample's Jacobian kept, as each contender returns them all
+        jax.block_until_ready([loop(row) for row in x])
+
+    contenders["asdex loop"] = run_loop
+    contenders["asdex vmap"] = lambda: jax.block_until_ready(batched(x))
+    counts["asdex loop"] = counts["asdex vmap"] = len(x)
+    check["asdex loop"] = lambda: _bcoo_to_csr(loop(x[0]))
+    check["asdex vmap"] = lambda: _bcoo_to_csr(batched(x[:2]), sample=0)
+    return int(colouring.num_colors)
 
 
-def _bcoo_to_csr(matrix) -> sp.csr_array:
-    """A JAX BCOO matrix as a scipy CSR one (without densifying it)."""
+def _bcoo_to_csr(matrix, sample: int | None = None) -> sp.csr_array:
+    """A JAX BCOO matrix (or ``sample`` of a batch of them) as a scipy CSR one, not densified."""
     indices = np.asarray(matrix.indices)
     data = np.asarray(matrix.data)
-    return sp.csr_array((data, (indices[:, 0], indices[:, 1])), shape=matrix.shape)
+    shape = matrix.shape
+    if sample is not None:
+        indices, data, shape = indices[sample], data[sample], shape[1:]
+    return sp.csr_array((data, (indices[:, 0], indices[:, 1])), shape=shape)
 
 
 def _nonzero_error(sparse, values: np.ndarray, theirs) -> float:
@@ -178,259 +229,193 @@ def _nonzero_error(sparse, values: np.ndarray, theirs) -> float:
     return float(difference.max() / abs(ours).max())
 
 
-# ---- the job ---------------------------------------------------------------------------------
-
-
-@dataclass
-class SparseJob:
-    grid: int
-    samples: int
-    blocks: int
-    nonzeros: int
-    seconds: float
-    ok: bool
-    projected: int
-    peak_increase: int
-    store_bytes: int
-    killed_after: int
-    resumed_blocks: int
-    resume_ok: bool
-    max_error: float
-
-
-def job_config(grid: int, samples: int, store: Path, chunk: int | str) -> dict[str, Any]:
-    return {
-        "name": f"bench-sparse-{grid}",
-        "mode": "jacobian",
-        "function": {"kind": "bratu", "grid": grid, "lam": LAM},
-        "inputs": {"kind": "random", "samples": samples, "distribution": "uniform", "seed": 1},
-        "output": {"store": str(store), "save_outputs": False},
-        "chunks": {"samples": chunk},
-        "cluster": {"kind": "local", "workers": 2, "memory_limit": "4GiB", "dashboard": None},
-    }
-
-
-def bench_job(
-    grid: int, samples: int, chunk: int | str, folder: Path, log: Callable[[str], None]
-) -> SparseJob:
-    """The job once through ``jacrun.submit`` on a 2-worker local cluster (workers' memory
-    sampled), then from the command line in a subprocess killed part-way and resumed; the
-    resumed store is checked against the kernel."""
-    import yaml
-    import zarr
-
-    import jacrun
-    from jacrun.functions import build_function
-    from jacrun.sources import RandomRows
-    from jacrun.sparsity import choose
-
-    store = folder / f"sparse-{grid}.zarr"
-    settings = job_config(grid, samples, store, chunk)
-    from jacrun_bench.e2e import local_cluster
-
-    with local_cluster() as (address, fresh_workers, _):
-        pids = fresh_workers()
-        config = jacrun.config_from_dict(settings)
-        sampler = _WorkerMemory(pids)
-        start = time.perf_counter()
-        with sampler:
-            summary = jacrun.submit(config, progress=False, scheduler=address)
-        seconds = time.perf_counter() - start
-    attrs = jacrun.store.read_attrs(store)
-    plan = attrs["plan"]
-    store_bytes = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
-    log(f"  job: {samples} samples in {seconds:.1f} s, peak +{sampler.peak_increase / 2**20:.0f} MiB")
-
-    shutil.rmtree(store)
-    path = folder / "sparse-job.yaml"
-    path.write_text(yaml.safe_dump(settings))
-    command = [sys.executable, "-m", "jacrun", "submit", str(path), "--quiet"]
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    proc = subprocess.Popen(command, start_new_session=True, **quiet)
-    target = max(1, plan["n_blocks"] // 3)
-    while _markers(store) < target and proc.poll() is None:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_after = _markers(store)
-    again = subprocess.run(command, capture_output=True, text=True)
-    resumed = _markers(store) - killed_after
-    complete = again.returncode == 0 and _markers(store) == plan["n_blocks"]
-    f = build_function({"kind": "bratu", "grid": grid, "lam": LAM})
-    sparse = choose(f.sparsity(), "auto", "declared")
-    rows = np.linspace(0, samples - 1, 8).astype(int)
-    stored = zarr.open_group(str(store), mode="r")["jacobian"].get_orthogonal_selection((rows, slice(None)))
-    inputs = RandomRows(samples, f.n_in, "uniform", 1)
-    x = np.stack([inputs.read(int(r), int(r) + 1, f.dtype)[0] for r in rows])
-    expected = sparse.evaluate(f, x)[1]
-    error = float(np.max(np.abs(stored - expected)) / np.max(np.abs(expected)))
-    shutil.rmtree(store, ignore_errors=True)
-    log(f"  killed after {killed_after} of {plan['n_blocks']} blocks; resumed {resumed}")
-    return SparseJob(
-        grid=grid,
-        samples=samples,
-        blocks=plan["n_blocks"],
-        nonzeros=samples * plan["nnz"],
-        seconds=seconds,
-        ok=summary.ok,
-        projected=plan["memory_per_block"],
-        peak_increase=sampler.peak_increase,
-        store_bytes=store_bytes,
-        killed_after=killed_after,
-        resumed_blocks=resumed,
-        resume_ok=complete,
-        max_error=error,
-    )
-
-
-def _markers(store: Path) -> int:
-    import zarr
-
-    try:
-        return int(zarr.open_group(str(store), mode="r")["_blocks"][...].sum())
-    except Exception:  # noqa: BLE001 - not created yet
-        return 0
-
-
-class _WorkerMemory:
-    """The largest growth of a worker's resident memory over its idle (warm) size."""
-
-    def __init__(self, pids: list[int]) -> None:
-        from jacrun_bench.memory import RssSampler
-
-        self.sampler = RssSampler(pids)
-        self.idle = self.sampler.current()
-        self.peak_increase = 0
-
-    def __enter__(self) -> _WorkerMemory:
-        self.sampler.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.sampler.__exit__(*exc)
-        self.peak_increase = max(self.sampler.peak[pid] - idle for pid, idle in self.idle.items())
+def _relative(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 # ---- report ----------------------------------------------------------------------------------
 
 
 def table(rows: list[SparseRow]) -> str:
-    names = ["jacrun", "jacrun products", "asdex", "jax dense", "torch dense"]
+    """Jacobians per second of every contender, and jacrun's against the better asdex."""
+    names = [name for name in COLUMNS if any(name in row.rates for row in rows)]
+    ours = [name for name in JACRUN if name in names]
     lines = [
         "| L | n | nonzeros | colours (jacrun / asdex) | "
         + " | ".join(f"{name} J/s" for name in names)
-        + " | jacrun / asdex | jacrun products / asdex | jacrun / jax dense | agreement |",
-        "|---|---|---|---|" + "---|" * len(names) + "---|---|---|---|",
+        + " | "
+        + " | ".join(f"{name} / best asdex" for name in ours)
+        + " | agreement |",
+        "|---|---|---|---|" + "---:|" * len(names) + "---|" * len(ours) + "---|",
     ]
     for row in rows:
         rates = [f"{row.rates[name]:,.0f}" if name in row.rates else "-" for name in names]
-        ratio = {k: _ratio(row, "jacrun", k) for k in names[2:4]}
-        products = _ratio(row, "jacrun products", "asdex")
-        errors = (row.errors or {}).values()
-        worst = f"{max(errors):.1e}" if errors else "-"
+        ratios = [_fmt(row.against_asdex(name)) for name in ours]
+        worst = f"{max(row.errors.values()):.1e}" if row.errors else "-"
         lines.append(
             f"| {row.grid} | {row.grid**2:,} | {row.nnz:,} | {row.colours} / {row.their_colours or '-'} | "
             + " | ".join(rates)
-            + f" | {ratio['asdex']} | {products} | {ratio['jax dense']} | {worst} |"
+            + " | "
+            + " | ".join(ratios)
+            + f" | {worst} |"
         )
     return "\n".join(lines)
 
 
-def _ratio(row: SparseRow, ours: str, theirs: str) -> str:
-    return f"{row.rates[ours] / row.rates[theirs]:.2f}x" if theirs in row.rates else "-"
+def write_table(rows: list[SparseRow]) -> str:
+    """The built-in's nonzeros written per second against the fill's bandwidth."""
+    lines = [
+        "| L | built-in J/s | nonzeros written | fill bandwidth | share |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        share = row.write_share()
+        if share is None or row.fill_bytes_per_second is None:
+            continue
+        written = row.rates["built-in"] * row.nnz * 8
+        lines.append(
+            f"| {row.grid} | {row.rates['built-in']:,.0f} | {written / 1e9:.2f} GB/s | "
+            f"{row.fill_bytes_per_second / 1e9:.2f} GB/s | {share:.0%} |"
+        )
+    return "\n".join(lines)
 
 
-def job_table(job: SparseJob) -> str:
-    memory = f"{job.projected / 2**20:.0f} / {job.peak_increase / 2**20:.0f} MiB"
-    within = "within" if job.peak_increase <= job.projected else "OVER"
-    resumed = "complete" if job.resume_ok else "INCOMPLETE"
-    return "\n".join(
-        [
-            "| samples | nonzeros | blocks | seconds | Jacobians/s | projected / peak memory per worker "
-            "| store | kill, resume |",
-            "|---|---|---|---|---|---|---|---|",
-            f"| {job.samples:,} | {job.nonzeros / 1e6:,.0f} M | {job.blocks} | {job.seconds:.1f} | "
-            f"{job.samples / job.seconds:,.0f} | {memory} ({within}) | {job.store_bytes / 2**20:,.0f} MiB | "
-            f"killed after {job.killed_after} of {job.blocks} blocks, resumed {job.resumed_blocks} "
-            f"({resumed}), values within {job.max_error:.1e} of the kernel |",
-        ]
-    )
+def _fmt(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
 
 
 @dataclass
 class SparseResult:
     rows: list[SparseRow]
-    job: SparseJob
+    jobs: list[SparseJob]
     reps: int
+    samples: int
 
 
 def measure(ctx: Context) -> SparseResult:
     frameworks = {name for name, version in ctx.frameworks.items() if usable(version)}
-    grids = (8, 16) if ctx.quick else (32, 64, 128, 256)
-    reps = ctx.shapes.reps  # 7 (--quick: 3), or --reps
-    rows = []
-    for grid in grids:
-        samples = 8 if ctx.quick else max(8, min(512, 2**22 // grid**2))
-        rows.append(bench_grid(grid, samples, reps, frameworks, ctx.log))
-    job_grid, job_samples, chunk = (8, 100, 20) if ctx.quick else (256, 2000, "auto")
-    with tempfile.TemporaryDirectory() as folder:
-        job = bench_job(job_grid, job_samples, chunk, Path(folder), ctx.log)
-    return SparseResult(rows, job, reps)
+    grids = (8,) if ctx.quick else GRIDS
+    reps = 1 if ctx.quick else ctx.shapes.reps
+    samples = 4 if ctx.quick else SAMPLES
+    rows = [
+        bench_grid(residual, grid, samples, reps, frameworks, ctx.log)
+        for residual in residuals.RESIDUALS
+        for grid in grids
+    ]
+    jobs = []
+    with tempfile.TemporaryDirectory() as folder, local_cluster() as (address, fresh_workers, _):
+        cluster = (address, fresh_workers)
+        bratu = (8, 100, 20) if ctx.quick else (256, 2000, "auto")
+        jobs.append(bench_bratu_job(*bratu, Path(folder), cluster, ctx.log))
+        if "jax" in frameworks:
+            jax_job = (8, 40, 20) if ctx.quick else (128, 1000, "auto")
+            jobs.append(bench_jax_job(*jax_job, Path(folder), cluster, ctx.log))
+    return SparseResult(rows, jobs, reps, samples)
 
 
 def render(result: SparseResult, ctx: Context) -> str:
-    job = result.job
-    return "\n".join(
-        [
-            f"Jacobians per second in process, medians of {result.reps} rounds of at least "
-            f"{MIN_SECONDS} s each; jacrun on every core "
-            "into a reused buffer, asdex one sample at a time (jit), dense jax/torch on a batch where "
-            "it fits. `jacrun` is what a `bratu` job runs (the gathered products formed directly); "
-            "`jacrun products` is the path of any other function (its VJPs on the seeds, then the "
-            "gather). `agreement`: the largest entry difference from jacrun's Jacobian, relative to "
-            "its largest entry.",
+    by_residual = {name: [row for row in result.rows if row.residual == name] for name in residuals.RESIDUALS}
+    rates = {}
+    for job in result.jobs:
+        name = "built-in" if job.what == "bratu" else "jax adapter"
+        residual = "bratu" if job.what == "bratu" else "9-point"
+        row = next((r for r in by_residual[residual] if r.grid == job.grid), None)
+        if row is not None and name in row.rates:
+            rates[job.what] = row.rates[name]
+    fused = [e for row in result.rows for e in row.fused_errors.values()]
+    parts = [
+        f"Jacobians per second in process on {result.samples} samples, medians of {result.reps} "
+        f"rounds of at least {MIN_SECONDS} s each. jacrun's rows are `SparseJacobian.evaluate` as a "
+        "block runs it: `built-in` is bratu's own nonzeros, `NumPy Function` the general path "
+        "(products on the seeds, then the gather), `jax adapter` and `torch adapter` the fused "
+        "path of `autodiff: jax | torch`. asdex runs one sample at a time under `jit` (loop) and "
+        "`jax.jit(jax.vmap(...))` over the batch (vmap); `/ best asdex` divides by the better of "
+        "the two. `agreement`: the largest entry difference from the NumPy path's Jacobian, "
+        "relative to its largest entry."
+        + (
+            f" The fused nonzeros agree with each adapter's general path to {max(fused):.1e}."
+            if fused
+            else ""
+        ),
+    ]
+    for residual, rows in by_residual.items():
+        if rows:
+            parts += ["", f"**{residual}**", "", table(rows)]
+    writes = write_table(by_residual["bratu"])
+    if len(writes.splitlines()) > 2:
+        parts += [
             "",
-            table(result.rows),
+            "The built-in's nonzeros (8 bytes each) written per second, against `ndarray.fill` of "
+            "a buffer of the same size in row ranges on the same kernel threads, timed in the same rounds:",
             "",
-            f"One job through `jacrun.submit` (L = {job.grid}, 2 workers), then killed part-way and "
-            "resumed from the command line:",
-            "",
-            job_table(job),
+            writes,
         ]
-    )
+    parts += [
+        "",
+        "Jobs through `jacrun.submit` on a fresh 2-worker local cluster (`save_outputs: false`); "
+        "`of in-process` divides by the row of the same L above (all cores, one process); the "
+        "bratu job is then killed part-way and resumed from the command line:",
+        "",
+        job_table(result.jobs, rates),
+    ]
+    return "\n".join(parts)
 
 
 def targets(result: SparseResult | None) -> list[Target]:
     if result is None:
         return []
-    by_grid = {row.grid: row for row in result.rows}
     out = []
-    for grid in (128, 256):
-        row = by_grid.get(grid)
-        ratio = row.rates["jacrun"] / row.rates["asdex"] if row and "asdex" in row.rates else None
-        out.append(Target(f"bratu L={grid}: >= 2x asdex Jacobians/s (bratu's own nonzeros)", ratio, 2.0))
-        fewer = None if row is None or row.their_colours is None else row.their_colours - row.colours
+    for row in result.rows:
+        label = f"{row.residual} L={row.grid}"
+        if row.residual == "bratu":
+            out.append(
+                Target(f"{label}: built-in >= 1.3x the better asdex", row.against_asdex("built-in"), 1.3)
+            )
         out.append(
-            Target(f"bratu L={grid}: colours no more than asdex's (asdex - jacrun)", fewer, 0, "{:+.0f}")
+            Target(f"{label}: jax adapter >= 1.0x the better asdex", row.against_asdex("jax adapter"), 1.0)
         )
-    row = by_grid.get(32)
-    dense = row.rates["jacrun"] / row.rates["jax dense"] if row and "jax dense" in row.rates else None
-    out.append(Target("bratu L=32: >= 100x dense jax.vmap(jax.jacfwd)", dense, 100.0, "{:.0f}x"))
-    job = result.job
-    out.append(
-        Target(
-            "sparse job: peak worker memory / projection",
-            job.peak_increase / job.projected,
-            1.0,
-            "{:.2f}",
-            below=True,
+        fewer = None if row.their_colours is None else row.their_colours - row.colours
+        out.append(Target(f"{label}: colours no more than asdex's (asdex - jacrun)", fewer, 0, "{:+.0f}"))
+    dense = next((row for row in result.rows if row.residual == "bratu" and "jax dense" in row.rates), None)
+    if dense is not None and "built-in" in dense.rates:
+        value = dense.rates["built-in"] / dense.rates["jax dense"]
+        out.append(
+            Target(f"bratu L={dense.grid}: >= 100x dense jax.vmap(jax.jacfwd)", value, 100.0, "{:.0f}x")
         )
-    )
-    out.append(Target("sparse job: resumed after a kill (1 = complete)", float(job.resume_ok), 1.0, "{:.0f}"))
-    errors = [e for row in result.rows for e in (row.errors or {}).values()] + [job.max_error]
+    for job in result.jobs:
+        out.append(
+            Target(
+                f"sparse job ({job.what}): peak worker memory / projection",
+                job.peak_increase / job.projected,
+                1.0,
+                "{:.2f}",
+                below=True,
+            )
+        )
+        if job.resume_ok is not None:
+            out.append(
+                Target(
+                    f"sparse job ({job.what}): resumed after a kill (1 = complete)",
+                    float(job.resume_ok),
+                    1.0,
+                    "{:.0f}",
+                )
+            )
+    errors = [e for row in result.rows for e in row.errors.values()] + [job.max_error for job in result.jobs]
     out.append(
         Target(
             "values agree with dense Jacobians (max relative error)", max(errors), 1e-12, "{:.1e}", below=True
         )
     )
+    fused = [e for row in result.rows for e in row.fused_errors.values()]
+    if fused:
+        out.append(
+            Target(
+                "fused nonzeros agree with the general path (max relative error)",
+                max(fused),
+                1e-15,
+                "{:.1e}",
+                below=True,
+            )
+        )
     return out

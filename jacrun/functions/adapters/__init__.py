@@ -60,8 +60,9 @@ if TYPE_CHECKING:
     from jacrun.functions.python import PythonSpec
     from jacrun.sparsity import SparseJacobian
 
-Fused = Callable[[np.ndarray, bool], tuple[Any, np.ndarray]]
-"""A backend's fused sparse kernel for one colouring: (x (B, n), outputs) -> (y or None, nonzeros)."""
+Fused = Callable[[np.ndarray, bool, "np.ndarray | None"], tuple[Any, np.ndarray]]
+"""A backend's fused sparse kernel for one colouring: (x (B, n), outputs, out) -> (y or None,
+nonzeros (B, nnz), in ``out`` when given)."""
 
 _FUSED_LOCK = threading.Lock()
 
@@ -221,13 +222,13 @@ class AutodiffFunction(Function):
         raise NotImplementedError
 
     def fused_nonzeros(
-        self, x: np.ndarray, sparse: SparseJacobian, outputs: bool = True
+        self, x: np.ndarray, sparse: SparseJacobian, out: np.ndarray | None = None, outputs: bool = True
     ) -> tuple[np.ndarray | None, np.ndarray] | None:
-        """The whole block in one framework computation: ``jvp`` (fwd) or ``vjp`` (rev) of f
-        for every colour's seed, and the gather by the index map, compiled together."""
+        """The block in framework computations of :meth:`fused_rows` rows each: ``jvp`` (fwd)
+        or ``vjp`` (rev) of f for every colour's seed and the gather by the index map together."""
         if not self.fuses:
             return None
-        return self._fused_kernel(sparse)(x, outputs)
+        return self._fused_kernel(sparse)(x, outputs, out)
 
     def fused_work_bytes(self, sparse: SparseJacobian, rows: int) -> int | None:
         """x as the framework's array; per framework call (:meth:`fused_rows`) the compressed

@@ -41,6 +41,12 @@ if TYPE_CHECKING:
 
 TARGET_CLASSES: tuple[type, ...] = ()
 
+FUSED_CALL_BYTES = 4 << 20
+"""XLA's buffers (compressed products and nonzeros) of one call of the fused sparse kernel.
+XLA allocates them afresh on every call: below malloc's mmap threshold (4 MiB on jacrun's
+workers, :mod:`jacrun.memory`) they come from the reused heap; above it, every call faults
+in fresh pages, which made whole blocks at L = 256 several times slower than ranges."""
+
 # the backend hooks the adapter package looks up (shared with the other NumPy-array backend)
 factory_dtype = numpy_factory_dtype
 prepare = weights_unsupported
@@ -73,9 +79,14 @@ class JaxFunction(AutodiffFunction):
 
     def _fuse(self, sparse: SparseJacobian) -> Fused:
         """One ``jax.jit`` function: the shared-vector kernel of ``sparse``'s direction on the
-        C seeds (the products (B, C, w), as ``jvp_batch`` / ``vjp_batch`` compute them), then
-        the gather by the index map, inside the same computation; compiled per block shape.
-        The seeds and the index map are device arrays kept with it."""
+        C seeds (the products (rows, C, w), as ``jvp_batch`` / ``vjp_batch`` compute them),
+        then the gather by the index map, inside the same computation, compiled per shape.
+        The seeds and the index map are device arrays kept with it.
+
+        It runs on ranges of :meth:`fused_rows` rows, one after the other on XLA's threads; a
+        block that is one range gets XLA's own buffer back (no copy), otherwise each range's
+        nonzeros are copied into the block's.
+        """
         products = self._shared_kernels[sparse.direction]
         seeds = jnp.asarray(sparse.seeds(0, sparse.n_colours, self.dtype))
         flat = sparse.n_colours * sparse.product_width
@@ -88,16 +99,32 @@ class JaxFunction(AutodiffFunction):
 
         compiled = {
             True: jax.jit(nonzeros),
-            False: jax.jit(lambda x, seeds, index: nonzeros(x, seeds, index)[1]),
+            False: jax.jit(lambda x, seeds, index: (None, nonzeros(x, seeds, index)[1])),
         }
 
-        def run(x: np.ndarray, outputs: bool) -> tuple[np.ndarray | None, np.ndarray]:
-            if outputs:
-                y, values = compiled[True](x, seeds, index)
-                return np.asarray(y), np.asarray(values)
-            return None, np.asarray(compiled[False](x, seeds, index))
+        def run(x: np.ndarray, outputs: bool, out: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray]:
+            rows = x.shape[0]
+            span = self.fused_rows(sparse, rows)
+            if span >= rows and out is None:
+                y, values = compiled[outputs](x, seeds, index)
+                return (np.asarray(y) if outputs else None), np.asarray(values)
+            values = np.empty((rows, sparse.nnz), self.dtype) if out is None else out
+            y = np.empty((rows, self.n_out), self.dtype) if outputs else None
+            for start in range(0, rows, span):
+                stop = min(start + span, rows)
+                part, chunk = compiled[outputs](x[start:stop], seeds, index)
+                np.copyto(values[start:stop], np.asarray(chunk))
+                if y is not None:
+                    y[start:stop] = np.asarray(part)
+            return y, values
 
         return run
+
+    def fused_rows(self, sparse: SparseJacobian, rows: int) -> int:
+        """Rows per call: XLA's buffers of one call (the compressed products and the nonzeros)
+        within :data:`FUSED_CALL_BYTES`."""
+        per_row = (sparse.n_colours * sparse.product_width + sparse.nnz) * self.dtype.itemsize
+        return max(1, min(rows, FUSED_CALL_BYTES // max(per_row, 1)))
 
     def forward_batch(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self._forward(x))

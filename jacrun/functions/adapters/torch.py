@@ -147,10 +147,12 @@ class TorchFunction(AutodiffFunction):
             y, pullback = vjp(f, xt)
             return y, vmap(lambda vk: pullback(vk)[0], in_dims=1, out_dims=1)(vectors)
 
-        def run(x: np.ndarray, outputs: bool) -> tuple[np.ndarray | None, np.ndarray]:
+        def run(x: np.ndarray, outputs: bool, out: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray]:
             xt = _tensor(x)
             rows = xt.shape[0]
-            values = torch.empty((rows, sparse.nnz), dtype=DTYPES[self.dtype])
+            if out is None:
+                out = np.empty((rows, sparse.nnz), self.dtype)
+            values = torch.from_numpy(out)
             y = torch.empty((rows, self.n_out), dtype=values.dtype) if outputs else None
             for start in range(0, rows, span):
                 stop = min(start + span, rows)
@@ -158,7 +160,7 @@ class TorchFunction(AutodiffFunction):
                 torch.index_select(compressed.reshape(stop - start, -1), 1, index, out=values[start:stop])
                 if y is not None:
                     y[start:stop] = part
-            return (None if y is None else y.numpy()), values.numpy()
+            return (None if y is None else y.numpy()), out
 
         return run
 
