@@ -86,7 +86,7 @@ def run_job(samples: int, folder: Path, workers: int, chunk: int) -> ReduceJob:
     """One job on a fresh ``workers``-worker local cluster, its workers' memory sampled."""
     import jacrun
     from jacrun_bench.e2e import local_cluster
-    from jacrun_bench.sparse import _WorkerMemory
+    from jacrun_bench.sparse_jobs import _WorkerMemory
 
     store = folder / f"reduce-{samples}-{workers}.zarr"
     with local_cluster(workers) as (address, fresh_workers, _):

@@ -232,17 +232,17 @@ class AutodiffFunction(Function):
 
     def fused_work_bytes(self, sparse: SparseJacobian, rows: int) -> int | None:
         """x as the framework's array; per framework call (:meth:`fused_rows`) the compressed
-        products (rows, C, w) and the framework's work for C vectors (:meth:`work_bytes`);
-        kept: the seeds and the index map, NumPy's and the framework's copies, and the row of
-        every nonzero."""
+        products (rows, C, w), their gathered nonzeros and y before they are copied out, and the
+        framework's work for C vectors (:meth:`work_bytes`); kept: the seeds and the index map,
+        NumPy's and the framework's copies, and the row of every nonzero."""
         if not self.fuses:
             return None
         item, colours = self.dtype.itemsize, sparse.n_colours
         mode: Mode = "jvp" if sparse.direction == "fwd" else "vjp"
         span = self.fused_rows(sparse, rows)
-        products = span * colours * sparse.product_width * item
+        call = span * (colours * sparse.product_width + sparse.nnz + self.n_out) * item
         kept = 2 * colours * sparse.width * item + 3 * sparse.nnz * 8
-        return rows * self.n_in * item + products + self.work_bytes(span, colours, mode) + kept
+        return rows * self.n_in * item + call + self.work_bytes(span, colours, mode) + kept
 
     def fused_rows(self, sparse: SparseJacobian, rows: int) -> int:
         """Rows per framework call of the fused path on a block of ``rows``: all of them."""
