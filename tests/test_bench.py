@@ -224,8 +224,8 @@ def test_sparse_reduce_and_s3_sections(tmp_path: Path) -> None:
         assert "jax adapter / best asdex" in report and "asdex vmap J/s" in report
         assert "The fused nonzeros agree with each adapter's general path to" in report
         assert "| 9-point L=8: jax adapter >= 1.0x the better asdex |" in report
-    (fill,) = [row for row in eights if len(row) == 5]
-    assert fill[2].endswith(" GB/s") and fill[4].endswith("%")
+    (fill,) = [row for row in eights if len(row) == 7]
+    assert fill[2].endswith(" GB/s") and fill[4].endswith("%") and fill[6].endswith("%")
     job = next(row for row in table_rows(report, "bratu") if len(row) == 12)
     assert "(complete)" in job[-1] and "values within" in job[-1]
     assert [row[:2] for row in table_rows(report, "") if row[0] in ("10,000", "80,000")] == [

@@ -17,8 +17,9 @@ per residual and L, every contender on the same ``SAMPLES`` inputs, the Jacobian
   asdex vmap: ``jax.jit(jax.vmap(...))`` of the same over the batch; jacrun is compared with
   the better of the two;
 - jax dense, torch dense (bratu, where a batch of dense Jacobians fits): ``vmap(jacfwd)``;
-- fill (bratu): ``ndarray.fill`` of a buffer the size of the built-in's nonzeros, in row
-  ranges on the kernel threads: the write bandwidth the built-in is measured against.
+- fill (bratu): ``ndarray.fill`` in row ranges on the kernel threads, of the buffer the
+  built-in writes (the bound for that buffer, in cache at small L) and of :data:`LARGE_FILL`
+  bytes (the machine's write bandwidth to memory): what the built-in is measured against.
 
 Every contender's Jacobian is checked against the NumPy path's, and each adapter's fused
 nonzeros against its general path. Then the jobs of :mod:`jacrun_bench.sparse_jobs`.
@@ -50,6 +51,8 @@ MIN_SECONDS = 0.25
 SAMPLES = 32
 """Samples per call of every contender."""
 GRIDS = (32, 64, 128, 256)
+LARGE_FILL = 256 << 20
+"""Bytes of the large fill: far beyond the caches."""
 ASDEX = ("asdex loop", "asdex vmap")
 JACRUN = ("built-in", "NumPy Function", "jax adapter", "torch adapter")
 COLUMNS = (*JACRUN, *ASDEX, "jax dense", "torch dense")
@@ -69,6 +72,9 @@ class SparseRow:
     fused_errors: dict[str, float] = field(default_factory=dict)
     """Each adapter's fused nonzeros against its general path (relative)."""
     fill_bytes_per_second: float | None = None
+    """``ndarray.fill`` of the built-in's buffer, bytes per second."""
+    memory_bytes_per_second: float | None = None
+    """``ndarray.fill`` of :data:`LARGE_FILL` bytes: the write bandwidth to memory."""
 
     def best_asdex(self) -> float | None:
         rates = [self.rates[name] for name in ASDEX if name in self.rates]
@@ -78,11 +84,9 @@ class SparseRow:
         best = self.best_asdex()
         return self.rates[name] / best if best and name in self.rates else None
 
-    def write_share(self) -> float | None:
-        """Bytes of nonzeros the built-in writes per second, over the fill's."""
-        if self.fill_bytes_per_second is None or "built-in" not in self.rates:
-            return None
-        return self.rates["built-in"] * self.nnz * 8 / self.fill_bytes_per_second
+    def written(self) -> float | None:
+        """Bytes of nonzeros the built-in writes per second."""
+        return self.rates["built-in"] * self.nnz * 8 if "built-in" in self.rates else None
 
 
 class _GeneralPath:
@@ -144,6 +148,8 @@ def bench_grid(
     if residual == "bratu":
         contenders["built-in"] = lambda: sparse.evaluate(numpy_f, x, out=out, outputs=False)
         contenders["fill"] = _fill_probe(out)
+        large = np.empty((max(1, LARGE_FILL // out[0].nbytes), sparse.nnz))
+        contenders["large fill"] = _fill_probe(large)
         check["built-in"] = lambda: sparse.csr(sparse.evaluate(numpy_f, x[:1])[1][0])
     counts = dict.fromkeys(contenders, samples)
     for backend in ("jax", "torch"):
@@ -177,6 +183,7 @@ def bench_grid(
         check["torch dense"] = lambda: dense_t(batch_t)[0].numpy()
     seconds = rounds(contenders, reps, warmup=1, min_seconds=min_seconds)
     fill = seconds.pop("fill", None)
+    large_fill = seconds.pop("large fill", None)
     rates = {name: counts[name] / value for name, value in seconds.items()}
     for name, rate in rates.items():
         log(f"  {residual} L={grid}: {name} {rate:,.0f} Jacobians/s")
@@ -191,6 +198,7 @@ def bench_grid(
         errors,
         fused_errors,
         None if fill is None else out.nbytes / fill,
+        None if large_fill is None else large.nbytes / large_fill,
     )
 
 
@@ -269,19 +277,19 @@ def table(rows: list[SparseRow]) -> str:
 
 
 def write_table(rows: list[SparseRow]) -> str:
-    """The built-in's nonzeros written per second against the fill's bandwidth."""
+    """The built-in's nonzeros written per second against the fills' bandwidths."""
     lines = [
-        "| L | built-in J/s | nonzeros written | fill bandwidth | share |",
-        "|---|---:|---:|---:|---:|",
+        "| L | built-in J/s | nonzeros written | fill of that buffer | share | fill of 256 MiB | share |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        share = row.write_share()
-        if share is None or row.fill_bytes_per_second is None:
+        written = row.written()
+        if written is None or row.fill_bytes_per_second is None or row.memory_bytes_per_second is None:
             continue
-        written = row.rates["built-in"] * row.nnz * 8
         lines.append(
             f"| {row.grid} | {row.rates['built-in']:,.0f} | {written / 1e9:.2f} GB/s | "
-            f"{row.fill_bytes_per_second / 1e9:.2f} GB/s | {share:.0%} |"
+            f"{row.fill_bytes_per_second / 1e9:.2f} GB/s | {written / row.fill_bytes_per_second:.0%} | "
+            f"{row.memory_bytes_per_second / 1e9:.2f} GB/s | {written / row.memory_bytes_per_second:.0%} |"
         )
     return "\n".join(lines)
 
@@ -351,8 +359,9 @@ def render(result: SparseResult, ctx: Context) -> str:
     if len(writes.splitlines()) > 2:
         parts += [
             "",
-            "The built-in's nonzeros (8 bytes each) written per second, against `ndarray.fill` of "
-            "a buffer of the same size in row ranges on the same kernel threads, timed in the same rounds:",
+            "The built-in's nonzeros (8 bytes each) written per second, against `ndarray.fill` in "
+            "row ranges on the same kernel threads, timed in the same rounds: of the buffer the "
+            "built-in writes (in cache at small L), and of 256 MiB (the write bandwidth to memory):",
             "",
             writes,
         ]
