@@ -31,26 +31,22 @@ import numpy as np
 from jacrun.functions.adapters import (
     AutodiffFunction,
     Fused,
-    no_width_hint,
-    numpy_factory_dtype,
-    weights_unsupported,
 )
+from jacrun.memory import heap_limit
 
 if TYPE_CHECKING:
     from jacrun.sparsity import SparseJacobian
 
 TARGET_CLASSES: tuple[type, ...] = ()
 
-FUSED_CALL_BYTES = 4 << 20
-"""XLA's buffers (compressed products and nonzeros) of one call of the fused sparse kernel.
-XLA allocates them afresh on every call: below malloc's mmap threshold (4 MiB on jacrun's
-workers, :mod:`jacrun.memory`) they come from the reused heap; above it, every call faults
-in fresh pages, which made whole blocks at L = 256 several times slower than ranges."""
 
-# the backend hooks the adapter package looks up (shared with the other NumPy-array backend)
-factory_dtype = numpy_factory_dtype
-prepare = weights_unsupported
-default_width = no_width_hint
+def fused_call_bytes() -> int:
+    """XLA's buffers (compressed products and nonzeros) of one call of the fused sparse
+    kernel. XLA allocates them afresh on every call: within malloc's reused heap
+    (:func:`jacrun.memory.heap_limit`: 4 MiB on jacrun's workers) they cost nothing more;
+    beyond it every call faults in fresh pages, which made whole blocks of 32 samples at
+    L = 256 (150 MB of buffers) several times slower than ranges of one sample."""
+    return heap_limit()
 
 
 def setup(*, dtype: np.dtype, threads: int | None) -> None:
@@ -92,27 +88,24 @@ class JaxFunction(AutodiffFunction):
         flat = sparse.n_colours * sparse.product_width
         index = jnp.asarray(sparse.index_map.astype(np.int32 if flat < 2**31 else np.int64))
 
-        def nonzeros(x: jax.Array, seeds: jax.Array, index: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def nonzeros(x: jax.Array) -> tuple[jax.Array, jax.Array]:
             y, compressed = products(x, seeds)
             flat = compressed.reshape(compressed.shape[0], -1)
             return y, flat.at[:, index].get(mode="promise_in_bounds", unique_indices=True)
 
-        compiled = {
-            True: jax.jit(nonzeros),
-            False: jax.jit(lambda x, seeds, index: (None, nonzeros(x, seeds, index)[1])),
-        }
+        compiled = {True: jax.jit(nonzeros), False: jax.jit(lambda x: (None, nonzeros(x)[1]))}
 
         def run(x: np.ndarray, outputs: bool, out: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray]:
             rows = x.shape[0]
             span = self.fused_rows(sparse, rows)
             if span >= rows and out is None:
-                y, values = compiled[outputs](x, seeds, index)
+                y, values = compiled[outputs](x)
                 return (np.asarray(y) if outputs else None), np.asarray(values)
             values = np.empty((rows, sparse.nnz), self.dtype) if out is None else out
             y = np.empty((rows, self.n_out), self.dtype) if outputs else None
             for start in range(0, rows, span):
                 stop = min(start + span, rows)
-                part, chunk = compiled[outputs](x[start:stop], seeds, index)
+                part, chunk = compiled[outputs](x[start:stop])
                 np.copyto(values[start:stop], np.asarray(chunk))
                 if y is not None:
                     y[start:stop] = np.asarray(part)
@@ -122,9 +115,9 @@ class JaxFunction(AutodiffFunction):
 
     def fused_rows(self, sparse: SparseJacobian, rows: int) -> int:
         """Rows per call: XLA's buffers of one call (the compressed products and the nonzeros)
-        within :data:`FUSED_CALL_BYTES`."""
+        within :func:`fused_call_bytes`."""
         per_row = (sparse.n_colours * sparse.product_width + sparse.nnz) * self.dtype.itemsize
-        return max(1, min(rows, FUSED_CALL_BYTES // max(per_row, 1)))
+        return max(1, min(rows, fused_call_bytes() // max(per_row, 1)))
 
     def forward_batch(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self._forward(x))
