@@ -204,3 +204,18 @@ def test_sparse_job_of_a_jax_target_through_the_cli(tmp_path, scheduler_address:
     sparse = SparseJacobian.from_pattern(numpy_f.sparsity(), attrs["sparsity"]["mode"], group["colours"][...])
     y, expected = sparse.evaluate(numpy_f, x)
     assert rel_err(group["jacobian"][...], expected) <= 1e-14 and rel_err(group["y"][...], y) <= 1e-14
+
+
+@needs["torch"]
+def test_torch_jvps_on_two_threads_at_once() -> None:
+    """torch's forward-mode AD is per process: the adapter's JVPs take turns (the general path
+    runs kernels on several threads; without the lock, "no level exists")."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    f = adapter("torch", batched=False)
+    x = np.random.default_rng(2).uniform(-1, 1, (4, f.n_in))
+    t = np.random.default_rng(3).standard_normal((4, 9, f.n_in))
+    expected = f.jvp_batch(x, t)[1]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: f.jvp_batch(x, t)[1], range(40)))
+    assert all(np.array_equal(r, expected) for r in results)

@@ -31,6 +31,9 @@ import numpy as np
 from jacrun.functions.adapters import (
     AutodiffFunction,
     Fused,
+    no_width_hint,
+    numpy_factory_dtype,
+    weights_unsupported,
 )
 from jacrun.memory import heap_limit
 
@@ -38,6 +41,11 @@ if TYPE_CHECKING:
     from jacrun.sparsity import SparseJacobian
 
 TARGET_CLASSES: tuple[type, ...] = ()
+
+# the backend hooks the adapter package looks up (shared with the other NumPy-array backend)
+factory_dtype = numpy_factory_dtype
+prepare = weights_unsupported
+default_width = no_width_hint
 
 
 def fused_call_bytes() -> int:

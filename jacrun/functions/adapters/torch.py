@@ -6,7 +6,8 @@ Then, on a block x (B, n) with K vectors:
 - vjp: one ``vjp`` of the batched map (one forward pass), its pullback vmapped over the K
   cotangents: ``vmap(pullback, in_dims=1, out_dims=1)(v)``;
 - jvp: ``jvp`` vmapped over the K tangents; the primal does not depend on them, so the
-  forward pass runs once (``out_dims=(None, 1)``).
+  forward pass runs once (``out_dims=(None, 1)``). torch's forward-mode AD is not thread-safe,
+  so JVPs take a per-process lock.
 
 Arrays cross as zero-copy views (``torch.from_numpy``, ``Tensor.numpy``). A module is moved
 to the config's dtype, put in eval mode (dropout off, batch norm on its running statistics)
@@ -20,6 +21,7 @@ of rows and gathers the nonzeros with ``index_select`` into the block's buffer
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -41,6 +43,10 @@ TARGET_CLASSES: tuple[type, ...] = (nn.Module,)
 """Classes accepted as targets (instantiated with params) and as factory return annotations."""
 
 DTYPES = {np.dtype("float32"): torch.float32, np.dtype("float64"): torch.float64}
+
+_FORWARD_AD = threading.Lock()
+"""torch's forward-mode AD keeps its dual levels per process, not per thread: two threads in
+``torch.func.jvp`` at once fail ("no level exists"), so JVPs run one at a time per process."""
 
 # jacrun passes read-only arrays (inputs, broadcast vectors) and never lets torch write into them.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
@@ -120,7 +126,8 @@ class TorchFunction(AutodiffFunction):
 
     def jvp_batch(self, x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         xt, f = _tensor(x), self._batched
-        y, ydot = vmap(lambda tk: jvp(f, (xt,), (tk,)), in_dims=1, out_dims=(None, 1))(_tensor(t))
+        with _FORWARD_AD:
+            y, ydot = vmap(lambda tk: jvp(f, (xt,), (tk,)), in_dims=1, out_dims=(None, 1))(_tensor(t))
         return _numpy(y), _numpy(ydot)
 
     fuses = True
@@ -143,7 +150,8 @@ class TorchFunction(AutodiffFunction):
         def products(xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             vectors = seeds.expand(xt.shape[0], *seeds.shape)
             if forward:
-                return vmap(lambda tk: jvp(f, (xt,), (tk,)), in_dims=1, out_dims=(None, 1))(vectors)
+                with _FORWARD_AD:
+                    return vmap(lambda tk: jvp(f, (xt,), (tk,)), in_dims=1, out_dims=(None, 1))(vectors)
             y, pullback = vjp(f, xt)
             return y, vmap(lambda vk: pullback(vk)[0], in_dims=1, out_dims=1)(vectors)
 
