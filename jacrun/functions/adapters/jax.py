@@ -48,12 +48,20 @@ prepare = weights_unsupported
 default_width = no_width_hint
 
 
+WHOLE_BLOCK_BYTES = 64 << 20
+"""A block whose XLA buffers (the compressed products, the nonzeros) are each at most this
+large runs in one call, and XLA's nonzeros are the block's (no copy)."""
+
+
 def fused_call_bytes() -> int:
-    """XLA's buffers (compressed products and nonzeros) of one call of the fused sparse
-    kernel. XLA allocates them afresh on every call: within malloc's reused heap
-    (:func:`jacrun.memory.heap_limit`: 4 MiB on jacrun's workers) they cost nothing more;
-    beyond it every call faults in fresh pages, which made whole blocks of 32 samples at
-    L = 256 (150 MB of buffers) several times slower than ranges of one sample."""
+    """The largest of XLA's buffers in one call of the fused sparse kernel on a block beyond
+    :data:`WHOLE_BLOCK_BYTES`: malloc's reused heap (:func:`jacrun.memory.heap_limit`, 4 MiB on
+    jacrun's workers, up to 32 MiB in a process with glibc's defaults).
+
+    XLA allocates its buffers afresh on every call, and beyond that heap every call faults in
+    fresh pages. Measured in process on 32 samples (docs/performance.md): at L = 128 one call
+    for the block (21-37 MB buffers) ran 1.6-2x as fast as ranges copying their nonzeros into
+    the block's; at L = 256 (84-150 MB buffers) ranges ran 1.1-1.3x as fast as one call."""
     return heap_limit()
 
 
@@ -87,9 +95,9 @@ class JaxFunction(AutodiffFunction):
         then the gather by the index map, inside the same computation, compiled per shape.
         The seeds and the index map are device arrays kept with it.
 
-        It runs on ranges of :meth:`fused_rows` rows, one after the other on XLA's threads; a
-        block that is one range gets XLA's own buffer back (no copy), otherwise each range's
-        nonzeros are copied into the block's.
+        It runs on the whole block, or on ranges of :meth:`fused_rows` rows one after the other
+        (on XLA's threads either way); a block that is one call gets XLA's own buffer back (no
+        copy), otherwise each range's nonzeros are copied into the block's.
         """
         products = self._shared_kernels[sparse.direction]
         seeds = jnp.asarray(sparse.seeds(0, sparse.n_colours, self.dtype))
@@ -122,10 +130,13 @@ class JaxFunction(AutodiffFunction):
         return run
 
     def fused_rows(self, sparse: SparseJacobian, rows: int) -> int:
-        """Rows per call: XLA's buffers of one call (the compressed products and the nonzeros)
-        within :func:`fused_call_bytes`."""
-        per_row = (sparse.n_colours * sparse.product_width + sparse.nnz) * self.dtype.itemsize
-        return max(1, min(rows, fused_call_bytes() // max(per_row, 1)))
+        """Rows per call: the whole block while each of XLA's large buffers (the compressed
+        products, the nonzeros) is within :data:`WHOLE_BLOCK_BYTES`, else within
+        :func:`fused_call_bytes`."""
+        per_row = max(sparse.n_colours * sparse.product_width, sparse.nnz, 1) * self.dtype.itemsize
+        if rows * per_row <= WHOLE_BLOCK_BYTES:
+            return rows
+        return max(1, min(rows, fused_call_bytes() // per_row))
 
     def forward_batch(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self._forward(x))
