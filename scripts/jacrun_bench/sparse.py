@@ -11,7 +11,7 @@ per residual and L, every contender on the same ``SAMPLES`` inputs, the Jacobian
   the ``AllenCahn9`` class;
 - jax adapter, torch adapter: ``kind: python`` with ``autodiff: jax | torch`` on the plain
   function, whose blocks take the fused path (``Function.fused_nonzeros``), returning their
-  own arrays as in a block (XLA's buffer when one call covers the samples);
+  own arrays as a block gets them (XLA's buffer where one call covers the samples);
 - asdex loop: ``jax.jit(asdex.jacobian_from_coloring(F, colouring))`` one sample at a time,
   every sample's result kept (a list);
   asdex vmap: ``jax.jit(jax.vmap(...))`` of the same over the batch; jacrun is compared with

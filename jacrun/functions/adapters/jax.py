@@ -97,7 +97,7 @@ class JaxFunction(AutodiffFunction):
 
         It runs on the whole block, or on ranges of :meth:`fused_rows` rows one after the other
         (on XLA's threads either way); a block that is one call gets XLA's own buffer back (no
-        copy), otherwise each range's nonzeros are copied into the block's.
+        copy), otherwise each range's nonzeros are copied into the block's (or into ``out``).
         """
         products = self._shared_kernels[sparse.direction]
         seeds = jnp.asarray(sparse.seeds(0, sparse.n_colours, self.dtype))
@@ -113,7 +113,7 @@ class JaxFunction(AutodiffFunction):
 
         def run(x: np.ndarray, outputs: bool, out: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray]:
             rows = x.shape[0]
-            span = self.fused_rows(sparse, rows)
+            span = self.fused_rows(sparse, rows, copied=out is not None)
             if span >= rows and out is None:
                 y, values = compiled[outputs](x)
                 return (np.asarray(y) if outputs else None), np.asarray(values)
@@ -129,12 +129,12 @@ class JaxFunction(AutodiffFunction):
 
         return run
 
-    def fused_rows(self, sparse: SparseJacobian, rows: int) -> int:
+    def fused_rows(self, sparse: SparseJacobian, rows: int, copied: bool = False) -> int:
         """Rows per call: the whole block while each of XLA's large buffers (the compressed
-        products, the nonzeros) is within :data:`WHOLE_BLOCK_BYTES`, else within
-        :func:`fused_call_bytes`."""
+        products, the nonzeros) is within :data:`WHOLE_BLOCK_BYTES`, unless the nonzeros are
+        ``copied`` into a given array anyway; else within :func:`fused_call_bytes`."""
         per_row = max(sparse.n_colours * sparse.product_width, sparse.nnz, 1) * self.dtype.itemsize
-        if rows * per_row <= WHOLE_BLOCK_BYTES:
+        if rows * per_row <= WHOLE_BLOCK_BYTES and not copied:
             return rows
         return max(1, min(rows, fused_call_bytes() // per_row))
 
