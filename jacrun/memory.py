@@ -34,10 +34,6 @@ OVERRIDE = "MALLOC_MMAP_THRESHOLD_"
 """glibc's own variable for the mmap threshold: where a worker's environment sets it, malloc is
 left as glibc set it from the environment (the way to turn these thresholds off)."""
 
-DYNAMIC_MAX = 32 << 20
-"""glibc's ceiling for its dynamic mmap threshold on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX):
-without tunables, freeing a mapped block raises the threshold to its size, up to this."""
-
 _APPLIED: list[bool] = []
 
 
@@ -63,11 +59,3 @@ def _mallopt():  # noqa: ANN202 - a ctypes function or None
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return mallopt
-
-
-def heap_limit() -> int:
-    """The largest allocation malloc can serve from its reused heap in this process:
-    :data:`MMAP_THRESHOLD` once :func:`keep_freed_memory` applied it, else glibc's dynamic
-    threshold's ceiling. Larger ones are fresh mappings whose pages fault in on first touch:
-    what a kernel that lets a library allocate afresh on every call (XLA) sizes its calls by."""
-    return MMAP_THRESHOLD if _APPLIED and _APPLIED[0] else DYNAMIC_MAX

@@ -111,13 +111,10 @@ def test_fused_nonzeros_equal_the_general_path_and_the_dense_jacobian(
     numpy_f = stencil_residuals.AllenCahn9(GRID, C)
     sparse = SparseJacobian.from_pattern(numpy_f.sparsity(), direction)
     assert sparse.n_colours == 9
-    # framework calls of 3 rows (7 rows: 3 + 3 + 1), and of the whole block
-    monkeypatch.setattr(sparsity, "CHUNK_BYTES", 3 * 9 * GRID**2 * 8)  # torch's ranges
+    # framework calls of 3 rows (7 rows: 3 + 3 + 1), and of the whole block (3 rows)
+    monkeypatch.setattr(sparsity, "CHUNK_BYTES", 3 * 9 * GRID**2 * 8)
     if backend == "jax":
-        calls = 3 * max(9 * GRID**2, sparse.nnz) * 8  # XLA's buffers of 3 rows
-        module = sys.modules[type(f).__module__]
-        monkeypatch.setattr(module, "fused_call_bytes", lambda: calls)
-        monkeypatch.setattr(module, "WHOLE_BLOCK_BYTES", calls + 1)
+        monkeypatch.setattr(sys.modules[type(f).__module__], "WHOLE_BLOCK_BYTES", 3 * 9 * GRID**2 * 8)
     assert f.fused_rows(sparse, 7) == 3
     x = np.random.default_rng(0).uniform(-1.5, 1.5, (7, f.n_in))
     general_y, general = sparse.evaluate(GeneralPath(f), x)

@@ -35,7 +35,6 @@ from jacrun.functions.adapters import (
     numpy_factory_dtype,
     weights_unsupported,
 )
-from jacrun.memory import heap_limit
 
 if TYPE_CHECKING:
     from jacrun.sparsity import SparseJacobian
@@ -49,20 +48,17 @@ default_width = no_width_hint
 
 
 WHOLE_BLOCK_BYTES = 64 << 20
-"""A block whose XLA buffers (the compressed products, the nonzeros) are each at most this
-large runs in one call, and XLA's nonzeros are the block's (no copy)."""
+"""A block whose compressed products take at most this many bytes runs in one call, and XLA's
+nonzeros are the block's, not copied. A larger block, or one whose nonzeros go into a given
+array anyway, runs in ranges of about ``CHUNK_BYTES`` of products (:mod:`jacrun.sparsity`),
+each range's nonzeros copied from the cache into the block's.
 
-
-def fused_call_bytes() -> int:
-    """The largest of XLA's buffers in one call of the fused sparse kernel on a block beyond
-    :data:`WHOLE_BLOCK_BYTES`: malloc's reused heap (:func:`jacrun.memory.heap_limit`, 4 MiB on
-    jacrun's workers, up to 32 MiB in a process with glibc's defaults).
-
-    XLA allocates its buffers afresh on every call, and beyond that heap every call faults in
-    fresh pages. Measured in process on 32 samples (docs/performance.md): at L = 128 one call
-    for the block (21-37 MB buffers) ran 1.6-2x as fast as ranges copying their nonzeros into
-    the block's; at L = 256 (84-150 MB buffers) ranges ran 1.1-1.3x as fast as one call."""
-    return heap_limit()
+XLA allocates its buffers afresh on every call: small ones come from malloc's reused heap,
+large ones are fresh pages every time, and a large result read back for a copy comes from
+memory, not the cache. Measured in process on 32 samples of the stencils of
+docs/performance.md: at L = 128 (21-37 MB of products) one call ran 1.6-2x as fast as ranges;
+at L = 256 (84-150 MB) ranges of one sample ran 1.1-1.3x as fast as one call, and 2.3-2.7x as
+fast as one call whose result is copied into a given array."""
 
 
 def setup(*, dtype: np.dtype, threads: int | None) -> None:
@@ -130,13 +126,13 @@ class JaxFunction(AutodiffFunction):
         return run
 
     def fused_rows(self, sparse: SparseJacobian, rows: int, copied: bool = False) -> int:
-        """Rows per call: the whole block while each of XLA's large buffers (the compressed
-        products, the nonzeros) is within :data:`WHOLE_BLOCK_BYTES`, unless the nonzeros are
-        ``copied`` into a given array anyway; else within :func:`fused_call_bytes`."""
-        per_row = max(sparse.n_colours * sparse.product_width, sparse.nnz, 1) * self.dtype.itemsize
-        if rows * per_row <= WHOLE_BLOCK_BYTES and not copied:
+        """Rows per call: the whole block while its compressed products are within
+        :data:`WHOLE_BLOCK_BYTES` and its nonzeros are not ``copied`` into a given array; else
+        about ``CHUNK_BYTES`` of products, as on the general path."""
+        products = rows * sparse.n_colours * sparse.product_width * self.dtype.itemsize
+        if products <= WHOLE_BLOCK_BYTES and not copied:
             return rows
-        return max(1, min(rows, fused_call_bytes() // per_row))
+        return min(rows, sparse.kernel_rows(self.dtype.itemsize))
 
     def forward_batch(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self._forward(x))
