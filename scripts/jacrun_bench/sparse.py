@@ -10,8 +10,8 @@ per residual and L, every contender on the same ``SAMPLES`` inputs, the Jacobian
   cache-sized ranges on the kernel threads, then the gather): bratu without its shortcut, and
   the ``AllenCahn9`` class;
 - jax adapter, torch adapter: ``kind: python`` with ``autodiff: jax | torch`` on the plain
-  function, whose blocks take the fused path (``Function.fused_nonzeros``), returning their
-  own arrays as a block gets them (XLA's buffer where one call covers the samples);
+  function, whose blocks take the fused path (``Function.fused_nonzeros``), into the same
+  reused buffer as the NumPy rows;
 - asdex loop: ``jax.jit(asdex.jacobian_from_coloring(F, colouring))`` one sample at a time,
   every sample's result kept (a list);
   asdex vmap: ``jax.jit(jax.vmap(...))`` of the same over the batch; jacrun is compared with
@@ -156,7 +156,7 @@ def bench_grid(
         if backend in frameworks:
             f = residuals.adapter(residual, backend, grid)
             name = f"{backend} adapter"
-            contenders[name] = lambda f=f: sparse.evaluate(f, x, outputs=False)
+            contenders[name] = lambda f=f: sparse.evaluate(f, x, out=out, outputs=False)
             counts[name] = samples
             fused = sparse.evaluate(f, x[:4])[1]
             check[name] = lambda fused=fused: sparse.csr(fused[0])
