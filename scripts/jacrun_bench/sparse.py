@@ -340,12 +340,12 @@ def render(result: SparseResult, ctx: Context) -> str:
     parts = [
         f"Jacobians per second in process on {result.samples} samples, medians of {result.reps} "
         f"rounds of at least {MIN_SECONDS} s each. jacrun's rows are `SparseJacobian.evaluate` as a "
-        "block runs it: `built-in` is bratu's own nonzeros, `NumPy Function` the general path "
-        "(products on the seeds, then the gather), `jax adapter` and `torch adapter` the fused "
-        "path of `autodiff: jax | torch`. asdex runs one sample at a time under `jit` (loop) and "
-        "`jax.jit(jax.vmap(...))` over the batch (vmap); `/ best asdex` divides by the better of "
-        "the two. `agreement`: the largest entry difference from the NumPy path's Jacobian, "
-        "relative to its largest entry."
+        "block runs it, into one reused buffer: `built-in` is bratu's own nonzeros, `NumPy "
+        "Function` the general path (products on the seeds, then the gather), `jax adapter` and "
+        "`torch adapter` the fused path of `autodiff: jax | torch`. asdex runs one sample at a "
+        "time under `jit`, keeping every result (loop), and `jax.jit(jax.vmap(...))` over the "
+        "batch (vmap); `/ best asdex` divides by the better of the two. `agreement`: the largest "
+        "entry difference from the NumPy path's Jacobian, relative to its largest entry."
         + (
             f" The fused nonzeros agree with each adapter's general path to {max(fused):.1e}."
             if fused
