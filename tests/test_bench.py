@@ -223,7 +223,7 @@ def test_sparse_reduce_and_s3_sections(tmp_path: Path) -> None:
     if jax:
         assert "jax adapter / best asdex" in report and "asdex vmap J/s" in report
         assert "The fused nonzeros agree with each adapter's general path to" in report
-        assert "| 9-point L=8: jax adapter >= 1.0x the better asdex |" in report
+        assert "| 9-point L=8: jax adapter (its better use) >= 1.0x the better asdex |" in report
     (fill,) = [row for row in eights if len(row) == 7]
     assert fill[2].endswith(" GB/s") and fill[4].endswith("%") and fill[6].endswith("%")
     job = next(row for row in table_rows(report, "bratu") if len(row) == 12)
