@@ -47,18 +47,18 @@ prepare = weights_unsupported
 default_width = no_width_hint
 
 
-WHOLE_BLOCK_BYTES = 64 << 20
+WHOLE_BLOCK_BYTES = 32 << 20
 """A block whose compressed products take at most this many bytes runs in one call, and XLA's
 nonzeros are the block's, not copied. A larger block, or one whose nonzeros go into a given
 array anyway, runs in ranges of about ``CHUNK_BYTES`` of products (:mod:`jacrun.sparsity`),
 each range's nonzeros copied from the cache into the block's.
 
-XLA allocates its buffers afresh on every call: small ones come from malloc's reused heap,
-large ones are fresh pages every time, and a large result read back for a copy comes from
+XLA allocates its buffers afresh on every call; beyond glibc's largest dynamic mmap threshold
+(32 MiB) they are fresh pages every time, and a large result read back for a copy comes from
 memory, not the cache. Measured in process on 32 samples of the stencils of
-docs/performance.md: at L = 128 (21-37 MB of products) one call ran 1.6-2x as fast as ranges;
-at L = 256 (84-150 MB) ranges of one sample ran 1.1-1.3x as fast as one call, and 2.3-2.7x as
-fast as one call whose result is copied into a given array."""
+docs/performance.md: one call ran 1.2-2.3x as fast as ranges copied into a buffer with 5-21 MB
+of products (L = 32 to 128 on bratu, 32 and 64 on the 9-point residual); ranges ran 1.7x as
+fast with 37 MB (the 9-point residual at L = 128)."""
 
 
 def setup(*, dtype: np.dtype, threads: int | None) -> None:
