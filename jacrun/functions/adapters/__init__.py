@@ -239,7 +239,7 @@ class AutodiffFunction(Function):
             return None
         item, colours = self.dtype.itemsize, sparse.n_colours
         mode: Mode = "jvp" if sparse.direction == "fwd" else "vjp"
-        span = self.fused_rows(sparse, rows)
+        span = self.fused_memory_rows(sparse, rows)
         call = span * (colours * sparse.product_width + sparse.nnz + self.n_out) * item
         kept = 2 * colours * sparse.width * item + 3 * sparse.nnz * 8
         return rows * self.n_in * item + call + self.work_bytes(span, colours, mode) + kept
@@ -247,6 +247,10 @@ class AutodiffFunction(Function):
     def fused_rows(self, sparse: SparseJacobian, rows: int) -> int:
         """Rows per framework call of the fused path on a block of ``rows``: all of them."""
         return rows
+
+    def fused_memory_rows(self, sparse: SparseJacobian, rows: int) -> int:
+        """Rows of one call as :meth:`fused_work_bytes` counts it: :meth:`fused_rows`."""
+        return self.fused_rows(sparse, rows)
 
     def _fused_kernel(self, sparse: SparseJacobian) -> Fused:
         """The kernel of ``sparse``'s colouring, built once per colouring (the last one kept)."""

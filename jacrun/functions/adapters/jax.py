@@ -56,7 +56,7 @@ each range's nonzeros copied from the cache into the block's.
 XLA allocates its buffers afresh on every call; beyond glibc's largest dynamic mmap threshold
 (32 MiB) they are fresh pages every time, and a large result read back for a copy comes from
 memory, not the cache. Measured in process on 32 samples of the stencils of
-docs/performance.md: one call ran 1.2-2.3x as fast as ranges copied into a buffer with 5-21 MB
+docs/performance.md: one call ran 1.2-2.3x as fast as ranges copied into a buffer with 1.3-21 MB
 of products (L = 32 to 128 on bratu, 32 and 64 on the 9-point residual); ranges ran 1.7x as
 fast with 37 MB (the 9-point residual at L = 128)."""
 
@@ -124,6 +124,12 @@ class JaxFunction(AutodiffFunction):
             return y, values
 
         return run
+
+    def fused_memory_rows(self, sparse: SparseJacobian, rows: int) -> int:
+        """The whole block, even where it runs in ranges: the ranges' smaller buffers leave room
+        for XLA's compilation of the kernel on a worker's first block, which the per-block
+        model has no term for (measured: 40-60 MiB for the 9-point residual at L = 128)."""
+        return rows
 
     def fused_rows(self, sparse: SparseJacobian, rows: int, copied: bool = False) -> int:
         """Rows per call: the whole block while its compressed products are within
