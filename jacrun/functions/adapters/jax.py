@@ -47,18 +47,17 @@ prepare = weights_unsupported
 default_width = no_width_hint
 
 
-WHOLE_BLOCK_BYTES = 32 << 20
+WHOLE_BLOCK_BYTES = 64 << 20
 """A block whose compressed products take at most this many bytes runs in one call, and XLA's
 nonzeros are the block's, not copied. A larger block, or one whose nonzeros go into a given
 array anyway, runs in ranges of about ``CHUNK_BYTES`` of products (:mod:`jacrun.sparsity`),
 each range's nonzeros copied from the cache into the block's.
 
-XLA allocates its buffers afresh on every call; beyond glibc's largest dynamic mmap threshold
-(32 MiB) they are fresh pages every time, and a large result read back for a copy comes from
-memory, not the cache. Measured in process on 32 samples of the stencils of
-docs/performance.md: one call ran 1.2-2.3x as fast as ranges copied into a buffer with 1.3-21 MB
-of products (L = 32 to 128 on bratu, 32 and 64 on the 9-point residual); ranges ran 1.7x as
-fast with 37 MB (the 9-point residual at L = 128)."""
+XLA allocates its buffers afresh on every call, and a large result read back for a copy comes
+from memory, not the cache. Measured in process on 32 samples of the stencils of
+docs/performance.md, without a given buffer: one call ran 1.9-2.2x as fast as ranges with 37
+MB of products (the 9-point residual at L = 128); ranges ran 1.1-1.3x as fast with 84-150 MB
+(L = 256)."""
 
 
 def setup(*, dtype: np.dtype, threads: int | None) -> None:
