@@ -11,13 +11,18 @@ from tests.helpers import REPO, job_config, run_cli, write_config
 
 runner = CliRunner()
 CONFIGS = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "examples").glob("*/job.yaml"))
-FRAMEWORKS = {"torch_mlp": "torch", "jax_fn": "jax", "autograd_fn": "autograd"}
+FRAMEWORKS = {
+    "torch_mlp": ("torch",),
+    "jax_fn": ("jax",),
+    "autograd_fn": ("autograd",),
+    "stencils": ("jax", "asdex"),
+}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.parent.name + "/" + p.name)
 def test_check_passes_on_every_shipped_config(config):
-    if config.parent.name in FRAMEWORKS:
-        pytest.importorskip(FRAMEWORKS[config.parent.name])
+    for package in FRAMEWORKS.get(config.parent.name, ()):
+        pytest.importorskip(package)
     result = runner.invoke(app, ["check", str(config), "--samples", "4"])
     assert result.exit_code == 0, result.output
     assert "all checks passed" in result.output and "dot_product" in result.output
