@@ -78,8 +78,9 @@ def user_errors(command: F) -> F:
 def _store(store_path: str, options: list[str] | None) -> str:
     """The store argument, its ``-o`` options registered for this process."""
     from jacrun import location
+    from jacrun.config import nested_assignments
 
-    parsed = _parse_options(options or [])
+    parsed = nested_assignments(options or [], "--storage-option")
     if parsed and not location.is_url(store_path):
         raise ConfigError("--storage-option: only for a URL store (s3://bucket/job.zarr, ...)")
     if location.is_url(store_path):
@@ -89,22 +90,6 @@ def _store(store_path: str, options: list[str] | None) -> str:
             raise ConfigError(f"{store_path.split('://')[0]}:// store: {exc}") from None
         location.register(store_path, parsed)
     return store_path
-
-
-def _parse_options(items: list[str]) -> dict[str, Any]:
-    import yaml
-
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--storage-option: expected KEY=VALUE, got {item.split('=')[0]!r}")
-        *parents, leaf = key.split(".")
-        target = options
-        for parent in parents:
-            target = target.setdefault(parent, {})
-        target[leaf] = yaml.safe_load(value) if value else ""
-    return options
 
 
 def _load(config: Path, overrides: list[str] | None, scheduler: str | None = None):

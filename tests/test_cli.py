@@ -22,6 +22,7 @@ from tests.helpers import (
     REPO,
     job_config,
     markers_done,
+    one_error_line,
     run_cli,
     start_submit,
     wait_for_markers,
@@ -194,3 +195,38 @@ def test_performance_report_and_overwrite_flags(tmp_path):
     again = run_cli("submit", str(path), "--quiet", "--set", "inputs.seed=7", "--overwrite")
     assert again.returncode == 0, again.stderr
     assert read_attrs(tmp_path / "out.zarr")["config"]["inputs"]["seed"] == 7
+
+
+# ---- command-line assignments: --set and -o share one parser ---------------------------------
+
+SECRET_LOOKING = "[hunter2"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-o", f"secret={SECRET_LOOKING}"], r"--storage-option secret: the value is not valid YAML"),
+        (["-o", "a=1", "-o", "a.b=2"], r"--storage-option a\.b: a is not a section"),
+        (["-o", "endpoint_url"], r"--storage-option endpoint_url: expected KEY=VALUE"),
+        (["-o", "a..b=1"], r"--storage-option a\.\.b: a key path has no empty parts"),
+    ],
+)
+def test_storage_option_mistakes_are_one_line_without_the_value(args, message):
+    result = run_cli("status", "memory://nowhere/job.zarr", *args)
+    assert re.search(message, one_error_line(result)), result.stderr
+    assert "hunter2" not in result.stderr + result.stdout
+
+
+def test_set_mistakes_are_one_line_without_the_value(tmp_path):
+    config = write_config(tmp_path, job_config(str(tmp_path / "out.zarr")))
+    for args, message in [
+        (["--set", f"output.store={SECRET_LOOKING}"], r"--set output\.store: the value is not valid YAML"),
+        (
+            ["--set", "chunks=1", "--set", "chunks.samples=2"],
+            r"--set chunks\.samples: chunks is not a section",
+        ),
+    ]:
+        result = run_cli("validate", str(config), *args)
+        assert re.search(message, one_error_line(result)), result.stderr
+        assert "hunter2" not in result.stderr + result.stdout
+    assert not (tmp_path / "out.zarr").exists()
