@@ -177,7 +177,10 @@ def test_gram_is_bit_identical_across_worker_counts_and_close_across_chunkings(t
     np.testing.assert_array_equal(one.gram.values, two.gram.values)
     np.testing.assert_array_equal(one["mean"].values, two["mean"].values)
     other = run(tmp_path, gram_job("other.zarr", chunks={"samples": 700}))
-    np.testing.assert_allclose(other.gram.values, one.gram.values, rtol=1e-12)
+    # float32 products of a 500-row and a 700-row block may round differently (BLAS kernels
+    # differ by CPU and block shape): the Grams agree to float32 rounding, norm-wise
+    error = np.abs(other.gram.values - one.gram.values).max() / np.abs(one.gram.values).max()
+    assert error <= 64 * np.finfo(np.float32).eps, error
     assert not any(
         name.startswith("_partial") for name in zarr.open_group(str(tmp_path / "one.zarr")).array_keys()
     )
