@@ -112,7 +112,7 @@ def worker_function(job: BlockJob) -> Function:
         from jacrun.prepare import build
 
         _FUNCTIONS.clear()  # one job at a time per worker: free the last job's work buffers
-        function = _FUNCTIONS[job.config_hash] = build(job.config)
+        function = _FUNCTIONS[job.config_hash] = build(job.config, job.inputs)
     return function
 
 

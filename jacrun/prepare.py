@@ -28,7 +28,7 @@ from jacrun.sources import (
     RandomRows,
     VectorSource,
     basis_source,
-    open_array_checked,
+    open_input_file,
     open_inputs,
     open_vectors,
     seed_source,
@@ -71,13 +71,14 @@ def _check_array_files(spec) -> None:
             raise ConfigError(f"function.{name}: cannot read {path}: {unreadable(exc)}") from None
 
 
-def sized_function(config: JobConfig):
+def sized_function(config: JobConfig, opened: ArrayRows | RandomRows | None):
     """The function section to build: an ``autodiff`` section without ``n_in`` takes it from
-    inputs in a file (.npy or Zarr), whose width fixes it; given both, they must agree."""
+    the inputs' file (``opened`` by :func:`open_input_file`; on a worker, the job's inputs),
+    whose width fixes it; given both, they must agree."""
     spec, inputs = config.function, config.inputs
-    if getattr(spec, "autodiff", None) is None or inputs.kind not in ("npy", "zarr"):
+    if getattr(spec, "autodiff", None) is None or not isinstance(opened, ArrayRows):
         return spec
-    shape, _ = open_array_checked(inputs.path, getattr(inputs, "array", None), inputs.kind, "inputs.path")
+    shape = opened.shape
     if len(shape) != 2:
         return spec  # open_inputs says what is wrong with it
     if spec.n_in is None:
@@ -90,10 +91,11 @@ def sized_function(config: JobConfig):
     return spec
 
 
-def build(config: JobConfig) -> Function:
-    """The job's function; a build failure is the user's config problem."""
+def build(config: JobConfig, opened: ArrayRows | RandomRows | None = None) -> Function:
+    """The job's function (sized by the inputs' file ``opened``, if any); a build failure is the
+    user's config problem."""
     _check_array_files(config.function)
-    spec = sized_function(config)
+    spec = sized_function(config, opened)
     try:
         return build_function(spec)
     except (ValueError, TypeError, OSError, KeyError) as exc:
@@ -201,8 +203,9 @@ def prepare(
     asks for the runtime estimate (``jacrun plan``): submitting does not need it. ``sparse``
     replaces the colouring of a sparse Jacobian job (a resumed job reuses its store's).
     """
-    function = function or build(config)
-    inputs = open_inputs(config.inputs, function.n_in)
+    opened = open_input_file(config.inputs)  # the inputs' file, opened once
+    function = function or build(config, opened)
+    inputs = open_inputs(config.inputs, function.n_in, opened)
     samples = inputs.shape[0]
     strategy = None
     note = ""

@@ -335,3 +335,37 @@ def test_a_client_killed_mid_job_on_s3_resumes_with_the_rest(tmp_path, endpoint,
 def test_a_denied_access_is_named_without_its_details():
     message = location.problem("s3://jobs/x.zarr", PermissionError("AccessDenied: key AKIA... not allowed"))
     assert message == "s3://jobs/x.zarr: access denied (check the credentials in the environment or profile)"
+
+
+def test_an_s3_input_sizes_an_autodiff_function_with_its_options_opened_once(
+    tmp_path, endpoint, scheduler_address, monkeypatch
+):
+    """n_in comes from a Zarr input at a custom endpoint (its storage_options), and prepare
+    opens that input once for sizing, checking and calibrating."""
+    pytest.importorskip("autograd")
+    from jacrun import sources
+    from jacrun.prepare import prepare
+    from tests.test_n_in_from_inputs import autodiff_job
+
+    x = np.random.default_rng(3).standard_normal((24, 4))
+    url = f"s3://{BUCKET}/inputs/autodiff-x.zarr"
+    zarr.open_array(
+        zarr.storage.FsspecStore.from_url(url, storage_options=options(endpoint)),
+        mode="w",
+        shape=x.shape,
+        dtype=x.dtype,
+    )[...] = x
+    inputs = {"kind": "zarr", "path": url, "storage_options": options(endpoint, secret=True)}
+    config = write_config(tmp_path, autodiff_job(tmp_path, inputs))
+    for command in (["validate"], ["check"], ["submit", "--scheduler", scheduler_address, "--quiet"]):
+        result = invoke(*command, str(config))
+        assert result.exit_code == 0, result.output
+    assert "(4 -> 4)" in invoke("validate", str(config)).output
+    vjp = np.asarray(zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["vjp"]).reshape(24, 4)
+    np.testing.assert_allclose(vjp, 2.0 * (1.0 - np.tanh(x) ** 2))
+
+    opened = []
+    real = sources._open_array
+    monkeypatch.setattr(sources, "_open_array", lambda *args: opened.append(args[0]) or real(*args))
+    prepare(jacrun.load_config(config), calibrate=True, estimate=True)
+    assert opened == [url]
