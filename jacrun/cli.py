@@ -144,6 +144,9 @@ def submit(
         raise typer.Exit(130) from None
     if not quiet:
         _print_summary(summary)
+    if summary.refused:
+        err.print(f"[red]stopped:[/] {escape(summary.refused)}")
+        raise typer.Exit(1)
     if not summary.ok:
         if summary.lost:
             err.print(

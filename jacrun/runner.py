@@ -24,10 +24,12 @@ from jacrun import lease, location, store
 from jacrun.block import STEPS, BlockJob, BlockResult, flush_writes, run_block
 from jacrun.cluster import blas_threads, check_launchable, connect, dashboard_line, insecure_address_warning
 from jacrun.config import JobConfig, with_scheduler
-from jacrun.errors import ConfigError
+from jacrun.errors import ConfigError, storage_refusal
 from jacrun.location import Location
+from jacrun.plan import fmt_bytes
 from jacrun.prepare import PreparedJob, prepare
 from jacrun.progress import BlockProgress
+from jacrun.space import check_free_space
 
 log = logging.getLogger("jacrun")
 ATTR_UPDATE_SECONDS = 2.0
@@ -49,6 +51,9 @@ class Summary:
     failures: list[str] = field(default_factory=list)
     lost: int = 0
     """Blocks left unfinished because the connection to the scheduler was lost."""
+    refused: str | None = None
+    """Why the store refused a write (full, read-only, no permission): the run stopped there,
+    its pending blocks cancelled (see :func:`jacrun.errors.storage_refusal`)."""
     block_seconds: dict[str, float] = field(default_factory=dict)
     """Worker seconds per block step (see ``jacrun.block.STEPS``), summed over this run's blocks."""
 
@@ -98,6 +103,7 @@ def open_output(job: PreparedJob, overwrite: bool = False, *, write: bool = True
     if state == "jacrun":
         attrs = store.read_attrs(path)
         if overwrite:
+            check_free_space(job, replacing=True)
             if write:
                 store.remove_store(path)
         elif attrs.get("config_hash") != job.config_hash:
@@ -107,8 +113,12 @@ def open_output(job: PreparedJob, overwrite: bool = False, *, write: bool = True
                 "another output.store"
             )
         else:
-            return _match_store_chunks(_stored_colouring(job, path, attrs), path)
-    check_creatable(path)
+            job = _match_store_chunks(_stored_colouring(job, path, attrs), path)
+            check_free_space(job)
+            return job
+    else:
+        check_creatable(path)
+        check_free_space(job)
     if write:
         _create(job, path)
     return job
@@ -257,8 +267,9 @@ def submit(
     location.register(config.output.store, config.output.storage_options)
     try:
         state = store.store_state(config.output.store)  # a URL: its bucket and endpoint are reachable
-        if state in ("absent", "empty"):
-            check_creatable(config.output.store)  # before the lease, which is the store's first file
+        if state in ("absent", "empty"):  # before the lease, which is the store's first file
+            check_creatable(config.output.store)
+            check_free_space(job)
     except ConfigError as exc:
         message = str(exc) if str(exc).startswith("output.store: ") else f"output.store: {exc}"
         raise ConfigError(config.locate(message)) from None
@@ -376,6 +387,8 @@ class Run:
         self.write_failures: dict[tuple[int, int], str] = {}
         """Blocks whose data the workers found not on disk after the fact (marker cleared)."""
         self.lost = 0
+        self.refused: str | None = None
+        """The first write the store refused: the run stops (see ``BlockResult.refused``)."""
         self.disconnected = False
         self.interrupted = False
         self.attrs = store.read_attrs(self.path)
@@ -393,7 +406,13 @@ class Run:
     def _save_progress(self, computed: int | None = None, **extra: Any) -> None:
         self.record["blocks_computed"] = len(self.results) if computed is None else computed
         self.record["blocks_failed"] = len(self.failed)
-        store.update_attrs(self.path, runs=[*self.previous_runs, self.record], **extra)
+        try:
+            store.update_attrs(self.path, runs=[*self.previous_runs, self.record], **extra)
+        except OSError as exc:  # a full disk: the markers still say which blocks are done
+            refused = storage_refusal(exc)
+            if refused is None:
+                raise
+            self.refused = self.refused or refused
 
     def execute(self, client) -> None:
         """Submit one task per pending block; collect results and failures as they finish."""
@@ -429,6 +448,9 @@ class Run:
             try:
                 for future in as_completed(futures, loop=client.loop):
                     self._collect(future, futures[future], bar)
+                    if self.refused:  # no other block can be written either: stop here
+                        client.cancel([f for f in futures if not f.done()])
+                        break
                     if time.monotonic() - last_save > ATTR_UPDATE_SECONDS:
                         self._save_progress(blocks_done=self.already + len(self.results))
                         last_save = time.monotonic()
@@ -471,6 +493,9 @@ class Run:
         try:
             if future.status == "finished":
                 result = future.result()
+                if result.refused:
+                    self.refused = self.refused or result.refused
+                    return
                 self.results.append(result)
                 bar.advance(result.rows if j == 0 else 0, result.products)
                 return
@@ -526,8 +551,9 @@ class Run:
         self.failed = {block: message for block, message in self.failed.items() if not marks[block]}
         self.failed.update(self.write_failures)  # kept even if the marker could not be cleared
         unfinished = [b for b in self.pending if not marks[b] and b not in self.failed]
-        if self.interrupted or self.disconnected:
+        if self.interrupted or self.disconnected or self.refused:
             self.lost = len(unfinished)
+
         else:
             for i, j in unfinished:
                 a, b = self.plan.block_rows(i)
@@ -558,6 +584,7 @@ class Run:
             seconds=round(seconds, 3),
             failures=self.failures[:20],
             blocks_lost=self.lost,
+            **({"refused": self.refused} if self.refused else {}),
         )
         extra = {"checks": self._checks_summary()} if self.check else {}
         if status == "complete" and self.job.reducer is not None:
@@ -583,4 +610,17 @@ class Run:
             failures=self.failures,
             lost=self.lost,
             block_seconds=block_seconds,
+            refused=self._refusal(done),
+        )
+
+    def _refusal(self, done: int) -> str | None:
+        """The one line for a run the store stopped: why, what is kept, what to do."""
+        if not self.refused:
+            return None
+        total = self.plan.n_blocks
+        left = fmt_bytes(self.plan.output_bytes * (total - done) // total)
+        return (
+            f"{self.path}: {self.refused}; {done} of {total} blocks are done and kept. Free space "
+            f"(the {total - done} blocks left write about {left} before compression), then rerun "
+            "the same command"
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from pathlib import Path
@@ -15,7 +16,8 @@ class Tripwire(Function):
     """y = sin(x), exact VJP/JVP; a block whose first row starts at ``trigger`` trips.
 
     ``action``: ``raise`` (every time), ``raise-once`` (the first time per trigger, recorded in
-    ``flag_dir``), ``kill`` (SIGKILL its own worker process while ``flag_dir/armed`` exists).
+    ``flag_dir``), ``kill`` (SIGKILL its own worker process while ``flag_dir/armed`` exists),
+    ``fill`` (fill the file system of ``flag_dir`` with ``flag_dir/filler`` while ``armed`` exists).
     """
 
     def __init__(
@@ -43,6 +45,8 @@ class Tripwire(Function):
                 raise RuntimeError(f"tripwire at {self.trigger} (first time)")
         if self.action == "kill" and (flags / "armed").exists():
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.action == "fill" and (flags / "armed").exists():
+            _fill(flags / "filler")
 
     def forward_batch(self, x: np.ndarray) -> np.ndarray:
         self._trip(x)
@@ -71,3 +75,15 @@ class WrongVJP(Function):
 
     def jvp_batch(self, x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.sin(x), t * np.cos(x)[:, None, :]
+
+
+def _fill(path: Path) -> None:
+    """Write zeros to ``path`` until its file system has no space left."""
+    block = bytes(2**20)
+    with open(path, "ab", buffering=0) as file:
+        try:
+            while True:
+                file.write(block)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
