@@ -295,6 +295,8 @@ def resolve_sparsity(config: JobConfig, function: Function) -> tuple[SparseJacob
         pattern = function.sparsity()
         if pattern is None:
             return None, f"dense ({dense_strategy}): the function declares no sparsity pattern"
+        if isinstance(pattern, str) and pattern == "dense":
+            return None, f"dense ({dense_strategy}): the declared pattern is dense"
         try:
             pattern = sp.as_pattern(pattern, (m, n))
         except ValueError as exc:

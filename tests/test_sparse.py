@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -86,7 +90,11 @@ def test_declared_patterns_are_exactly_the_nonzeros_of_the_dense_jacobian(spec) 
     x = np.random.default_rng(0).uniform(-1, 1, (4, f.n_in))
     _, dense = f.jacobian(x)
     nonzero = (dense != 0).any(axis=0)
-    assert (as_pattern(f.sparsity(), (f.n_out, f.n_in)).toarray() == nonzero).all()
+    declared = f.sparsity()
+    if isinstance(declared, str):  # "dense": every entry, with no m x n pattern built
+        assert declared == "dense" and nonzero.all()
+    else:
+        assert (as_pattern(declared, (f.n_out, f.n_in)).toarray() == nonzero).all()
 
 
 def test_linear_declares_the_pattern_of_its_matrix() -> None:
@@ -292,6 +300,30 @@ def test_auto_is_sparse_for_a_declared_pattern_that_saves_products(tmp_path) -> 
 def test_auto_stays_dense_when_sparsity_does_not_pay(tmp_path, function, why) -> None:
     job = prepare(config_from_dict(bratu_job(function=function), tmp_path), calibrate=False)
     assert job.sparse is None and job.plan.nnz is None and why in job.plan.sparsity
+
+
+def test_a_dense_declared_pattern_builds_no_m_by_n_matrix(tmp_path) -> None:
+    """`jacrun validate` of a 4096 x 4096 MLP's Jacobian: "dense" is declared, not a 16.8M-entry
+    pattern (which cost 480 MB and seconds); the command's peak memory is its weights' and
+    Python's, measured on the real process."""
+    config = write_config(
+        tmp_path,
+        bratu_job(
+            function={"kind": "mlp", "sizes": [4096, 4096], "seed": 0},
+            inputs={"kind": "random", "samples": 4},
+            chunks={"samples": 1, "vectors": 64},
+        ),
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jacrun", "validate", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    output = process.stdout.read().decode()
+    _, status, usage = os.wait4(process.pid, 0)
+    assert status == 0 and "jacobian of mlp (4096 -> 4096)" in output, output
+    weights = 4096 * 4096 * 8
+    assert usage.ru_maxrss * 1024 < weights + 300 * 2**20, usage.ru_maxrss  # with the pattern: over 600 MiB
 
 
 def test_dense_setting_and_strategy_override(tmp_path) -> None:

@@ -74,9 +74,10 @@ class Function(ABC):
 
     # ---- structure -------------------------------------------------------------------------
 
-    def sparsity(self) -> scipy.sparse.sparray | None:
-        """The structural nonzeros of J(x), a scipy.sparse matrix (m, n) valid for every x, or
-        None when the function does not declare one (``sparsity: auto`` then stays dense).
+    def sparsity(self) -> scipy.sparse.sparray | Literal["dense"] | None:
+        """The structural nonzeros of J(x), a scipy.sparse matrix (m, n) valid for every x;
+        ``"dense"`` when every entry may be nonzero (no m x n pattern is built); or None when
+        the function does not declare one (``sparsity: auto`` then stays dense).
 
         An entry left out must be zero for every x: a sparse Jacobian job computes only the
         declared entries (``jacrun check`` on the job catches a missing one).
