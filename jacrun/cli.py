@@ -204,7 +204,7 @@ def validate(
 @user_errors
 def plan(config: ConfigArg, overrides: SetOpt = None) -> None:
     """Print the block grid, projected memory and FLOPs per block, task count, output size and
-    estimated runtime (a block's inputs, kernel and encoding timed on a few rows, in this process)."""
+    estimated runtime (a block's inputs, kernel and encoding timed here on at most a block's rows)."""
     from jacrun.prepare import prepare
 
     job = prepare(_load(config, overrides), estimate=True)

@@ -114,39 +114,43 @@ def block_timer(
     output: OutputConfig | None = None,
     sparse: SparseJacobian | None = None,
 ):
-    """``seconds_per_row(k)``: a block's work timed in process on a few rows (more while the
-    kernel is fast), cached: reading or generating x and the vectors, the kernel (for a sparse
-    Jacobian, its compressed products and the gather), and, given ``output``, encoding the
-    results with its codec in memory (the disk write is not timed).
+    """``seconds_per_row(k, most)``: a block's work timed in process on a few rows (more while
+    the kernel is fast, never more than ``most``, the rows a block may hold), cached: reading
+    or generating x and the vectors, the kernel (for a sparse Jacobian, its compressed
+    products and the gather), and, given ``output``, encoding the results with its codec in
+    memory (the disk write is not timed).
 
-    Timed with the BLAS thread count a worker thread will have, so the estimate is a worker's.
+    Timed with the BLAS thread count a worker thread will have, and on no more rows than a
+    block's (larger calls cost more per row: fresh pages, arrays beyond the caches), so the
+    estimate is a worker's.
     """
     from threadpoolctl import threadpool_limits
 
     from jacrun.store import encode_seconds
 
     kernel = block_kernel(function, reverse, sparse, output is None or output.save_outputs)
-    cache: dict[int, float] = {}
+    cache: dict[tuple[int, int], float] = {}
 
     def read(rows: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         return inputs.read(0, rows, function.dtype), vectors.read(0, rows, 0, k, function.dtype)
 
-    def seconds_per_row(k: int) -> float:
-        if k not in cache:
+    def seconds_per_row(k: int, most: int) -> float:
+        most = max(1, min(most, inputs.shape[0]))
+        if (k, most) not in cache:
             elapsed, rows = 0.0, 1
             with threadpool_limits(limits=blas_threads), contextlib.suppress(Exception):
                 for size in (8, 128, 1024):
-                    rows = min(size, inputs.shape[0])
+                    rows = min(size, most)
                     elapsed, (y, result) = _best_of(kernel, *read(rows, k), repeats=2)
-                    if elapsed > CALIBRATION_SECONDS or rows == inputs.shape[0]:
+                    if elapsed > CALIBRATION_SECONDS or rows == most:
                         break
                 elapsed += _best_of(read, rows, k, repeats=2)[0]
                 if output is not None:
                     written = [result, y] if output.save_outputs else [result]
                     dtype = output.dtype or str(function.dtype)
                     elapsed += encode_seconds(written, output.compression, dtype)
-            cache[k] = elapsed / rows
-        return cache[k]
+            cache[k, most] = elapsed / rows
+        return cache[k, most]
 
     return seconds_per_row
 
