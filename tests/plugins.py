@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,9 @@ class Tripwire(Function):
 
     ``action``: ``raise`` (every time), ``raise-once`` (the first time per trigger, recorded in
     ``flag_dir``), ``kill`` (SIGKILL its own worker process while ``flag_dir/armed`` exists),
-    ``fill`` (fill the file system of ``flag_dir`` with ``flag_dir/filler`` while ``armed`` exists).
+    ``fill`` (fill the file system of ``flag_dir`` with ``flag_dir/filler`` while ``armed`` exists),
+    ``hold`` (wait while ``flag_dir/hold`` exists, its process id in ``flag_dir/holding-PID``: a
+    job that stays mid-way until released).
     """
 
     def __init__(
@@ -47,6 +50,10 @@ class Tripwire(Function):
             os.kill(os.getpid(), signal.SIGKILL)
         if self.action == "fill" and (flags / "armed").exists():
             _fill(flags / "filler")
+        if self.action == "hold" and (flags / "hold").exists():
+            (flags / f"holding-{os.getpid()}").write_text("")  # which process holds it
+            while (flags / "hold").exists():
+                time.sleep(0.02)
 
     def forward_batch(self, x: np.ndarray) -> np.ndarray:
         self._trip(x)
