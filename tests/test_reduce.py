@@ -15,7 +15,10 @@ from jacrun.config import config_from_dict
 from jacrun.functions import build_function
 from jacrun.prepare import prepare
 from tests.helpers import (  # noqa: F401 - fresh_targets: an autouse fixture
+    HELD_BLOCKS,
     fresh_targets,
+    held_job,
+    hold,
     kill_part_way,
     one_error_line,
     run_cli,
@@ -186,25 +189,23 @@ def test_gram_is_bit_identical_across_worker_counts_and_close_across_chunkings(t
     )
 
 
-def test_killed_reduction_resumes_to_the_same_bits(tmp_path) -> None:
-    reference = run(
-        tmp_path, gram_job("reference.zarr", inputs={"kind": "random", "samples": 30000, "seed": 1})
-    )
-    config = write_config(
-        tmp_path,
-        gram_job(
-            "killed.zarr",
-            inputs={"kind": "random", "samples": 30000, "seed": 1},
-            cluster={"kind": "local", "workers": 2, "memory_limit": "1GiB", "dashboard": None},
-        ),
-    )
+def test_killed_reduction_resumes_to_the_same_bits(tmp_path, scheduler_address) -> None:
+    reductions = {"reduce": ["gram", "mean"], "output": {"store": "killed.zarr", "products": False}}
+    raw = held_job(tmp_path, **reductions)
+    reference = config_from_dict({**raw, "output": {**raw["output"], "store": "reference.zarr"}}, tmp_path)
+    assert jacrun.submit(reference, scheduler=scheduler_address, progress=False).ok  # not held: no hold file
+    config = write_config(tmp_path, raw)
     store = tmp_path / "killed.zarr"
-    partial = kill_part_way(config, store, 10, 60)
+    released = hold(tmp_path)
+    partial = kill_part_way(config, store, 3, HELD_BLOCKS)
+    released.unlink()
     again = run_cli("submit", str(config), "--quiet")
     assert again.returncode == 0, again.stdout + again.stderr
     runs = jacrun.load(store).attrs["jacrun"]["runs"]
-    assert runs[-1]["blocks_computed"] == 60 - partial  # finished blocks were not recomputed
-    np.testing.assert_array_equal(jacrun.load(store).gram.values, reference.gram.values)
+    assert runs[-1]["blocks_computed"] == HELD_BLOCKS - partial  # finished blocks were not recomputed
+    resumed, clean = jacrun.load(store), jacrun.load(tmp_path / "reference.zarr")
+    np.testing.assert_array_equal(resumed.gram.values, clean.gram.values)
+    np.testing.assert_array_equal(resumed["mean"].values, clean["mean"].values)
 
 
 # ---- policies, checks, commands --------------------------------------------------------------
