@@ -151,6 +151,12 @@ def compute_block(
     return x, y, result
 
 
+def hold(job: BlockJob) -> BlockJob:
+    """The task whose result is the job every block needs: the scheduler recomputes it if the
+    workers holding it leave (scattered data would be lost with them)."""
+    return job
+
+
 @floating_point_quiet
 def run_block(job: BlockJob, i: int, j: int) -> BlockResult:
     """Compute and store block (i, j); idempotent (same bytes, same marker when run twice)."""

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -18,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from jacrun.errors import ConfigError
+from jacrun.errors import ConfigError, JobFailed, Terminated
 
 app = typer.Typer(
     name="jacrun",
@@ -71,8 +72,26 @@ def user_errors(command: F) -> F:
         except ConfigError as exc:
             err.print(f"[red]error:[/] {escape(str(exc))}")
             raise typer.Exit(2) from None
+        except JobFailed as exc:
+            err.print(f"[red]job failed:[/] {escape(str(exc))}")
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a batch system's or a user's ``kill``) ends the run as Ctrl-C does: finished
+    blocks recorded, batch jobs cancelled."""
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _store(store_path: str, options: list[str] | None) -> str:
@@ -131,17 +150,19 @@ def submit(
     cfg = _load(config, overrides, scheduler)
     quiet_dask_logs()
     try:
-        summary = run(
-            cfg,
-            overwrite=overwrite,
-            progress=not quiet,
-            console=out,
-            performance_report=performance_report,
-            check=check,
-        )
-    except KeyboardInterrupt:
-        err.print("interrupted: finished blocks are kept; rerun the same command to resume")
-        raise typer.Exit(130) from None
+        with _sigterm_interrupts():
+            summary = run(
+                cfg,
+                overwrite=overwrite,
+                progress=not quiet,
+                console=out,
+                performance_report=performance_report,
+                check=check,
+            )
+    except KeyboardInterrupt as exc:
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        err.print(f"{what}: finished blocks are kept; rerun the same command to resume")
+        raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
     if not quiet:
         _print_summary(summary)
     if summary.refused:

@@ -220,6 +220,21 @@ class AddressClusterConfig(Strict):
     tls: TLSConfig | None = None
 
 
+def _seconds(value: Any) -> Any:
+    """A duration: seconds, or text such as ``90s``, ``30m``, ``2h`` or ``1 hour`` (Dask's notation)."""
+    if isinstance(value, str):
+        from dask.utils import parse_timedelta
+
+        try:
+            return parse_timedelta(value)
+        except (KeyError, ValueError, TypeError):
+            raise ValueError(f"expected a duration like 90s, 30m or 2h, got {value!r}") from None
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(_seconds), Field(gt=0)]
+
+
 class JobqueueClusterConfig(Strict):
     """SLURM or PBS through dask-jobqueue (``pip install 'jacrun[hpc]'``): each batch job runs workers."""
 
@@ -237,6 +252,26 @@ class JobqueueClusterConfig(Strict):
     job_script_prologue: list[str] = Field(
         default_factory=list, description="shell lines run before the worker, e.g. module load"
     )
+    dashboard: str | None = Field(
+        "127.0.0.1:8787",
+        description="host:port of the scheduler's dashboard: loopback (reach it with ssh -L), "
+        "0.0.0.0:8787 to open it to the network, or null for none",
+    )
+    startup_timeout: Seconds | None = Field(
+        3600.0,
+        description="SLURM: end the run (exit 1) if no worker joins within this time "
+        "(queue wait included), e.g. 30m; null: wait as long as SLURM keeps the jobs pending",
+    )
+
+    @field_validator("dashboard")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, colon, port = value.rpartition(":")
+        if not colon or not port.isdigit():
+            raise ValueError(f"expected host:port, got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _installed(self) -> JobqueueClusterConfig:

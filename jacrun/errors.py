@@ -36,3 +36,8 @@ def storage_refusal(exc: BaseException) -> str | None:
     if exc.filename:
         detail = f"{detail}: {exc.filename}"
     return f"{REFUSING_STORAGE[exc.errno]} ({detail})"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during ``jacrun submit``, handled as Ctrl-C is: the run records what it did and
+    cancels the batch jobs it submitted. The CLI exits 143."""

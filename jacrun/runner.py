@@ -21,10 +21,17 @@ import numpy as np
 from rich.console import Console
 
 from jacrun import lease, location, store
-from jacrun.block import STEPS, BlockJob, BlockResult, flush_writes, run_block
-from jacrun.cluster import blas_threads, check_launchable, connect, dashboard_line, insecure_address_warning
+from jacrun.block import STEPS, BlockJob, BlockResult, flush_writes, hold, run_block
+from jacrun.cluster import (
+    blas_threads,
+    check_launchable,
+    connect,
+    dashboard_line,
+    dashboard_link,
+    insecure_address_warning,
+)
 from jacrun.config import JobConfig, with_scheduler
-from jacrun.errors import ConfigError, storage_refusal
+from jacrun.errors import ConfigError, JobFailed, storage_refusal
 from jacrun.location import Location
 from jacrun.plan import fmt_bytes
 from jacrun.prepare import PreparedJob, prepare
@@ -334,8 +341,8 @@ def _submit_holding(
     warning = insecure_address_warning(address) if address else None
     if warning and progress:
         console.print(f"[yellow]warning:[/] {warning}")
-    with connect(config.cluster) as client:
-        dashboard = client.dashboard_link if _has_dashboard(client) else None
+    with connect(config.cluster, watcher=run) as client:
+        dashboard = dashboard_link(config.cluster, client)
         if progress:
             console.print(dashboard_line(config.cluster, dashboard))
             if not client.scheduler_info().get("workers"):
@@ -355,14 +362,10 @@ def _submit_holding(
             run.interrupted = True
             run.finalize(dashboard)
             raise
+        if run.gave_up:  # the cluster never gave it workers: record the run, end it in one line
+            run.finalize(dashboard)
+            raise JobFailed(config.locate(run.gave_up))
     return run.finalize(dashboard)
-
-
-def _has_dashboard(client) -> bool:
-    try:
-        return bool(client.scheduler_info().get("services", {}).get("dashboard"))
-    except Exception:  # noqa: BLE001 - a missing dashboard is not an error
-        return False
 
 
 class Run:
@@ -391,6 +394,12 @@ class Run:
         """The first write the store refused: the run stops (see ``BlockResult.refused``)."""
         self.disconnected = False
         self.interrupted = False
+        self.gave_up: str | None = None
+        """Why the cluster ended the run (a batch cluster whose workers never arrived)."""
+        self._client = None
+        self._futures: dict = {}
+        """The futures not yet collected (and the one that holds the block job)."""
+        self._bar: BlockProgress | None = None
         self.attrs = store.read_attrs(self.path)
         self.previous_runs = [  # a run still "running" here was killed before it could say so
             {**r, "status": "interrupted"} if r.get("status") == "running" else r
@@ -414,6 +423,23 @@ class Run:
                 raise
             self.refused = self.refused or refused
 
+    def notice(self, text: str) -> None:
+        """The cluster's state on the terminal (the batch queue, workers being replaced)."""
+        if self._bar is not None:
+            self._bar.note(text)
+        elif self.progress:
+            self.console.print(text, highlight=False, markup=False, emoji=False)
+
+    def give_up(self, reason: str) -> None:
+        """End the run: the cluster's workers never arrived. Called from the cluster's watch."""
+        self.gave_up = reason
+        if self._client is not None and self._futures:
+            self._client.cancel(list(self._futures.copy()))
+
+    def blocks_left(self) -> int:
+        """Blocks of this run not yet finished or failed."""
+        return len(self.pending) - len(self.results) - len(self.failed)
+
     def execute(self, client) -> None:
         """Submit one task per pending block; collect results and failures as they finish."""
         from distributed import as_completed
@@ -431,8 +457,10 @@ class Run:
             self.job.sparse,
             self.job.reducer,
         )
-        shared = client.scatter(block_job, broadcast=True, hash=False)
         prefix = f"jacrun-{config.name}-{self.job.config_hash[:10]}"
+        # a task, not scattered data: the scheduler can compute it again if every worker that
+        # held it leaves (batch jobs end), and it needs no worker to exist yet
+        shared = client.submit(hold, block_job, pure=False)
         futures = {
             client.submit(run_block, shared, i, j, key=(prefix, i, j), retries=config.retries, pure=False): (
                 i,
@@ -440,14 +468,21 @@ class Run:
             )
             for i, j in self.pending
         }
+        self._client, self._futures = client, {shared: None, **futures}
+        if self.gave_up:
+            client.cancel(list(self._futures.copy()))
         self._save_progress(status="running")
         self.compute_started = time.perf_counter()
         last_save = time.monotonic()
         total = self.plan.n_blocks
         with BlockProgress(self.console, total=total, done=self.already, enabled=self.progress) as bar:
+            self._bar = bar
             try:
                 for future in as_completed(futures, loop=client.loop):
-                    self._collect(future, futures[future], bar)
+                    # released once collected: a finished block's result must not stay on a
+                    # worker, where a worker leaving (a batch job ending) would have it recomputed
+                    self._collect(future, futures.pop(future), bar)
+                    self._futures.pop(future, None)
                     if self.refused:  # no other block can be written either: stop here
                         client.cancel([f for f in futures if not f.done()])
                         break
@@ -456,8 +491,10 @@ class Run:
                         last_save = time.monotonic()
             except OSError:  # the scheduler went away while we waited (CommClosedError is one)
                 self.disconnected = True
+            finally:
+                self._bar = None
         self.disconnected = self.disconnected or client.status != "running"
-        if not self.disconnected:
+        if not self.disconnected and not self.gave_up:
             self._flush_writes(client)
 
     def _flush_writes(self, client) -> None:
@@ -551,7 +588,7 @@ class Run:
         self.failed = {block: message for block, message in self.failed.items() if not marks[block]}
         self.failed.update(self.write_failures)  # kept even if the marker could not be cleared
         unfinished = [b for b in self.pending if not marks[b] and b not in self.failed]
-        if self.interrupted or self.disconnected or self.refused:
+        if self.interrupted or self.disconnected or self.refused or self.gave_up:
             self.lost = len(unfinished)
 
         else:

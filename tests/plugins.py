@@ -114,3 +114,39 @@ class BatchRecorder(Function):
 
     def jvp_batch(self, x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.forward_batch(x), t * np.cos(x)[:, None, :]
+
+
+class Sleepy(Function):
+    """y = sin(x), exact VJP/JVP; every batch sleeps ``delay`` seconds first, so that a job's
+    length is set by its block count, not by this machine's speed.
+
+    With ``log_dir``, each computation of a batch leaves a file there: the batch's first input
+    (which block it was), the worker's process id, and when it started and ended.
+    """
+
+    def __init__(self, n: int = 3, delay: float = 0.0, log_dir: str | None = None) -> None:
+        self.n_in = self.n_out = n
+        self.dtype = np.dtype("float64")
+        self.delay, self.log_dir = delay, log_dir
+
+    def _sleep(self, x: np.ndarray) -> None:
+        import time
+        import uuid
+
+        start = time.time()
+        time.sleep(self.delay)
+        if self.log_dir:
+            record = f"{x[0, 0]!r} {os.getpid()} {start!r} {time.time()!r}"
+            (Path(self.log_dir) / uuid.uuid4().hex).write_text(record)
+
+    def forward_batch(self, x: np.ndarray) -> np.ndarray:
+        self._sleep(x)
+        return np.sin(x)
+
+    def vjp_batch(self, x: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self._sleep(x)
+        return np.sin(x), v * np.cos(x)[:, None, :]
+
+    def jvp_batch(self, x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self._sleep(x)
+        return np.sin(x), t * np.cos(x)[:, None, :]
