@@ -1,8 +1,10 @@
-"""Autodiff adapters: a plain function f(x) -> y, differentiated by PyTorch, JAX or autograd.
+"""Autodiff adapters: a plain function f(x) -> y, differentiated by PyTorch, JAX, autograd or
+finite differences.
 
-``kind: python`` with ``autodiff: torch | jax | autograd`` builds an :class:`AutodiffFunction`
-from one module of this package (``torch.py``, ``jax.py``, ``autograd.py``), imported only when
-a config names it, so jacrun itself never needs the frameworks.
+``kind: python`` with ``autodiff: torch | jax | autograd | fd`` builds an
+:class:`AutodiffFunction` from one module of this package (``torch.py``, ``jax.py``,
+``autograd.py``, ``fd.py``), imported only when a config names it, so jacrun itself never needs
+the frameworks.
 
 What the target may be (nothing is called before these checks):
 
@@ -25,6 +27,11 @@ Building then infers or checks the sizes (``n_in`` from the section, the inputs'
 probes a ``batched`` f for coupling between rows, and runs one tiny VJP and JVP, so that a
 function the framework cannot differentiate fails as a :class:`~jacrun.functions.targets.TargetError`
 (a ConfigError, exit 2) before any cluster starts.
+
+A backend module provides ``setup``, ``factory_dtype``, ``prepare``, ``default_width``,
+``TARGET_CLASSES`` and ``Adapter``; optionally ``adapter_options(spec)`` (more keyword
+arguments of ``Adapter``) and ``probe_derivatives(function, target, label)`` in place of the
+tiny VJP and JVP (``fd`` probes one JVP and, for the complex step, f on complex inputs).
 """
 
 from __future__ import annotations
@@ -78,6 +85,7 @@ BACKENDS: dict[str, Backend] = {
     "torch": Backend("torch", "torch", "PyTorch"),
     "jax": Backend("jax", "jax", "JAX"),
     "autograd": Backend("autograd", "autograd", "autograd"),
+    "fd": Backend("fd", "numpy", "finite differences"),
 }
 """``autodiff`` values: each adapter is ``jacrun.functions.adapters.<name>``."""
 
@@ -125,6 +133,11 @@ def weights_unsupported(
 def no_width_hint(fn: Any) -> int | None:
     """No widest-layer hint for the planner's memory estimate."""
     return None
+
+
+def no_options(spec: PythonSpec) -> dict[str, Any]:
+    """No adapter options beyond the section's common keys (``fd`` has some: ``adapter_options``)."""
+    return {}
 
 
 def load_backend(name: str) -> ModuleType:
@@ -245,6 +258,7 @@ def build(spec: PythonSpec) -> AutodiffFunction:
     n_in = _input_size(fn, spec)
     width = spec.width or backend.default_width(fn)
     options = {"n_in": n_in, "dtype": dtype, "batched": spec.batched, "target": target, "width": width}
+    options.update(getattr(backend, "adapter_options", no_options)(spec))
     function = backend.Adapter(fn, **options)
     m, scalar = _output_size(function, spec)
     if scalar:
@@ -252,7 +266,8 @@ def build(spec: PythonSpec) -> AutodiffFunction:
     function.n_out = m
     if spec.batched:
         _probe_rows(function, target)
-    _probe_derivatives(function, target, BACKENDS[spec.autodiff].label)
+    probe = getattr(backend, "probe_derivatives", _probe_derivatives)
+    probe(function, target, BACKENDS[spec.autodiff].label)
     return function
 
 
