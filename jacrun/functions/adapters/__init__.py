@@ -212,6 +212,13 @@ class AutodiffFunction(Function):
         shape = (-1, 1) if self.batched else (1,)
         return lambda x: fn(x).reshape(shape)
 
+    def probe_inputs(self, rows: int, seed: int | None) -> np.ndarray:
+        """Rows (rows, n) at which the build probes f: zeros (``seed`` None), else standard
+        normal draws; ``fd`` keeps them inside ``fd.bounds``, f's domain."""
+        if seed is None:
+            return np.zeros((rows, self.n_in), dtype=self.dtype)
+        return np.random.default_rng(seed).standard_normal((rows, self.n_in)).astype(self.dtype)
+
     def work_bytes(self, batch: int, k: int, mode: Mode) -> int:
         """An estimate: frameworks keep the forward pass's intermediates and a few per vector."""
         width = max(self.n_in, self.n_out, self.width or 0)
@@ -374,15 +381,18 @@ def _input_size(fn: Any, spec: PythonSpec) -> int:
 
 
 def _output_size(function: AutodiffFunction, spec: PythonSpec) -> tuple[int, bool]:
-    """(m, scalar) from one forward call on zeros; check its shape, dtype and ``n_out``."""
+    """(m, scalar) from one forward call on zeros (inside ``fd.bounds``); check its shape,
+    dtype and ``n_out``."""
     target, n = spec.target, function.n_in
     rows = 2
     shape = (rows, n) if spec.batched else (n,)
+    x = function.probe_inputs(rows, None)
     try:
-        y = function.forward_batch(np.zeros((rows, n), dtype=function.dtype))
+        y = function.forward_batch(x)
     except Exception as exc:
         raise TargetError(
-            f"target {target!r}: calling f on zeros of shape {shape} failed: "
+            f"target {target!r}: calling f on {'a point inside fd.bounds' if x.any() else 'zeros'} "
+            f"of shape {shape} failed: "
             f"{type(exc).__name__}: {exc}"
             + ("" if spec.n_in is None else " (is n_in right?)")
             + ("" if spec.batched else "; if f expects a batch (B, n), set `batched: true`")
@@ -414,13 +424,18 @@ def _output_size(function: AutodiffFunction, spec: PythonSpec) -> tuple[int, boo
 def _probe_rows(function: AutodiffFunction, target: str) -> None:
     """A batched f must not couple rows: perturbing row 0 moves no other row, and f of a
     sub-batch gives the same rows as f of the whole batch."""
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((PROBE_ROWS, function.n_in)).astype(function.dtype)
-    y = _f64(function.forward_batch(x))
+    x = function.probe_inputs(PROBE_ROWS, 0)
     moved = x.copy()
-    moved[0] += np.abs(moved[0]) + 1.0
-    y_moved = _f64(function.forward_batch(moved))
-    y_sub = _f64(function.forward_batch(np.ascontiguousarray(x[1:3])))
+    moved[0] = function.probe_inputs(1, 1)[0]
+    try:
+        y = _f64(function.forward_batch(x))
+        y_moved = _f64(function.forward_batch(moved))
+        y_sub = _f64(function.forward_batch(np.ascontiguousarray(x[1:3])))
+    except Exception as exc:
+        raise TargetError(
+            f"target {target!r}: calling f on a batch of {PROBE_ROWS} random rows failed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     scale = max(float(np.nanmax(np.abs(y), initial=0.0)), 1.0)
     tolerance = 1e3 * float(np.finfo(function.dtype).eps) * scale
     leak = _difference(y_moved[1:], y[1:])

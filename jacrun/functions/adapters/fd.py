@@ -270,6 +270,18 @@ class FDFunction(AutodiffFunction):
             return None
         return SparseJacobian.from_pattern(as_pattern(pattern, (self.n_out, self.n_in)), "fwd")
 
+    def probe_inputs(self, rows: int, seed: int | None) -> np.ndarray:
+        """The build's probe rows, inside ``fd.bounds`` when f has them."""
+        if self.bounds is None:
+            return super().probe_inputs(rows, seed)
+        if seed is None:
+            return (
+                np.clip(np.zeros(self.n_in), self.bounds.lower, self.bounds.upper)[None]
+                .repeat(rows, 0)
+                .astype(self.dtype)
+            )
+        return probe_rows(self, rows, seed)
+
     def check_inputs(self, x: np.ndarray) -> None:
         if self.bounds is None:
             return
@@ -779,7 +791,11 @@ def probe_derivatives(function: FDFunction, target: str, label: str) -> None:
             raise TargetError(
                 f"fd.method: complex: target {target!r}: {problem}; use method: central or forward"
             )
+    from jacrun.sparsity import as_pattern
+
     try:
-        function.declared  # noqa: B018 - colours a declared pattern, checking its shape
-    except (ValueError, TypeError) as exc:
+        pattern = function.sparsity()
+        if pattern is not None:
+            as_pattern(pattern, (function.n_out, function.n_in))
+    except Exception as exc:  # noqa: BLE001 - the user's attribute
         raise TargetError(f"target {target!r}: its declared sparsity (f.sparsity) {exc}") from None
