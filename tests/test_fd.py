@@ -183,6 +183,13 @@ def test_f_is_called_on_all_samples_and_directions_at_once_in_slices() -> None:
     row = 2 * N * 8  # a perturbed row and its output
     assert max(counter.rows) * row <= 4096 and sum(counter.rows) == 50 * 9 and len(counter.rows) == 17
     counter.rows.clear()
+    sparse = choose(tridiagonal(N), "fwd", "file")
+    tiny = FDFunction(counter, batched=True, method="central", call_memory=3 * row, **common)
+    with blas_limit(1):
+        _, values = sparse.evaluate(tiny, x)  # one colour of one sample per call, then one gather
+    assert max(counter.rows) == 3 and sum(counter.rows) == 50 * (1 + 3 * 2)
+    np.testing.assert_array_equal(values, sparse.evaluate(f, x)[1])
+    counter.rows.clear()
     slow = FDFunction(counter, batched=False, method="forward", **common)
     slow.jvp(x[:3], t[:3])
     assert counter.rows == [1] * 3 * (1 + 4)  # the slow path: one call per perturbed sample

@@ -62,12 +62,6 @@ Bound = float | list[float | None] | None
 """One side of ``fd.bounds``: a number for every input, one number per input, or null (none)."""
 
 
-def bound_array(side: Bound, none: float) -> np.ndarray:
-    """One side of ``fd.bounds`` as float64 values, 1-D (length 1 for one number); null is ``none``."""
-    values = side if isinstance(side, list) else [side]
-    return np.array([none if v is None else v for v in values], dtype=np.float64)
-
-
 class FDOptions(BaseModel):
     """``fd:`` of an ``autodiff: fd`` section: how finite differences are taken."""
 
@@ -115,6 +109,8 @@ class FDOptions(BaseModel):
                 raise ValueError(f"the {name} bounds contain NaN")
         if isinstance(value[0], list) and isinstance(value[1], list) and len(value[0]) != len(value[1]):
             raise ValueError(f"lower has {len(value[0])} values and upper {len(value[1])}")
+        from jacrun.functions.adapters.fd import bound_array
+
         lower, upper = np.broadcast_arrays(bound_array(value[0], -np.inf), bound_array(value[1], np.inf))
         bad = np.flatnonzero(~(lower < upper))
         if bad.size:

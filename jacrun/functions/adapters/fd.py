@@ -110,6 +110,12 @@ def relative_step(method: Method, dtype: np.dtype, step: float | str = "auto") -
 # ---- bounds -------------------------------------------------------------------------------------
 
 
+def bound_array(side: float | list[float | None] | None, none: float) -> np.ndarray:
+    """One side of ``fd.bounds`` as float64 values, 1-D (length 1 for one number); null is ``none``."""
+    values = side if isinstance(side, list) else [side]
+    return np.array([none if v is None else v for v in values], dtype=np.float64)
+
+
 @dataclass(frozen=True)
 class Bounds:
     """f's domain, lower <= x <= upper per input (float64, length n; +-inf where unbounded)."""
@@ -121,8 +127,6 @@ class Bounds:
     def of(cls, sides: tuple[Any, Any], n: int) -> Bounds:
         """From ``fd.bounds`` (each side a number, n numbers or None); TargetError naming the
         key when a side has neither 1 nor n values."""
-        from jacrun.functions.python import bound_array
-
         arrays = []
         for name, side, none in (("lower", sides[0], -np.inf), ("upper", sides[1], np.inf)):
             values = bound_array(side, none)
@@ -556,11 +560,33 @@ class FDFunction(AutodiffFunction):
         return np.stack([np.where(up, t, 0), -np.where(up, 0, t)], axis=1).astype(self.dtype)
 
     def _seed_values(
-        self, x: np.ndarray, h: np.ndarray, one_sided: np.ndarray, seeds: np.ndarray, y: np.ndarray | None
+        self,
+        x: np.ndarray,
+        h: np.ndarray,
+        one_sided: np.ndarray,
+        seeds: np.ndarray,
+        y: np.ndarray | None,
+        per_call: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """f at x perturbed along each seed (c, n) by the per-input steps: (b, c, m) for the
-        upper points (the imaginary part for complex) and, central, the lower ones (else None).
-        With ``y`` given, f(x) goes into it."""
+        upper points (the imaginary part for complex) and, central, the lower ones (else None);
+        the seeds in calls of ``per_call`` (default all). With ``y`` given, f(x) goes into it."""
+        c = seeds.shape[0]
+        per_call = per_call or c
+        if per_call >= c:
+            return self._seed_call(x, h, one_sided, seeds, y)
+        parts = [
+            self._seed_call(x, h, one_sided, seeds[c0 : c0 + per_call], y if c0 == 0 else None)
+            for c0 in range(0, c, per_call)
+        ]
+        upper = np.concatenate([part[0] for part in parts], axis=1)
+        lower = None if parts[0][1] is None else np.concatenate([part[1] for part in parts], axis=1)
+        return upper, lower
+
+    def _seed_call(
+        self, x: np.ndarray, h: np.ndarray, one_sided: np.ndarray, seeds: np.ndarray, y: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """One call of f for :meth:`_seed_values`."""
         b, n = x.shape
         c = seeds.shape[0]
         xs = x[:, None, :]
@@ -580,26 +606,21 @@ class FDFunction(AutodiffFunction):
         self, x: np.ndarray, sparse: SparseJacobian, out: np.ndarray, outputs: bool = True
     ) -> np.ndarray:
         """The nonzeros of J(x) from the colouring's seeds: per-input steps, each seed one
-        direction, the differences gathered and divided by their column's step taken."""
+        direction, the differences gathered and divided by their column's step taken. f is
+        called on all colours of as many samples as fit ``call_memory`` (or on some colours
+        of one sample); the gather reads the differences of every colour at once."""
         if sparse.direction != "fwd":
             raise ValueError("finite differences colour columns (strategy fwd), not rows")
         self.check_inputs(x)
-        batch, colours = x.shape[0], sparse.n_colours
+        batch = x.shape[0]
         y = np.empty((batch, self.n_out), dtype=self.dtype)
         h, taken, one_sided = self.input_steps(x)
         seeds = sparse._seeds(self.dtype)
-        samples, per_call = self.spans(batch, colours)
+        samples, per_call = self.spans(batch, sparse.n_colours)
         for a in range(0, batch, samples):  # SparseJacobian.evaluate runs this on the kernel threads
-            b = min(batch, a + samples)
-            for c0 in range(0, colours, per_call):
-                c1 = min(colours, c0 + per_call)
-                rows = slice(a, b)
-                first = y[rows] if c0 == 0 else None
-                upper, lower = self._seed_values(x[rows], h[rows], one_sided[rows], seeds[c0:c1], first)
-                where, source = _colour_range(sparse, c0, c1)
-                self._combine(
-                    upper, lower, y[rows], taken[rows], one_sided[rows], sparse, where, source, out[rows]
-                )
+            rows = slice(a, min(batch, a + samples))
+            upper, lower = self._seed_values(x[rows], h[rows], one_sided[rows], seeds, y[rows], per_call)
+            self._combine(upper, lower, y[rows], taken[rows], one_sided[rows], sparse, out[rows])
         return y
 
     def _combine(
@@ -610,34 +631,25 @@ class FDFunction(AutodiffFunction):
         taken: np.ndarray,
         one_sided: np.ndarray,
         sparse: SparseJacobian,
-        where: slice | np.ndarray,
-        source: np.ndarray,
         out: np.ndarray,
     ) -> None:
-        """Nonzeros ``where`` of ``out`` from the seeds' values (b, c, m): their entries
-        ``source`` of the flattened values, combined by the method, over their column's step."""
+        """The nonzeros (b, nnz) into ``out`` from the seeds' values (b, C, m): gathered,
+        combined by the method, divided by their column's step taken."""
         b = upper.shape[0]
-        columns = sparse.indices[where]
         flat = lambda values: values.reshape(b, -1)  # noqa: E731
-        whole = isinstance(where, slice)
+        index = sparse.index_map
         if self.method == "forward":
             np.subtract(upper, y[:, None, :], out=upper)
         if self.method != "central" or not one_sided.any():
             if self.method == "central":
                 upper = upper - lower
-            # the usual case: one gather straight into ``out``, then the division in place
-            diff = out if whole else np.empty((b, source.size), dtype=out.dtype)
-            np.take(flat(upper), source, axis=1, out=diff, mode="clip")
+            np.take(flat(upper), index, axis=1, out=out, mode="clip")  # straight into ``out``
         else:
-            high, low = np.take(flat(upper), source, axis=1), np.take(flat(lower), source, axis=1)
-            f0 = np.take(y, sparse.rows[where], axis=1)
-            sided = np.take(one_sided, columns, axis=1)
-            diff = np.where(sided, one_sided_difference(f0, low, high), high - low)
-        step = np.take(taken, columns, axis=1)
-        if whole:
-            np.divide(diff, step, out=out)
-        else:
-            out[:, where] = diff / step
+            high, low = np.take(flat(upper), index, axis=1), np.take(flat(lower), index, axis=1)
+            f0 = np.take(y, sparse.rows, axis=1)
+            sided = np.take(one_sided, sparse.indices, axis=1)
+            out[...] = np.where(sided, one_sided_difference(f0, low, high), high - low)
+        np.divide(out, np.take(taken, sparse.indices, axis=1), out=out)
 
     def vjp_batch(self, x: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """v^T J through each sample's Jacobian: its nonzeros from the declared pattern's
@@ -708,16 +720,6 @@ def one_sided_difference(f0: np.ndarray, f1: np.ndarray, f2: np.ndarray) -> np.n
     """-3 f(x) + 4 f(x + h) - f(x + 2h), as 4 (f1 - f0) - (f2 - f0): exactly zero for the outputs
     that the step does not move (the expanded form leaves rounding noise there)."""
     return 4 * (f1 - f0) - (f2 - f0)
-
-
-def _colour_range(sparse: SparseJacobian, c0: int, c1: int) -> tuple[slice | np.ndarray, np.ndarray]:
-    """The nonzeros of the columns of colours c0:c1 (all: ``slice(None)``) and where each sits in
-    those colours' flattened values (c1 - c0, m)."""
-    if c0 == 0 and c1 == sparse.n_colours:
-        return slice(None), sparse.index_map
-    colour = sparse.colours[sparse.indices]
-    where = np.flatnonzero((colour >= c0) & (colour < c1))
-    return where, (colour[where].astype(np.int64) - c0) * sparse.shape[0] + sparse.rows[where]
 
 
 # ---- build-time probes --------------------------------------------------------------------------
