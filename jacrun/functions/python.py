@@ -161,7 +161,10 @@ class PythonSpec(FunctionSpec):
     )
     fd: FDOptions | None = Field(
         default=None,
-        description="autodiff: fd only: method (forward, central, complex), step, bounds, call_memory.",
+        description=(
+            "autodiff: fd only: a section of method (forward | central | complex), step (auto or "
+            "a relative step), bounds ([lower, upper]) and call_memory (1MiB)."
+        ),
     )
     batched: bool = Field(
         default=False,
@@ -288,7 +291,8 @@ class PythonFunction(Function):
     kind = "python"
     description = (
         "Your own Function subclass or factory, imported from `package.module:attr`; with "
-        "`autodiff`, a plain function f(x) differentiated by torch, jax or autograd."
+        "`autodiff`, a plain function f(x) differentiated by torch, jax or autograd, or by "
+        "finite differences (fd)."
     )
     spec_model = PythonSpec
 

@@ -320,6 +320,11 @@ class FDFunction(AutodiffFunction):
         threads = kernel_threads() if self.batched else 1
         steps = batch * (3 * self.n_in + 4 * k) * 8
         columns = 0 if mode == "jvp" else samples * per_call * self.n_out * self.dtype.itemsize
+        if mode == "vjp" and self.declared is not None:  # _vjp_sparse: a range's nonzeros and sums
+            sparse = self.declared
+            rows = min(batch, self._vjp_rows(k, sparse.nnz))
+            sums = rows * ((1 + 2 * k) * sparse.nnz + k * self.n_in) * 8
+            return steps + sums + sparse.work_bytes(self, rows)
         return threads * (4 * call + columns) + steps
 
     def _jacobian_directions(self) -> int:
@@ -699,14 +704,26 @@ class FDFunction(AutodiffFunction):
     def _vjp_sparse(
         self, x: np.ndarray, v: np.ndarray, sparse: SparseJacobian
     ) -> tuple[np.ndarray, np.ndarray]:
-        """v^T J from the nonzeros: sum over the nonzeros J_ij of column j of v_i J_ij."""
-        y, values = sparse.evaluate(self, x)
+        """v^T J from the nonzeros: for each column j, the sum of v_i J_ij over its nonzeros; in
+        ranges of samples whose nonzeros and products fit about ``call_memory``."""
         batch, k = v.shape[:2]
         n = self.n_in
-        keys = (np.arange(batch * k)[:, None] * n + sparse.indices[None, :]).ravel()
-        products = np.take(v, sparse.rows, axis=2) * values[:, None, :]  # (B, K, nnz)
-        xbar = np.bincount(keys, weights=products.ravel(), minlength=batch * k * n)
-        return y, xbar.reshape(batch, k, n).astype(self.dtype, copy=False)
+        y = np.empty((batch, self.n_out), dtype=self.dtype)
+        xbar = np.empty((batch, k, n), dtype=self.dtype)
+        span = self._vjp_rows(k, sparse.nnz)
+        for a in range(0, batch, span):
+            b = min(batch, a + span)
+            y[a:b], values = sparse.evaluate(self, x[a:b])
+            keys = (np.arange((b - a) * k)[:, None] * n + sparse.indices[None, :]).ravel()
+            products = np.take(v[a:b], sparse.rows, axis=2) * values[:, None, :]  # (rows, K, nnz)
+            sums = np.bincount(keys, weights=products.ravel(), minlength=(b - a) * k * n)
+            xbar[a:b] = sums.reshape(b - a, k, n)
+        return y, xbar
+
+    def _vjp_rows(self, k: int, nnz: int) -> int:
+        """Samples per range of :meth:`_vjp_sparse`: their nonzeros and products (K per
+        nonzero, float64 sums) in about ``call_memory``."""
+        return max(1, self.call_memory // ((1 + 2 * k) * nnz * 8))
 
     def jacobian(self, x: np.ndarray, strategy: Literal["rev", "fwd", "auto"] = "auto"):
         """Per-sample Jacobians, column-wise (there is no reverse mode to choose)."""
