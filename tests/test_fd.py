@@ -95,6 +95,7 @@ def test_every_mode_matches_the_exact_jacobian(method: str) -> None:
     _, vj_columns = per_sample.vjp(x, v)  # through one direction per input
     expected = np.einsum("bkm,bmn->bkn", v, exact)
     assert rel_err(vj, expected) < ACCURACY[method] and rel_err(vj_columns, expected) < ACCURACY[method]
+    np.testing.assert_array_equal(batched(method, call_memory="1KiB").vjp(x, v)[1], vj)  # ranges of samples
     # the slow path computes the same numbers, f called per perturbed sample
     np.testing.assert_array_equal(per_sample.jacobian(x)[1], jac)
     np.testing.assert_array_equal(per_sample.jvp(x, t)[1], f.jvp(x, t)[1])
