@@ -90,7 +90,7 @@ class FDOptions(BaseModel):
         ),
     )
     call_memory: ByteSize = Field(
-        ByteSize(512 << 10),
+        ByteSize(1 << 20),
         description=(
             "perturbed inputs and outputs per call of f (cache-sized by default); raise it for an "
             "f with a large cost per call, such as a Python loop over time steps."
@@ -122,7 +122,7 @@ class FDOptions(BaseModel):
     @classmethod
     def _positive(cls, value: ByteSize) -> ByteSize:
         if value <= 0:
-            raise ValueError("must be positive, e.g. 512KiB")
+            raise ValueError("must be positive, e.g. 1MiB")
         return value
 
 
@@ -163,7 +163,7 @@ class PythonSpec(FunctionSpec):
         default=None,
         description=(
             "autodiff: fd only: a section of method (forward | central | complex), step (auto or "
-            "a relative step), bounds ([lower, upper]) and call_memory (512KiB)."
+            "a relative step), bounds ([lower, upper]) and call_memory (1MiB)."
         ),
     )
     batched: bool = Field(

@@ -215,8 +215,8 @@ def chain_spec(n: int, method: str = "forward") -> dict[str, Any]:
 
 CALL_SIZES = {
     "256 KiB": 256 << 10,
-    "512 KiB (default)": 512 << 10,
-    "1 MiB": 1 << 20,
+    "512 KiB": 512 << 10,
+    "1 MiB (default)": 1 << 20,
     "4 MiB": 4 << 20,
     "32 MiB": 32 << 20,
 }

@@ -2,7 +2,7 @@
 
 For functions with no derivatives at all (a legacy simulator, SciPy's ODE solvers and
 interpolators): every product comes from evaluations of f at perturbed points, evaluated for
-all samples and directions of a block together, in calls of about ``fd.call_memory`` (512 KiB) of
+all samples and directions of a block together, in calls of about ``fd.call_memory`` (1 MiB) of
 perturbed points and outputs: a ``batched: true`` f (B, n) -> (B, m) is called on many perturbed
 rows at once (the fast path); a per-sample f is called once per perturbed row (the slow path).
 
@@ -70,11 +70,12 @@ if TYPE_CHECKING:
 Method = Literal["forward", "central", "complex"]
 
 TARGET_CLASSES: tuple[type, ...] = ()
-CALL_MEMORY = 512 << 10
+CALL_MEMORY = 1 << 20
 """Default ``fd.call_memory``: perturbed points and outputs per call of f, so that a NumPy
-function's temporaries stay near a core's L2 cache (1 MiB here). docs/performance.md, "Finite
-differences", measures the call sizes: on the 9-point stencil at n = 1,024, calls of 256 KiB to
-512 KiB ran up to 2-3x faster than calls of 4 MiB or more; at n = 4,096 the size mattered less."""
+function's temporaries stay near a core's L2 cache (1 MiB here). On the 9-point stencil
+(docs/performance.md, "Finite differences") calls of 4 to 32 MiB ran 10-20% slower at n = 1,024
+and 4,096; calls of 256 or 512 KiB as fast at n = 1,024 and 12-15% slower at n = 4,096, where
+they split one sample's 9 directions over two or three calls."""
 POINTS = {"forward": 1, "central": 2, "complex": 1}
 """Evaluations of f per direction."""
 LARGE_N = 64
