@@ -197,18 +197,15 @@ def test_huge_pages_are_off_in_the_bench_and_default_for_its_workers(tmp_path: P
 
 
 def test_skip_kernels_leaves_only_the_other_sections(tmp_path: Path) -> None:
-    done = run_bench(
-        "--quick", "--skip-kernels", "--skip-e2e", "--skip-adapters", "--skip-fd", "--frameworks", "none"
-    )
-    assert "Skipped (--skip-kernels)." in done.stdout and "Skipped (--skip-fd)." in done.stdout
+    done = run_bench("--quick", "--skip-kernels", "--skip-e2e", "--skip-adapters", "--frameworks", "none")
+    assert "Skipped (--skip-kernels)." in done.stdout
     assert not table_rows(done.stdout, "mlp ") and not table_rows(done.stdout, "lorenz96 ")
 
 
 def test_sparse_reduce_and_s3_sections(tmp_path: Path) -> None:
-    """The sparse section (bratu in process, one job killed and resumed), the fd section (against
-    SciPy, the methods' errors; no job in --quick), the reduce section (the active-subspace job
-    at N and 8N, 1 and 2 workers) and the s3 section (a job into moto's server against local
-    disk) run and report their rows."""
+    """The sparse section (bratu in process, one job killed and resumed), the reduce section
+    (the active-subspace job at N and 8N, 1 and 2 workers) and the s3 section (a job into moto's
+    server against local disk) run and report their rows."""
     done = run_bench("--quick", "--skip-kernels", "--skip-e2e", "--skip-adapters", "--frameworks", "none")
     report = done.stdout
     grids = [row for row in table_rows(report, "") if row[0] in ("8", "16")]
@@ -224,12 +221,6 @@ def test_sparse_reduce_and_s3_sections(tmp_path: Path) -> None:
     assert "| active subspace: Gram from 1 and 2 workers bit-identical | 1 | yes |" in report
     assert "| values agree with dense Jacobians (max relative error) |" in report
     assert "The two stores' results are bit-identical." in report  # the s3 section, on moto
-    fd = [row for row in table_rows(report, "") if row[0] in ("9-point stencil L=8", "banded chain")]
-    assert [row[3] for row in fd] == ["9 / 13", "4 / 6"]  # colours: jacrun / SciPy's groups
-    assert all(row[-1] == "0.0e+00" for row in fd)  # the same steps as SciPy: the same Jacobians
-    errors = {row[1]: float(row[3]) for row in table_rows(report, "9-point stencil, n = 64")}
-    assert errors["forward"] < 1e-6 and errors["central"] < 1e-8 and errors["complex"] < 1e-13
-    assert "| fd colours no more than SciPy's groups (SciPy - jacrun, fewest) | +2 | yes |" in report
 
 
 def test_every_registered_section_plugs_in() -> None:
