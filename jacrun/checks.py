@@ -365,6 +365,9 @@ def _row_independence(f: Function, x: np.ndarray, k: int, rng: np.random.Generat
         perturbed = x.copy()
         row = _f64(x[i])
         perturbed[i] = row + 1e-2 * (np.abs(row) + 1) * rng.uniform(-1, 1, row.shape)
+        fd = _fd_function(f)
+        if fd is not None and fd.bounds is not None:  # f's domain (fd.bounds): f may raise outside it
+            fd.bounds.clip(perturbed[i : i + 1])
         change = _norm(_f64(f.forward(perturbed)) - y)
         own[s] = change[i]
         change[i] = 0

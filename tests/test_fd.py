@@ -149,6 +149,8 @@ def test_bounded_steps_stay_in_the_domain_as_scipy_takes_them(method: str) -> No
     for i in range(len(x)):
         theirs = approx_derivative(one, x[i], method=SCIPY[method], bounds=(0.0, 1.0))
         assert rel_err(jac[i][exact[i] != 0], theirs[exact[i] != 0]) < 1e-9
+    (report,) = check_spec(spec, x)  # jacrun check's own perturbations stay inside too
+    assert report.passed, report.to_dict()
 
 
 def test_complex_step_is_exact_to_rounding_and_refused_where_f_breaks_it() -> None:
@@ -234,6 +236,13 @@ def test_the_plan_counts_the_perturbed_copies_and_says_what_fd_costs(tmp_path) -
     assert "a dense fd Jacobian takes n = 200 directions" in notes
     with pytest.raises(jacrun.ConfigError, match="strategy: rev needs a reverse mode"):
         prepare(job(tmp_path).model_copy(update={"strategy": "rev"}), calibrate=False)
+    # a pattern file: columns, although its symmetric pattern colours rows as well for autodiff
+    sp.save_npz(tmp_path / "pattern.npz", sp.csr_matrix(tridiagonal(200)))
+    from_file = job_config(
+        function=per_sample, mode="jacobian", vectors=None, sparsity={"file": "pattern.npz"}
+    )
+    sparse = prepare(config_from_dict(from_file, tmp_path), calibrate=False).sparse
+    assert sparse.source == "file" and sparse.direction == "fwd" and sparse.n_colours == 3
 
 
 @pytest.mark.parametrize("grid", [8, 16, 32])
