@@ -353,7 +353,8 @@ class FDFunction(AutodiffFunction):
             )
             note = (
                 f"mode vjp with autodiff: fd goes through each sample's Jacobian: {what}, "
-                f"{directions * p} evaluations of f per sample, whatever the number of cotangents"
+                f"{directions * p} evaluations of f per sample besides f(x), whatever the number of "
+                "cotangents"
             )
             if self.declared is None and self.n_in > LARGE_N:
                 note += (
