@@ -368,3 +368,11 @@ def test_a_complex_step_jvp_job(tmp_path, scheduler_address) -> None:
     x, t = job_.inputs.read(0, 40, np.dtype("float64")), job_.vectors.read(0, 40, 0, 3, np.dtype("float64"))
     got = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["jvp"][...]
     assert rel_err(got, np.einsum("bmn,bkn->bkm", chain_jacobian(x), t)) < ACCURACY["complex"]
+
+
+def test_the_example_is_a_valid_sparse_fd_job() -> None:
+    cfg = jacrun.load_config(REPO / "examples" / "fd_fn" / "job.yaml")
+    job_ = prepare(cfg, calibrate=False)
+    assert cfg.function.autodiff == "fd" and cfg.function.fd.method == "forward"
+    assert job_.sparse.n_colours == 9 and job_.sparse.direction == "fwd" and job_.sparse.source == "declared"
+    assert job_.plan.memory_per_block <= job_.plan.task_memory and not job_.plan.warnings
