@@ -292,6 +292,9 @@ def plan_table(job) -> Table:
         ("threads", f"{threads} per worker x {blas_threads(cluster)} BLAS thread(s) each"),
         ("store", str(job.config.output.store)),
     ]
+    summary = job.function.attributes().get("summary")
+    if summary:
+        rows.insert(2, ("kernels", summary))
     if p.sparsity:
         rows.insert(1, ("sparsity", p.sparsity))
     if p.nnz is not None:
@@ -340,6 +343,8 @@ def show(store_path: StoreArg, storage_options: StorageOpt = None) -> None:
     table.add_column()
     table.add_row("job", f"{attrs.get('name')} ({attrs.get('mode')})")
     table.add_row("function", f"{fn.get('kind')}: {fn.get('n_in')} -> {fn.get('n_out')}, {fn.get('dtype')}")
+    if fn.get("summary"):
+        table.add_row("kernels", fn["summary"])
     table.add_row("status", f"{attrs.get('status')}, {int(marks.sum())}/{marks.size} blocks")
     table.add_row("config hash", str(attrs.get("config_hash", ""))[:16])
     sparse = attrs.get("sparsity")

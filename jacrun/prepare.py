@@ -10,7 +10,7 @@ import contextlib
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from jacrun.cluster import blas_threads
 from jacrun.config import AddressClusterConfig, JobConfig, OutputConfig
 from jacrun.errors import ConfigError
 from jacrun.functions import Function, build_function, resolve_strategy
-from jacrun.functions.base import Mode
+from jacrun.functions.base import Mode, Strategy
 from jacrun.functions.parallel import blas_limit
 from jacrun.plan import Plan, PlanError, make_plan
 from jacrun.reduce import Reducer
@@ -100,8 +100,13 @@ def build(config: JobConfig, opened: ArrayRows | RandomRows | None = None) -> Fu
         return build_function(spec)
     except (ValueError, TypeError, OSError, KeyError) as exc:
         # "weights file w.npz: W0 has shape ..." is about function.weights (matrix, bias, target)
-        first = str(exc).split(" ", 1)[0]
-        key = f"function.{first}" if first in config.function.model_fields_set - {"kind"} else "function"
+        message = str(exc)
+        first = message.split(" ", 1)[0]
+        given = config.function.model_fields_set - {"kind"}
+        head, colon, rest = message.partition(": ")
+        if colon and "." in head and head.split(".")[0] in given:  # "fd.bounds: ..." names its key
+            raise ConfigError(f"function.{head}: {rest}") from None
+        key = f"function.{first}" if first in given else "function"
         raise ConfigError(f"{key}: {exc}") from None
 
 
@@ -233,6 +238,7 @@ def prepare(
     function = function or build(config, opened)
     inputs = open_inputs(config.inputs, function.n_in, opened)
     samples = inputs.shape[0]
+    _check_domain(function, inputs)
     strategy = None
     note = ""
     if config.mode == "jacobian":
@@ -244,7 +250,7 @@ def prepare(
             strategy = sparse.direction
             vectors = seed_source(sparse)
         else:
-            strategy = resolve_strategy(config.strategy, function.n_in, function.n_out)
+            strategy = resolve_strategy(job_strategy(config, function), function.n_in, function.n_out)
             vectors = basis_source(function.n_out if strategy == "rev" else function.n_in)
     else:
         width = function.n_out if config.mode == "vjp" else function.n_in
@@ -268,11 +274,43 @@ def prepare(
             if config.mode != "jacobian" or sparse is not None:
                 raise
             raise PlanError(f"{exc}; {DENSE_ADVICE}") from None
+    notes = function.plan_notes(config.mode, sparse)
+    if notes:
+        plan = replace(plan, warnings=plan.warnings + tuple(notes))
     reducer = None
     if config.reduce:
         probes = config.vectors is not None and config.vectors.kind == "random"
         reducer = Reducer(tuple(config.reduce), plan, probes, sparse)
     return PreparedJob(config, function, inputs, vectors, plan, sparse, reducer)
+
+
+DOMAIN_CHECK_BYTES = 16 << 20
+"""``prepare`` checks the first rows of the inputs, about this much, against the function's
+domain (``fd.bounds``); every block checks its own rows."""
+
+
+def _check_domain(function: Function, inputs) -> None:
+    """The first input rows inside the function's domain, for a function that has one."""
+    if type(function).check_inputs is Function.check_inputs:
+        return
+    rows = min(inputs.shape[0], max(1, DOMAIN_CHECK_BYTES // (8 * function.n_in)))
+    try:
+        function.check_inputs(inputs.read(0, rows, function.dtype))
+    except ValueError as exc:
+        raise ConfigError(f"function.{exc} (the inputs must lie inside the bounds)") from None
+
+
+def job_strategy(config: JobConfig, function: Function) -> Strategy:
+    """``strategy``, or ``fwd`` for a function without a reverse mode (finite differences),
+    whose Jacobians are computed column by column; ``rev`` is refused for it."""
+    if function.reverse or config.strategy == "fwd":
+        return config.strategy
+    if config.strategy == "rev":
+        raise ConfigError(
+            "strategy: rev needs a reverse mode; finite differences (autodiff: fd) have none and "
+            "compute Jacobians column by column: use fwd or auto"
+        )
+    return "fwd"
 
 
 DENSE_ADVICE = (
@@ -290,7 +328,8 @@ def resolve_sparsity(config: JobConfig, function: Function) -> tuple[SparseJacob
     from jacrun import sparsity as sp
 
     m, n = function.n_out, function.n_in
-    dense_strategy = resolve_strategy(config.strategy, n, m)
+    strategy = job_strategy(config, function)
+    dense_strategy = resolve_strategy(strategy, n, m)
     dense_products = m if dense_strategy == "rev" else n
     setting = config.sparsity
     if setting == "dense":
@@ -307,7 +346,7 @@ def resolve_sparsity(config: JobConfig, function: Function) -> tuple[SparseJacob
             raise ConfigError(f"function: its declared sparsity pattern {exc}") from None
         if pattern.nnz == m * n:
             return None, f"dense ({dense_strategy}): the declared pattern is dense"
-        sparse = sp.choose(pattern, config.strategy, "declared")
+        sparse = sp.choose(pattern, strategy, "declared")
         if sparse.n_colours >= dense_products:
             return None, (
                 f"dense ({dense_strategy}): colouring the declared pattern needs {sparse.n_colours} "
@@ -316,12 +355,12 @@ def resolve_sparsity(config: JobConfig, function: Function) -> tuple[SparseJacob
         return sparse, _sparse_note(sparse, dense_products, "the declared pattern")
     if setting == "detect":
         pattern = _detected(config, function)
-        return sp.choose(pattern, config.strategy, "detected"), ""
+        return sp.choose(pattern, strategy, "detected"), ""
     try:
         pattern = sp.read_pattern_file(setting.file, (m, n))
     except ValueError as exc:
         raise ConfigError(f"sparsity.file: {exc}") from None
-    sparse = sp.choose(pattern, config.strategy, "file")
+    sparse = sp.choose(pattern, strategy, "file")
     return sparse, _sparse_note(sparse, dense_products, f"the pattern in {setting.file.name}")
 
 

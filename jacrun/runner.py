@@ -223,6 +223,7 @@ def _create(job: PreparedJob, path: Location) -> None:
             "n_in": fn.n_in,
             "n_out": fn.n_out,
             "dtype": str(fn.dtype),
+            **fn.attributes(),
         },
         "plan": job.plan.to_dict(),
         **({"sparsity": job.sparse.summary()} if job.sparse is not None else {}),

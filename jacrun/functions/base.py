@@ -53,6 +53,11 @@ class Function(ABC):
     n_out: int
     dtype: np.dtype
 
+    reverse: ClassVar[bool] = True
+    """Whether ``vjp_batch`` is a reverse mode (its cost independent of n). Finite differences
+    have none: their VJPs go through the Jacobian, so their Jacobians are computed column-wise
+    (``strategy: fwd``, column colourings)."""
+
     @classmethod
     def from_spec(cls, spec: FunctionSpec) -> Function:
         """Build from a validated spec. Built-ins override this."""
@@ -100,6 +105,23 @@ class Function(ABC):
     def sparse_cache_bytes(self, sparse: SparseJacobian) -> int:
         """Memory kept between calls of :meth:`sparse_nonzeros` for ``sparse``."""
         return 0
+
+    # ---- domain, notes and attributes ---------------------------------------------------------
+
+    def check_inputs(self, x: np.ndarray) -> None:
+        """Raise ValueError (naming the config key) when rows of ``x`` lie outside the domain the
+        function was configured with (finite differences' ``fd.bounds``); nothing by default."""
+        return
+
+    def plan_notes(self, mode: Mode, sparse: SparseJacobian | None) -> tuple[str, ...]:
+        """Warnings about what this function's kernels cost in ``mode`` (``sparse``: the job's
+        colouring), printed by ``jacrun plan`` and kept in the plan; none by default."""
+        return ()
+
+    def attributes(self) -> dict:
+        """JSON-able facts about how the kernels compute, kept in the store's ``function``
+        attribute; a ``summary`` string is shown by ``jacrun plan`` and ``jacrun show``."""
+        return {}
 
     # ---- cost model for the planner --------------------------------------------------------
 
