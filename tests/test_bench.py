@@ -59,10 +59,12 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One ``--quick`` run of every section but the end-to-end ones (the e2e test runs those on
-    the test cluster) and the adapters (tests/test_adapters.py): kernels without frameworks,
-    sparse, reduce and s3. Its report is also written to ``--output``."""
+    the test cluster), the adapters (tests/test_adapters.py) and fd (tests/test_bench_fd.py):
+    kernels without frameworks, sparse, reduce and s3. Its report is also written to ``--output``."""
     out = tmp_path_factory.mktemp("bench") / "bench.md"
-    done = run_bench("--quick", "--skip-e2e", "--skip-adapters", "--frameworks", "none", "--output", str(out))
+    done = run_bench(
+        "--quick", "--skip-e2e", "--skip-adapters", "--skip-fd", "--frameworks", "none", "--output", str(out)
+    )
     report = out.read_text()
     assert report.strip() == done.stdout.strip()
     return report
@@ -89,7 +91,7 @@ def test_quick_run_reports_every_kernel(quick_report: str) -> None:
 
 
 def test_a_skipped_section_reports_nothing_but_its_skip(quick_report: str) -> None:
-    for name in ("e2e", "adapters"):
+    for name in ("e2e", "adapters", "fd"):  # fd: tests/test_bench_fd.py
         assert f"Skipped (--skip-{name})." in quick_report
     assert "| total |" not in quick_report and not table_rows(quick_report, "8N")  # no e2e rows
 
