@@ -24,8 +24,6 @@ from jacrun_bench.sections import SECTIONS, sections  # noqa: E402
 
 from jacrun.block import STEPS  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group("bench")  # one test process: its tests share one bench run
-
 KERNEL_ROWS = {
     (f"mlp {mode}", dtype) for mode in ("vjp", "jvp", "jacobian") for dtype in ("float32", "float64")
 }

@@ -177,6 +177,7 @@ def test_a_prologue_from_dask_jobqueues_config_still_counts():
     """With no job_script_prologue in the job's config, dask-jobqueue's own config supplies
     the lines, as it would without jacrun."""
     import dask
+    import dask_jobqueue  # noqa: F401 - its defaults first: set() would drop all of them on exit
 
     with dask.config.set({"jobqueue.slurm.job-script-prologue": ["module load site-python"]}):
         cluster = jobqueue_cluster(JobqueueClusterConfig(kind="slurm"))

@@ -31,8 +31,6 @@ from jacrun.cli import app
 from tests.helpers import REPO, job_config, markers_done, one_error_line, run_cli, write_config
 from tests.slurm import MAX_MINUTES, Slurm
 
-pytestmark = pytest.mark.xdist_group("slurm")  # one SLURM, and the long job beside the rest
-
 LONG_TEST = "test_a_job_longer_than_its_walltime_completes_in_one_submit"
 LONG_SAMPLES = 16_000
 """160 blocks of 1 s: about 80 s of work for two workers that retire every 34-40 s."""
