@@ -94,7 +94,8 @@ def held_job(folder: Path, store: str = "held.zarr", **sections) -> dict:
     """A cheap job of 10 blocks of 20 rows (tests.plugins.Tripwire, y = sin x, 2 random vectors)
     whose last block waits while ``folder/flags/hold`` exists: with :func:`hold`, a run stays
     mid-way (the other blocks done) until the test kills it or removes the file. Its inputs are
-    ``folder/held.npy``; 2 local workers unless ``cluster`` says otherwise."""
+    ``folder/held.npy``; 2 local workers unless ``cluster`` says otherwise (keep two: Dask may
+    start the held block first, and one worker would then finish nothing)."""
     x = np.random.default_rng(0).normal(size=(20 * HELD_BLOCKS, 3))
     x[-1, 0] = 999.0
     np.save(folder / "held.npy", x)

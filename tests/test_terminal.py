@@ -69,7 +69,10 @@ def test_dashboard_null_serves_nothing(tmp_path, dashboard):
     submitting process (the scheduler's) does."""
     port = free_port()
     job = held_job(tmp_path)
-    job["cluster"] = {**job["cluster"], "workers": 1, "dashboard": f"127.0.0.1:{port}"}
+    job["cluster"] = {
+        **job["cluster"],
+        "dashboard": f"127.0.0.1:{port}",
+    }  # a worker free beside the held block
     path = write_config(tmp_path, job)
     hold(tmp_path)
     proc = start_submit(path, *(["--set", "cluster.dashboard=null"] if dashboard == "null" else []))
