@@ -161,7 +161,7 @@ def test_killed_submit_resumes_with_only_the_missing_blocks(tmp_path, scheduler_
     assert 3 <= before < HELD_BLOCKS, f"kill the job mid-run (markers: {before})"
 
     released.unlink()
-    result = run_cli("submit", str(path))
+    result = run_cli("submit", str(path), "--scheduler", scheduler_address)
     assert result.returncode == 0, result.stdout + result.stderr
     attrs = jacrun.load(store).attrs["jacrun"]
     assert attrs["status"] == "complete" and attrs["blocks_done"] == HELD_BLOCKS
@@ -191,15 +191,16 @@ def test_ctrl_c_keeps_finished_blocks_and_says_how_to_resume(tmp_path):
     assert attrs["blocks_done"] <= markers_done(store) < HELD_BLOCKS
 
 
-def test_performance_report_and_overwrite_flags(tmp_path):
-    path = write_config(tmp_path, job_config(cluster={"kind": "local", "workers": 1, "dashboard": None}))
+def test_performance_report_and_overwrite_flags(tmp_path, scheduler_address):
+    path = write_config(tmp_path, job_config())
     report = tmp_path / "report.html"
-    result = run_cli("submit", str(path), "--quiet", "--performance-report", str(report))
+    on = ("--scheduler", scheduler_address)
+    result = run_cli("submit", str(path), "--quiet", "--performance-report", str(report), *on)
     assert result.returncode == 0, result.stderr
     assert report.exists() and "Dask Performance Report" in report.read_text()
     other = run_cli("submit", str(path), "--quiet", "--set", "inputs.seed=7")
     assert other.returncode == 2 and "holds another job" in other.stderr
-    again = run_cli("submit", str(path), "--quiet", "--set", "inputs.seed=7", "--overwrite")
+    again = run_cli("submit", str(path), "--quiet", "--set", "inputs.seed=7", "--overwrite", *on)
     assert again.returncode == 0, again.stderr
     assert read_attrs(tmp_path / "out.zarr")["config"]["inputs"]["seed"] == 7
 
