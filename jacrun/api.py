@@ -41,18 +41,21 @@ def check_job(config: JobConfig | str | Path, *, samples: int = 8, vectors: int 
     from jacrun.checks import check_sparse, check_spec
     from jacrun.errors import ConfigError
     from jacrun.prepare import build, resolve_sparsity, sized_function
-    from jacrun.sources import open_inputs
+    from jacrun.sources import open_input_file, open_inputs
 
     config = _config(config)
-    function = build(config)
-    inputs = open_inputs(config.inputs, function.n_in)
+    opened = open_input_file(config.inputs)
+    function = build(config, opened)
+    inputs = open_inputs(config.inputs, function.n_in, opened)
     rows = min(max(samples, 2), inputs.shape[0])
     if rows < 2:
         raise ConfigError("check: the inputs need at least 2 samples")
     x = inputs.read(0, rows, np.dtype("float64"))
     if not np.isfinite(x).all():
         raise ConfigError(f"check: the first {rows} input samples contain non-finite values")
-    reports = check_spec(sized_function(config), x, vectors=vectors, seed=seed)  # n_in from a file too
+    reports = check_spec(
+        sized_function(config, opened), x, vectors=vectors, seed=seed
+    )  # n_in from a file too
     sparse = resolve_sparsity(config, function)[0] if config.mode == "jacobian" else None
     if sparse is not None:
         reports.append(check_sparse(function, sparse, x, vectors=vectors, seed=seed))

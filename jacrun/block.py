@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from jacrun.config import JobConfig
+from jacrun.errors import storage_refusal
 from jacrun.functions import Function
 from jacrun.memory import keep_freed_memory
 from jacrun.plan import Plan
@@ -74,6 +75,10 @@ class BlockResult:
     """check name -> relative error on this block's rows, when checked."""
     steps: dict[str, float] = field(default_factory=dict)
     """Seconds of each step (:data:`STEPS`) of this block on its worker."""
+    refused: str | None = None
+    """Why the store refused this block's write (a full disk, a read-only file system: see
+    :func:`jacrun.errors.storage_refusal`): returned, not raised, so that Dask does not retry
+    what no retry can fix. The block is not done (no marker)."""
 
 
 STEPS = ("setup", "inputs", "kernel", "checks", "reduce", "write")
@@ -112,7 +117,7 @@ def worker_function(job: BlockJob) -> Function:
         from jacrun.prepare import build
 
         _FUNCTIONS.clear()  # one job at a time per worker: free the last job's work buffers
-        function = _FUNCTIONS[job.config_hash] = build(job.config)
+        function = _FUNCTIONS[job.config_hash] = build(job.config, job.inputs)
     return function
 
 
@@ -146,6 +151,12 @@ def compute_block(
     return x, y, result
 
 
+def hold(job: BlockJob) -> BlockJob:
+    """The task whose result is the job every block needs: the scheduler recomputes it if the
+    workers holding it leave (scattered data would be lost with them)."""
+    return job
+
+
 @floating_point_quiet
 def run_block(job: BlockJob, i: int, j: int) -> BlockResult:
     """Compute and store block (i, j); idempotent (same bytes, same marker when run twice)."""
@@ -170,25 +181,32 @@ def run_block(job: BlockJob, i: int, j: int) -> BlockResult:
     laps.lap("reduce")
     dtype = np.dtype(job.config.output_dtype)
     register(job.config.output.store, job.config.output.storage_options)  # a URL's options, here too
-    write_block(
-        job.store,
-        job.plan,
-        i,
-        j,
-        None if y is None else y.astype(dtype, copy=False),
-        result.astype(dtype, copy=False),
-        partials,
-    )
+    refused = None
+    try:
+        write_block(
+            job.store,
+            job.plan,
+            i,
+            j,
+            None if y is None else y.astype(dtype, copy=False),
+            result.astype(dtype, copy=False),
+            partials,
+        )
+    except OSError as exc:
+        refused = storage_refusal(exc)
+        if refused is None:
+            raise
     laps.lap("write")
     return BlockResult(
         i,
         j,
-        rows=rows,
-        products=rows * (k1 - k0),
+        rows=0 if refused else rows,
+        products=0 if refused else rows * (k1 - k0),
         seconds=time.perf_counter() - start,
-        nonfinite=nonfinite,
+        nonfinite={} if refused else nonfinite,
         checks=checks,
         steps=laps.seconds,
+        refused=refused,
     )
 
 

@@ -14,6 +14,14 @@ basis               J from vjp of the output basis against J from jvp of the inp
 row_independence    perturbing sample i of x changes only row i of forward(x)
 ==================  ===================================================================
 
+A function differenced by ``autodiff: fd`` has no exact products to hold against finite
+differences: its report compares the methods instead (``fd_forward``, ``fd_central`` and, where
+f allows it, ``fd_complex``: each method's estimated relative error on a few Jacobian columns
+and random tangents, against the complex step when f allows it, else against Richardson
+extrapolation of central differences; the job's own method fails above its tolerance, the
+others are shown for comparison), and the checks that compare products taken with different
+steps (``dot_product``, ``sparse_jvp``) allow the job's method's tolerance.
+
 Every check reports a relative error against a dtype-dependent tolerance (:data:`TOLERANCES`).
 Errors are relative to the size of the compared quantity, or to its typical size over the
 batch when that is larger, so that a sample whose Jacobian is nearly zero is judged against
@@ -50,6 +58,9 @@ TOLERANCES: dict[str, dict[str, float]] = {
         "sparse_jvp": 1e-10,
         "sparse_vjp": 1e-10,
         "sparse_dense": 1e-10,
+        "fd_forward": 1e-5,
+        "fd_central": 1e-7,
+        "fd_complex": 1e-12,
     },
     "float32": {
         "shapes": 0.0,
@@ -61,6 +72,9 @@ TOLERANCES: dict[str, dict[str, float]] = {
         "sparse_jvp": 1e-4,
         "sparse_vjp": 1e-4,
         "sparse_dense": 1e-4,
+        "fd_forward": 1e-2,
+        "fd_central": 1e-3,
+        "fd_complex": 1e-5,
     },
 }
 """Default tolerance of each check per compute dtype; ``shapes`` counts problems (none allowed)."""
@@ -71,6 +85,9 @@ FD_STEPS = 10.0 ** np.arange(1, -9, -1)
 """Finite-difference steps tried, in units of eps**(1/3) * (max|x| + 1)."""
 MAX_ROWS = 8
 """At most this many samples are perturbed by ``row_independence``."""
+FD_COLUMNS = 8
+"""Jacobian columns (unit tangents) on which the fd method rows compare methods, with the
+random tangents."""
 
 
 @dataclass(frozen=True)
@@ -348,6 +365,9 @@ def _row_independence(f: Function, x: np.ndarray, k: int, rng: np.random.Generat
         perturbed = x.copy()
         row = _f64(x[i])
         perturbed[i] = row + 1e-2 * (np.abs(row) + 1) * rng.uniform(-1, 1, row.shape)
+        fd = _fd_function(f)
+        if fd is not None and fd.bounds is not None:  # f's domain (fd.bounds): f may raise outside it
+            fd.bounds.clip(perturbed[i : i + 1])
         change = _norm(_f64(f.forward(perturbed)) - y)
         own[s] = change[i]
         change[i] = 0
@@ -448,10 +468,12 @@ def check_sparse(
     A pattern that misses a nonzero fails them."""
     dtype = np.dtype(function.dtype)
     x = _readonly(np.asarray(x), dtype)
+    fd = _fd_function(function)
+    limits = TOLERANCES[dtype.name] if fd is None else _fd_limits(fd, TOLERANCES[dtype.name])
     rows = _run(
         SPARSE_CHECKS,
         lambda run, rng: run(function, sparse, x, vectors, rng),
-        TOLERANCES[dtype.name],
+        limits,
         seed,
         100,
     )
@@ -486,6 +508,90 @@ def _run(
     return tuple(rows)
 
 
+# ---- finite differences: the methods compared -------------------------------------------------
+
+FD_METHODS = ("forward", "central", "complex")
+
+
+def _fd_function(function: Function):
+    """``function`` when it is differenced by ``autodiff: fd``, else None."""
+    from jacrun.functions.adapters.fd import FDFunction
+
+    return function if isinstance(function, FDFunction) else None
+
+
+def _fd_limits(fd, limits: Mapping[str, float]) -> dict[str, float]:
+    """The checks that compare products taken with different steps (a tangent's own step
+    against per-input steps) allow the job's method's tolerance."""
+    own = limits[f"fd_{fd.method}"]
+    return {
+        **limits,
+        "dot_product": max(limits["dot_product"], own),
+        "sparse_jvp": max(limits["sparse_jvp"], own),
+    }
+
+
+def _fd_rows(fd, x: np.ndarray, k: int, seed: int, limits: Mapping[str, float]) -> tuple[CheckResult, ...]:
+    """One row per method: its estimated relative error on up to :data:`FD_COLUMNS` Jacobian
+    columns and ``k`` random tangents per sample. The reference is the complex step when f
+    allows it (the complex step's own row: against the complex step at the relative step
+    sqrt(eps), where its truncation, of order h^2, is still below rounding), else Richardson
+    extrapolation of central differences at h and h / 2. The
+    job's method (with the job's step) fails above its tolerance; the others (automatic steps)
+    are shown for comparison, with an infinite tolerance."""
+    from jacrun.functions.adapters.fd import complex_problem
+
+    rng = np.random.default_rng([seed, 50])
+    b, n = x.shape
+    columns = _subset(n, FD_COLUMNS, rng)
+    directions = np.concatenate(
+        [np.broadcast_to(_unit_vectors(n, columns), (b, len(columns), n)), rng.standard_normal((b, k, n))],
+        axis=1,
+    )
+    directions = _readonly(directions, fd.dtype)
+
+    def products(function) -> np.ndarray:
+        return _f64(function.jvp_batch(x, directions)[1])
+
+    try:
+        problem = complex_problem(fd)
+        methods = FD_METHODS if problem is None else FD_METHODS[:2]
+        if problem is None:
+            exact = fd.with_method("complex")
+            reference, against = products(exact), "the complex step"
+            second = fd.with_method("complex", step=float(np.finfo(fd.dtype).eps) ** 0.5)
+        else:
+            coarse = fd.with_method("central")
+            fine = fd.with_method("central", step=coarse.rel / 2)
+            reference = (4 * products(fine) - products(coarse)) / 3
+            against = f"Richardson extrapolation of central differences (not the complex step: {problem})"
+        rows = []
+        for method in methods:
+            function = fd if method == fd.method else fd.with_method(method)
+            if method == "complex":
+                error = _pairwise(_norm(products(function) - products(second)), _norm(reference))
+                versus = f"the complex step at {second.rel:.1e}"
+            else:
+                error = _pairwise(_norm(products(function) - reference), _norm(reference))
+                versus = against
+            i, j = np.unravel_index(_argmax(error), error.shape)
+            where = f"column {columns[j]}" if j < len(columns) else f"tangent {j - len(columns)}"
+            detail = f"vs {versus}; worst sample {i}, {where}"
+            name = f"fd_{method}"
+            if method == fd.method:
+                tolerance = limits[name]
+                rows.append(
+                    CheckResult(name, float(error[i, j]), tolerance, bool(error[i, j] <= tolerance), detail)
+                )
+            else:
+                detail = f"for comparison (the job uses {fd.method}); " + detail
+                rows.append(CheckResult(name, float(error[i, j]), float("inf"), True, detail))
+        return tuple(rows)
+    except Exception as exc:  # noqa: BLE001 - the user's f raised: the job's method fails
+        name = f"fd_{fd.method}"
+        return (CheckResult(name, float("inf"), limits[name], False, f"raised {type(exc).__name__}: {exc}"),)
+
+
 # ---- running -------------------------------------------------------------------------------
 
 
@@ -514,12 +620,20 @@ def check(
         raise ValueError("x has non-finite values")
     if vectors < 1:
         raise ValueError(f"vectors must be at least 1, got {vectors}")
-    unknown = set(tolerances or {}) - set(CHECKS)
+    known = [*CHECKS, *(f"fd_{method}" for method in FD_METHODS)]
+    unknown = set(tolerances or {}) - set(known)
     if unknown:
-        raise ValueError(f"unknown checks in tolerances: {sorted(unknown)}; known: {list(CHECKS)}")
+        raise ValueError(f"unknown checks in tolerances: {sorted(unknown)}; known: {known}")
     limits = {**TOLERANCES[dtype.name], **(tolerances or {})}
     x = _readonly(x, dtype)
-    rows = _run(CHECKS, lambda run, rng: run(function, x, vectors, rng), limits, seed)
+    fd = _fd_function(function)
+    if fd is None:
+        rows = _run(CHECKS, lambda run, rng: run(function, x, vectors, rng), limits, seed)
+    else:
+        limits = _fd_limits(fd, limits)
+        table = {name: run for name, run in CHECKS.items() if name != "finite_differences"}
+        rows = _run(table, lambda run, rng: run(function, x, vectors, rng), limits, seed)
+        rows = rows[:2] + _fd_rows(fd, x, vectors, seed, limits) + rows[2:]
     return CheckReport(
         function=repr(function),
         dtype=dtype.name,

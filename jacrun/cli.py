@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -18,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from jacrun.errors import ConfigError
+from jacrun.errors import ConfigError, JobFailed, Terminated
 
 app = typer.Typer(
     name="jacrun",
@@ -71,15 +72,34 @@ def user_errors(command: F) -> F:
         except ConfigError as exc:
             err.print(f"[red]error:[/] {escape(str(exc))}")
             raise typer.Exit(2) from None
+        except JobFailed as exc:
+            err.print(f"[red]job failed:[/] {escape(str(exc))}")
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a batch system's or a user's ``kill``) ends the run as Ctrl-C does: finished
+    blocks recorded, batch jobs cancelled."""
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _store(store_path: str, options: list[str] | None) -> str:
     """The store argument, its ``-o`` options registered for this process."""
     from jacrun import location
+    from jacrun.config import nested_assignments
 
-    parsed = _parse_options(options or [])
+    parsed = nested_assignments(options or [], "--storage-option")
     if parsed and not location.is_url(store_path):
         raise ConfigError("--storage-option: only for a URL store (s3://bucket/job.zarr, ...)")
     if location.is_url(store_path):
@@ -89,22 +109,6 @@ def _store(store_path: str, options: list[str] | None) -> str:
             raise ConfigError(f"{store_path.split('://')[0]}:// store: {exc}") from None
         location.register(store_path, parsed)
     return store_path
-
-
-def _parse_options(items: list[str]) -> dict[str, Any]:
-    import yaml
-
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--storage-option: expected KEY=VALUE, got {item.split('=')[0]!r}")
-        *parents, leaf = key.split(".")
-        target = options
-        for parent in parents:
-            target = target.setdefault(parent, {})
-        target[leaf] = yaml.safe_load(value) if value else ""
-    return options
 
 
 def _load(config: Path, overrides: list[str] | None, scheduler: str | None = None):
@@ -146,19 +150,24 @@ def submit(
     cfg = _load(config, overrides, scheduler)
     quiet_dask_logs()
     try:
-        summary = run(
-            cfg,
-            overwrite=overwrite,
-            progress=not quiet,
-            console=out,
-            performance_report=performance_report,
-            check=check,
-        )
-    except KeyboardInterrupt:
-        err.print("interrupted: finished blocks are kept; rerun the same command to resume")
-        raise typer.Exit(130) from None
+        with _sigterm_interrupts():
+            summary = run(
+                cfg,
+                overwrite=overwrite,
+                progress=not quiet,
+                console=out,
+                performance_report=performance_report,
+                check=check,
+            )
+    except KeyboardInterrupt as exc:
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        err.print(f"{what}: finished blocks are kept; rerun the same command to resume")
+        raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
     if not quiet:
         _print_summary(summary)
+    if summary.refused:
+        err.print(f"[red]stopped:[/] {escape(summary.refused)}")
+        raise typer.Exit(1)
     if not summary.ok:
         if summary.lost:
             err.print(
@@ -216,7 +225,7 @@ def validate(
 @user_errors
 def plan(config: ConfigArg, overrides: SetOpt = None) -> None:
     """Print the block grid, projected memory and FLOPs per block, task count, output size and
-    estimated runtime (a block's inputs, kernel and encoding timed on a few rows, in this process)."""
+    estimated runtime (a block's inputs, kernel and encoding timed here on at most a block's rows)."""
     from jacrun.prepare import prepare
 
     job = prepare(_load(config, overrides), estimate=True)
@@ -283,6 +292,9 @@ def plan_table(job) -> Table:
         ("threads", f"{threads} per worker x {blas_threads(cluster)} BLAS thread(s) each"),
         ("store", str(job.config.output.store)),
     ]
+    summary = job.function.attributes().get("summary")
+    if summary:
+        rows.insert(2, ("kernels", summary))
     if p.sparsity:
         rows.insert(1, ("sparsity", p.sparsity))
     if p.nnz is not None:
@@ -331,6 +343,8 @@ def show(store_path: StoreArg, storage_options: StorageOpt = None) -> None:
     table.add_column()
     table.add_row("job", f"{attrs.get('name')} ({attrs.get('mode')})")
     table.add_row("function", f"{fn.get('kind')}: {fn.get('n_in')} -> {fn.get('n_out')}, {fn.get('dtype')}")
+    if fn.get("summary"):
+        table.add_row("kernels", fn["summary"])
     table.add_row("status", f"{attrs.get('status')}, {int(marks.sum())}/{marks.size} blocks")
     table.add_row("config hash", str(attrs.get("config_hash", ""))[:16])
     sparse = attrs.get("sparsity")

@@ -5,19 +5,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import warnings
 from collections.abc import Iterator, Sequence
 from urllib.parse import urlsplit
 
+from jacrun import slurm
 from jacrun.config import AddressClusterConfig, JobqueueClusterConfig, LocalClusterConfig
 from jacrun.errors import ConfigError
 
 
 @contextlib.contextmanager
-def connect(config: LocalClusterConfig | AddressClusterConfig | JobqueueClusterConfig) -> Iterator:
+def connect(
+    config: LocalClusterConfig | AddressClusterConfig | JobqueueClusterConfig,
+    watcher: slurm.Watcher | None = None,
+) -> Iterator:
     """Yield a ``distributed.Client`` to the cluster the config section describes.
 
-    Local clusters listen on 127.0.0.1 only (scheduler, workers and dashboard).
+    Local clusters listen on 127.0.0.1 only (scheduler, workers and dashboard); batch clusters
+    serve their dashboard on loopback unless ``cluster.dashboard`` says otherwise. A SLURM
+    cluster's batch jobs are jacrun's own (:class:`jacrun.slurm.BatchJobs`): ``watcher`` hears
+    the queue's state, ends the run if workers never arrive, and says how many blocks are left.
     """
     from distributed import Client, LocalCluster
 
@@ -36,9 +44,20 @@ def connect(config: LocalClusterConfig | AddressClusterConfig | JobqueueClusterC
             yield client
         return
     if isinstance(config, JobqueueClusterConfig):
-        with jobqueue_cluster(config) as cluster, Client(cluster, set_as_default=False) as client:
-            cluster.scale(jobs=config.jobs)
-            yield client
+        with (
+            _dashboard_port_warning_quiet(),
+            jobqueue_cluster(config) as cluster,
+            Client(cluster, set_as_default=False) as client,
+        ):
+            if config.dashboard is None:
+                cluster.sync(_stop_http_server, cluster.scheduler)
+            if config.kind == "pbs":
+                cluster.scale(jobs=config.jobs)
+                yield client
+                return
+            script = job_script(config, cluster.scheduler.address)
+            with slurm.BatchJobs(config, script, lambda: _worker_names(client), watcher or _Quiet()):
+                yield client
         return
     with (
         local_worker_settings(),
@@ -82,19 +101,50 @@ def _dashboard_port_warning_quiet() -> Iterator[None]:
         yield
 
 
+def dashboard_link(
+    config: LocalClusterConfig | AddressClusterConfig | JobqueueClusterConfig, client
+) -> str | None:
+    """The dashboard's address as a browser on this machine reaches it (None: no dashboard).
+
+    Dask builds the link from the scheduler's address; a batch cluster's dashboard listens on
+    ``cluster.dashboard``'s host (loopback by default), which is where the link must point.
+    """
+    try:
+        if not client.scheduler_info().get("services", {}).get("dashboard"):
+            return None
+        link = client.dashboard_link
+    except Exception:  # noqa: BLE001 - a missing dashboard is not an error
+        return None
+    if isinstance(config, JobqueueClusterConfig) and config.dashboard is not None:
+        host = config.dashboard.rpartition(":")[0].strip("[]")
+        if host not in _ALL_INTERFACES:
+            parts = urlsplit(link)
+            link = parts._replace(netloc=f"{host}:{parts.port}").geturl()
+    return link
+
+
+_ALL_INTERFACES = {"", "0.0.0.0", "::"}
+
+
 def dashboard_line(
     config: LocalClusterConfig | AddressClusterConfig | JobqueueClusterConfig, link: str | None
 ) -> str:
-    """What ``submit`` prints about the dashboard: its link, the port it moved from, or none."""
-    if isinstance(config, LocalClusterConfig) and config.dashboard is None:
+    """What ``submit`` prints about the dashboard: its link, the port it moved from, or none; for
+    a batch cluster's dashboard on loopback, the ssh tunnel that reaches it from another machine."""
+    if isinstance(config, LocalClusterConfig | JobqueueClusterConfig) and config.dashboard is None:
         return "Dashboard: off (cluster.dashboard is null)"
     if link is None:
         return "Dashboard: not available"
-    wanted = int(config.dashboard.rpartition(":")[2]) if isinstance(config, LocalClusterConfig) else 0
-    port = urlsplit(link).port
-    if wanted and port is not None and port != wanted:
-        return f"Dashboard: port {wanted} is taken; serving on {link}"
-    return f"Dashboard: {link}"
+    wanted = 0
+    if isinstance(config, LocalClusterConfig | JobqueueClusterConfig):
+        wanted = int(config.dashboard.rpartition(":")[2])
+    parts = urlsplit(link)
+    port = parts.port
+    moved = f"port {wanted} is taken; serving on " if wanted and port is not None and port != wanted else ""
+    line = f"Dashboard: {moved}{link}"
+    if isinstance(config, JobqueueClusterConfig) and (parts.hostname or "").startswith("127."):
+        line += f" (from another machine: ssh -L {port}:127.0.0.1:{port} {socket.gethostname()})"
+    return line
 
 
 @contextlib.contextmanager
@@ -152,7 +202,8 @@ def blas_threads(config: LocalClusterConfig | AddressClusterConfig | JobqueueClu
 
 
 def check_launchable(config: LocalClusterConfig | AddressClusterConfig | JobqueueClusterConfig) -> None:
-    """Refuse, before anything is written, a batch-system cluster this machine cannot submit to."""
+    """Refuse, before anything is written, a batch-system cluster this machine cannot submit to,
+    and a SLURM batch job that SLURM refuses (``sbatch --test-only``: nothing is submitted)."""
     import shutil
 
     if isinstance(config, JobqueueClusterConfig):
@@ -162,6 +213,8 @@ def check_launchable(config: LocalClusterConfig | AddressClusterConfig | Jobqueu
                 f"cluster.kind: {config.kind} submits worker jobs with `{command}`, which is not on "
                 "this machine's PATH; run jacrun on a login node, or use --scheduler ADDRESS"
             )
+        if config.kind == "slurm":
+            slurm.check_request(config, job_script(config, "tcp://scheduler:8786"))
 
 
 def quiet_dask_logs() -> None:
@@ -189,7 +242,13 @@ def _silent(record: logging.LogRecord) -> bool:
 
 
 def jobqueue_kwargs(config: JobqueueClusterConfig) -> dict:
-    """dask-jobqueue arguments for a SLURM or PBS cluster section."""
+    """dask-jobqueue's arguments for each batch job of a SLURM or PBS cluster section.
+
+    SLURM workers also get a lifetime shorter than the walltime (:func:`jacrun.slurm.worker_arguments`),
+    after Dask's own ``worker-extra-args``.
+    """
+    import dask
+
     kwargs = {
         "queue": config.queue,
         "account": config.account,
@@ -201,8 +260,10 @@ def jobqueue_kwargs(config: JobqueueClusterConfig) -> dict:
         "local_directory": config.local_directory,
         "job_extra_directives": list(config.job_extra_directives),
         "job_script_prologue": _prologue(config.kind, config.job_script_prologue),
-        "silence_logs": "error",
     }
+    if config.kind == "slurm":
+        extra = list(dask.config.get("jobqueue.slurm.worker-extra-args", None) or [])
+        kwargs["worker_extra_args"] = [*extra, *slurm.worker_arguments(config.walltime)]
     return {key: value for key, value in kwargs.items() if value is not None}
 
 
@@ -219,11 +280,44 @@ def _prologue(kind: str, lines: Sequence[str]) -> list[str]:
 
 
 def jobqueue_cluster(config: JobqueueClusterConfig):
-    """An (unscaled) SLURMCluster or PBSCluster; ``job_script()`` shows what it would submit."""
+    """An (unscaled) SLURMCluster or PBSCluster: the scheduler, with its dashboard where
+    ``cluster.dashboard`` says; ``job_script()`` shows the batch script of its workers."""
+    import dask
     from dask_jobqueue import PBSCluster, SLURMCluster
 
     cls = SLURMCluster if config.kind == "slurm" else PBSCluster
-    return cls(**jobqueue_kwargs(config))
+    options = dict(dask.config.get(f"jobqueue.{config.kind}.scheduler-options", None) or {})
+    if config.dashboard is None:
+        options.update(NO_DASHBOARD)
+    else:
+        options["dashboard_address"] = config.dashboard
+    return cls(**jobqueue_kwargs(config), silence_logs="error", scheduler_options=options)
+
+
+def job_script(config: JobqueueClusterConfig, scheduler: str) -> str:
+    """The batch script of one SLURM batch job of this run, as submitted: dask-jobqueue's, with
+    its workers named after the batch job (``jacrun-$SLURM_JOB_ID``)."""
+    from dask_jobqueue.slurm import SLURMJob
+
+    return SLURMJob(scheduler, name=slurm.WORKER_NAME, **jobqueue_kwargs(config)).job_script()
+
+
+def _worker_names(client) -> list[str]:
+    """The names of the workers connected to the scheduler now."""
+    return [str(info.get("name")) for info in client.scheduler_info()["workers"].values()]
+
+
+class _Quiet:
+    """The watcher of a SLURM cluster connected without one: it logs, and keeps ``jobs`` batch jobs."""
+
+    def notice(self, text: str) -> None:
+        logging.getLogger("jacrun").info("%s", text)
+
+    def give_up(self, reason: str) -> None:
+        logging.getLogger("jacrun").error("%s", reason)
+
+    def blocks_left(self) -> int:
+        return 2**31
 
 
 def insecure_address_warning(address: str) -> str | None:

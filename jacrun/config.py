@@ -220,6 +220,21 @@ class AddressClusterConfig(Strict):
     tls: TLSConfig | None = None
 
 
+def _seconds(value: Any) -> Any:
+    """A duration: seconds, or text such as ``90s``, ``30m``, ``2h`` or ``1 hour`` (Dask's notation)."""
+    if isinstance(value, str):
+        from dask.utils import parse_timedelta
+
+        try:
+            return parse_timedelta(value)
+        except (KeyError, ValueError, TypeError):
+            raise ValueError(f"expected a duration like 90s, 30m or 2h, got {value!r}") from None
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(_seconds), Field(gt=0)]
+
+
 class JobqueueClusterConfig(Strict):
     """SLURM or PBS through dask-jobqueue (``pip install 'jacrun[hpc]'``): each batch job runs workers."""
 
@@ -237,6 +252,26 @@ class JobqueueClusterConfig(Strict):
     job_script_prologue: list[str] = Field(
         default_factory=list, description="shell lines run before the worker, e.g. module load"
     )
+    dashboard: str | None = Field(
+        "127.0.0.1:8787",
+        description="host:port of the scheduler's dashboard: loopback (reach it with ssh -L), "
+        "0.0.0.0:8787 to open it to the network, or null for none",
+    )
+    startup_timeout: Seconds | None = Field(
+        3600.0,
+        description="SLURM: end the run (exit 1) if no worker joins within this time "
+        "(queue wait included), e.g. 30m; null: wait as long as SLURM keeps the jobs pending",
+    )
+
+    @field_validator("dashboard")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, colon, port = value.rpartition(":")
+        if not colon or not port.isdigit():
+            raise ValueError(f"expected host:port, got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _installed(self) -> JobqueueClusterConfig:
@@ -504,6 +539,58 @@ def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int], filename: str) -> No
             _walk(item, (*loc, index), lines, filename)
 
 
+def parse_assignments(items: Iterable[str], flag: str) -> list[tuple[tuple[str, ...], Any]]:
+    """``KEY=VALUE`` strings (``--set``, ``-o``) as (dotted key path, value parsed as YAML).
+
+    One parser for every command-line assignment: a ConfigError names the flag and the key of
+    each mistake, never the value (a storage option's value may be a secret). An empty value
+    is None.
+    """
+    pairs: list[tuple[tuple[str, ...], Any]] = []
+    for item in items:
+        key, sep, raw = str(item).partition("=")
+        key = key.strip()
+        parts = tuple(part.strip() for part in key.split("."))
+        if not sep or not key:
+            raise ConfigError(f"{flag} {key or '(empty)'}: expected KEY=VALUE, e.g. {_EXAMPLES[flag]}")
+        if not all(parts):
+            raise ConfigError(f"{flag} {key}: a key path has no empty parts (a.b.c)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(
+                f"{flag} {key}: the value is not valid YAML; quote it to pass a string ({key}='\"...\"')"
+            ) from None
+        pairs.append((parts, value))
+    return pairs
+
+
+_EXAMPLES = {"--set": "chunks.samples=1024", "--storage-option": "endpoint_url=http://127.0.0.1:9000"}
+
+
+def assign(data: dict[str, Any], parts: tuple[str, ...], value: Any, flag: str) -> None:
+    """Set ``data[a][b][c] = value`` for the key path (a, b, c), creating sections on the way;
+    a ConfigError when a section on the way holds a value (``a=1`` then ``a.b=2``)."""
+    target = data
+    for depth, part in enumerate(parts[:-1]):
+        child = target.get(part)
+        if child is None:
+            child = target[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise ConfigError(f"{flag} {'.'.join(parts)}: {where} is not a section")
+        target = child
+    target[parts[-1]] = value
+
+
+def nested_assignments(items: Iterable[str], flag: str) -> dict[str, Any]:
+    """``-o a.b=1 -o c=2`` as ``{"a": {"b": 1}, "c": 2}`` (see :func:`parse_assignments`)."""
+    data: dict[str, Any] = {}
+    for parts, value in parse_assignments(items, flag):
+        assign(data, parts, value, flag)
+    return data
+
+
 def apply_overrides(
     data: dict[str, Any], overrides: Mapping[str, Any] | Iterable[str] | None, filename: str
 ) -> set[Loc]:
@@ -511,33 +598,12 @@ def apply_overrides(
     if not overrides:
         return set()
     if isinstance(overrides, Mapping):
-        items = list(overrides.items())
+        items = [(tuple(str(key).split(".")), value) for key, value in overrides.items()]
     else:
-        items = []
-        for item in overrides:
-            key, sep, raw = str(item).partition("=")
-            if not sep or not key.strip():
-                raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. chunks.samples=1024")
-            try:
-                value = yaml.safe_load(raw) if raw.strip() else None
-            except yaml.YAMLError:
-                value = raw
-            items.append((key.strip(), value))
-    done: set[Loc] = set()
-    for key, value in items:
-        parts = key.split(".")
-        target = data
-        for depth, part in enumerate(parts[:-1]):
-            child = target.get(part)
-            if child is None:
-                child = target[part] = {}
-            if not isinstance(child, dict):
-                where = ".".join(parts[: depth + 1])
-                raise ConfigError(f"--set {key}: {where} is not a section")
-            target = child
-        target[parts[-1]] = value
-        done.add(tuple(parts))
-    return done
+        items = parse_assignments(overrides, "--set")
+    for parts, value in items:
+        assign(data, parts, value, "--set")
+    return {parts for parts, _ in items}
 
 
 def validate(

@@ -273,9 +273,10 @@ def _reduction_bytes(
     return extra
 
 
-def _timed(seconds_per_row: Callable[[int], float] | None, k: int) -> float | None:
-    """Seconds per row with ``k`` vectors, or None when untimed (0: the timing failed)."""
-    per_row = seconds_per_row(k) if seconds_per_row is not None else None
+def _timed(seconds_per_row: Callable[[int, int], float] | None, k: int, most: int) -> float | None:
+    """Seconds per row with ``k`` vectors, timed on at most ``most`` rows (a block's), or None
+    when untimed (0: the timing failed)."""
+    per_row = seconds_per_row(k, most) if seconds_per_row is not None else None
     return per_row if per_row and per_row > 0 else None
 
 
@@ -299,7 +300,7 @@ def make_plan(
     workers: int,
     work_bytes: WorkModel,
     flops: WorkModel,
-    seconds_per_row: Callable[[int], float] | None = None,
+    seconds_per_row: Callable[[int, int], float] | None = None,
     nnz: int | None = None,
     sparsity: str = "",
     reductions: tuple[str, ...] = (),
@@ -307,7 +308,7 @@ def make_plan(
 ) -> Plan:
     """Choose the block shape and project its cost; raise PlanError when it cannot fit.
 
-    ``seconds_per_row(k)`` (from timing a small block) lets ``auto`` aim for blocks of about
+    ``seconds_per_row(k, most)`` (from timing at most ``most`` rows) lets ``auto`` aim for blocks of about
     TARGET_BLOCK_SECONDS; without it, ``auto`` uses memory and balance alone. A sparse
     Jacobian (``nnz`` nonzeros per sample, ``vectors`` colours) runs all its colours in
     every block: its nonzeros need every colour.
@@ -367,14 +368,14 @@ def make_plan(
                 f"{k} vector(s) needs {fmt_bytes(memory(1, k))}"
             )
         balanced = max(MIN_AUTO_ROWS, math.ceil(samples / (BLOCKS_PER_WORKER * max(workers, 1))))
-        per_row = _timed(seconds_per_row, k)
+        per_row = _timed(seconds_per_row, k, rows)
         if per_row is not None:
             rows = min(rows, max(1, int(TARGET_BLOCK_SECONDS / per_row)))
             balanced = max(balanced, math.ceil(MIN_BLOCK_SECONDS / per_row))
         rows = _even_rows(min(rows, balanced, samples), samples)
     else:
         rows = min(chunk_samples, samples)
-        per_row = _timed(seconds_per_row, k)  # for the estimate only
+        per_row = _timed(seconds_per_row, k, rows)  # for the estimate only
     projected = memory(rows, k)
     warnings: list[str] = []
     if worker_memory is not None and projected > 0.8 * worker_memory:

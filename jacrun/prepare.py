@@ -10,7 +10,7 @@ import contextlib
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from jacrun.cluster import blas_threads
 from jacrun.config import AddressClusterConfig, JobConfig, OutputConfig
 from jacrun.errors import ConfigError
 from jacrun.functions import Function, build_function, resolve_strategy
-from jacrun.functions.base import Mode
+from jacrun.functions.base import Mode, Strategy
 from jacrun.functions.parallel import blas_limit
 from jacrun.plan import Plan, PlanError, make_plan
 from jacrun.reduce import Reducer
@@ -28,7 +28,7 @@ from jacrun.sources import (
     RandomRows,
     VectorSource,
     basis_source,
-    open_array_checked,
+    open_input_file,
     open_inputs,
     open_vectors,
     seed_source,
@@ -71,13 +71,14 @@ def _check_array_files(spec) -> None:
             raise ConfigError(f"function.{name}: cannot read {path}: {unreadable(exc)}") from None
 
 
-def sized_function(config: JobConfig):
+def sized_function(config: JobConfig, opened: ArrayRows | RandomRows | None):
     """The function section to build: an ``autodiff`` section without ``n_in`` takes it from
-    inputs in a file (.npy or Zarr), whose width fixes it; given both, they must agree."""
+    the inputs' file (``opened`` by :func:`open_input_file`; on a worker, the job's inputs),
+    whose width fixes it; given both, they must agree."""
     spec, inputs = config.function, config.inputs
-    if getattr(spec, "autodiff", None) is None or inputs.kind not in ("npy", "zarr"):
+    if getattr(spec, "autodiff", None) is None or not isinstance(opened, ArrayRows):
         return spec
-    shape, _ = open_array_checked(inputs.path, getattr(inputs, "array", None), inputs.kind, "inputs.path")
+    shape = opened.shape
     if len(shape) != 2:
         return spec  # open_inputs says what is wrong with it
     if spec.n_in is None:
@@ -90,16 +91,22 @@ def sized_function(config: JobConfig):
     return spec
 
 
-def build(config: JobConfig) -> Function:
-    """The job's function; a build failure is the user's config problem."""
+def build(config: JobConfig, opened: ArrayRows | RandomRows | None = None) -> Function:
+    """The job's function (sized by the inputs' file ``opened``, if any); a build failure is the
+    user's config problem."""
     _check_array_files(config.function)
-    spec = sized_function(config)
+    spec = sized_function(config, opened)
     try:
         return build_function(spec)
     except (ValueError, TypeError, OSError, KeyError) as exc:
         # "weights file w.npz: W0 has shape ..." is about function.weights (matrix, bias, target)
-        first = str(exc).split(" ", 1)[0]
-        key = f"function.{first}" if first in config.function.model_fields_set - {"kind"} else "function"
+        message = str(exc)
+        first = message.split(" ", 1)[0]
+        given = config.function.model_fields_set - {"kind"}
+        head, colon, rest = message.partition(": ")
+        if colon and "." in head and head.split(".")[0] in given:  # "fd.bounds: ..." names its key
+            raise ConfigError(f"function.{head}: {rest}") from None
+        key = f"function.{first}" if first in given else "function"
         raise ConfigError(f"{key}: {exc}") from None
 
 
@@ -112,47 +119,73 @@ def block_timer(
     output: OutputConfig | None = None,
     sparse: SparseJacobian | None = None,
 ):
-    """``seconds_per_row(k)``: a block's work timed in process on a few rows (more while the
-    kernel is fast), cached: reading or generating x and the vectors, the kernel (for a sparse
-    Jacobian, its compressed products and the gather), and, given ``output``, encoding the
-    results with its codec in memory (the disk write is not timed).
+    """``seconds_per_row(k, most)``: a block's work timed in process on a few rows (more while
+    the kernel is fast, never more than ``most``, the rows a block may hold), cached: reading
+    or generating x and the vectors, the kernel (for a sparse Jacobian, its compressed
+    products and the gather), and, given ``output``, encoding the results with its codec in
+    memory (the disk write is not timed).
 
-    Timed with the BLAS thread count a worker thread will have, so the estimate is a worker's.
+    Timed with the BLAS thread count a worker thread will have, and on no more rows than a
+    block's (larger calls cost more per row: fresh pages, arrays beyond the caches), so the
+    estimate is a worker's.
     """
     from threadpoolctl import threadpool_limits
 
     from jacrun.store import encode_seconds
 
-    kernel = function.vjp_batch if reverse else function.jvp_batch
-    if sparse is not None:
-        outputs = output is None or output.save_outputs
-
-        def kernel(x: np.ndarray, _: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-            return sparse.evaluate(function, x, outputs=outputs)  # the seeds are its own
-
-    cache: dict[int, float] = {}
+    kernel = block_kernel(function, reverse, sparse, output is None or output.save_outputs)
+    cache: dict[tuple[int, int], float] = {}
 
     def read(rows: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         return inputs.read(0, rows, function.dtype), vectors.read(0, rows, 0, k, function.dtype)
 
-    def seconds_per_row(k: int) -> float:
-        if k not in cache:
+    def seconds_per_row(k: int, most: int) -> float:
+        most = max(1, min(most, inputs.shape[0]))
+        if (k, most) not in cache:
             elapsed, rows = 0.0, 1
             with threadpool_limits(limits=blas_threads), contextlib.suppress(Exception):
                 for size in (8, 128, 1024):
-                    rows = min(size, inputs.shape[0])
+                    rows = min(size, most)
                     elapsed, (y, result) = _best_of(kernel, *read(rows, k), repeats=2)
-                    if elapsed > CALIBRATION_SECONDS or rows == inputs.shape[0]:
+                    if elapsed > CALIBRATION_SECONDS or rows == most:
                         break
                 elapsed += _best_of(read, rows, k, repeats=2)[0]
                 if output is not None:
                     written = [result, y] if output.save_outputs else [result]
                     dtype = output.dtype or str(function.dtype)
                     elapsed += encode_seconds(written, output.compression, dtype)
-            cache[k] = elapsed / rows
-        return cache[k]
+            cache[k, most] = elapsed / rows
+        return cache[k, most]
 
     return seconds_per_row
+
+
+def block_kernel(
+    function: Function, reverse: bool, sparse: SparseJacobian | None, outputs: bool
+) -> Callable[[np.ndarray, np.ndarray], tuple[np.ndarray | None, np.ndarray]]:
+    """(x, vectors) -> (y, a block's results) as a block computes them: the function's VJP or
+    JVP kernel, or a sparse Jacobian's nonzeros (from its own seeds: ``vectors`` unused)."""
+    if sparse is None:
+        return function.vjp_batch if reverse else function.jvp_batch
+
+    def nonzeros(x: np.ndarray, _: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        return sparse.evaluate(function, x, outputs=outputs)
+
+    return nonzeros
+
+
+def sample_results(job: PreparedJob, rows: int) -> list[np.ndarray]:
+    """What a block writes for the job's first ``rows`` samples and first vector block, in the
+    output dtype (the results, and y when saved): a sample of the store's contents."""
+    plan, function = job.plan, job.function
+    rows = min(rows, plan.samples)
+    kernel = block_kernel(
+        function, plan.strategy == "rev" or plan.mode == "vjp", job.sparse, plan.save_outputs
+    )
+    x = job.inputs.read(0, rows, function.dtype)
+    y, result = kernel(x, job.vectors.read(0, rows, 0, plan.vectors_per_block, function.dtype))
+    written = [result] + ([y] if plan.save_outputs and y is not None else [])
+    return [values.astype(job.config.output_dtype, copy=False) for values in written]
 
 
 CALIBRATION_SECONDS = 0.02
@@ -201,9 +234,11 @@ def prepare(
     asks for the runtime estimate (``jacrun plan``): submitting does not need it. ``sparse``
     replaces the colouring of a sparse Jacobian job (a resumed job reuses its store's).
     """
-    function = function or build(config)
-    inputs = open_inputs(config.inputs, function.n_in)
+    opened = open_input_file(config.inputs)  # the inputs' file, opened once
+    function = function or build(config, opened)
+    inputs = open_inputs(config.inputs, function.n_in, opened)
     samples = inputs.shape[0]
+    _check_domain(function, inputs)
     strategy = None
     note = ""
     if config.mode == "jacobian":
@@ -215,7 +250,7 @@ def prepare(
             strategy = sparse.direction
             vectors = seed_source(sparse)
         else:
-            strategy = resolve_strategy(config.strategy, function.n_in, function.n_out)
+            strategy = resolve_strategy(job_strategy(config, function), function.n_in, function.n_out)
             vectors = basis_source(function.n_out if strategy == "rev" else function.n_in)
     else:
         width = function.n_out if config.mode == "vjp" else function.n_in
@@ -239,11 +274,43 @@ def prepare(
             if config.mode != "jacobian" or sparse is not None:
                 raise
             raise PlanError(f"{exc}; {DENSE_ADVICE}") from None
+    notes = function.plan_notes(config.mode, sparse)
+    if notes:
+        plan = replace(plan, warnings=plan.warnings + tuple(notes))
     reducer = None
     if config.reduce:
         probes = config.vectors is not None and config.vectors.kind == "random"
         reducer = Reducer(tuple(config.reduce), plan, probes, sparse)
     return PreparedJob(config, function, inputs, vectors, plan, sparse, reducer)
+
+
+DOMAIN_CHECK_BYTES = 16 << 20
+"""``prepare`` checks the first rows of the inputs, about this much, against the function's
+domain (``fd.bounds``); every block checks its own rows."""
+
+
+def _check_domain(function: Function, inputs) -> None:
+    """The first input rows inside the function's domain, for a function that has one."""
+    if type(function).check_inputs is Function.check_inputs:
+        return
+    rows = min(inputs.shape[0], max(1, DOMAIN_CHECK_BYTES // (8 * function.n_in)))
+    try:
+        function.check_inputs(inputs.read(0, rows, function.dtype))
+    except ValueError as exc:
+        raise ConfigError(f"function.{exc} (the inputs must lie inside the bounds)") from None
+
+
+def job_strategy(config: JobConfig, function: Function) -> Strategy:
+    """``strategy``, or ``fwd`` for a function without a reverse mode (finite differences),
+    whose Jacobians are computed column by column; ``rev`` is refused for it."""
+    if function.reverse or config.strategy == "fwd":
+        return config.strategy
+    if config.strategy == "rev":
+        raise ConfigError(
+            "strategy: rev needs a reverse mode; finite differences (autodiff: fd) have none and "
+            "compute Jacobians column by column: use fwd or auto"
+        )
+    return "fwd"
 
 
 DENSE_ADVICE = (
@@ -261,7 +328,8 @@ def resolve_sparsity(config: JobConfig, function: Function) -> tuple[SparseJacob
     from jacrun import sparsity as sp
 
     m, n = function.n_out, function.n_in
-    dense_strategy = resolve_strategy(config.strategy, n, m)
+    strategy = job_strategy(config, function)
+    dense_strategy = resolve_strategy(strategy, n, m)
     dense_products = m if dense_strategy == "rev" else n
     setting = config.sparsity
     if setting == "dense":
@@ -270,13 +338,15 @@ def resolve_sparsity(config: JobConfig, function: Function) -> tuple[SparseJacob
         pattern = function.sparsity()
         if pattern is None:
             return None, f"dense ({dense_strategy}): the function declares no sparsity pattern"
+        if isinstance(pattern, str) and pattern == "dense":
+            return None, f"dense ({dense_strategy}): the declared pattern is dense"
         try:
             pattern = sp.as_pattern(pattern, (m, n))
         except ValueError as exc:
             raise ConfigError(f"function: its declared sparsity pattern {exc}") from None
         if pattern.nnz == m * n:
             return None, f"dense ({dense_strategy}): the declared pattern is dense"
-        sparse = sp.choose(pattern, config.strategy, "declared")
+        sparse = sp.choose(pattern, strategy, "declared")
         if sparse.n_colours >= dense_products:
             return None, (
                 f"dense ({dense_strategy}): colouring the declared pattern needs {sparse.n_colours} "
@@ -285,12 +355,12 @@ def resolve_sparsity(config: JobConfig, function: Function) -> tuple[SparseJacob
         return sparse, _sparse_note(sparse, dense_products, "the declared pattern")
     if setting == "detect":
         pattern = _detected(config, function)
-        return sp.choose(pattern, config.strategy, "detected"), ""
+        return sp.choose(pattern, strategy, "detected"), ""
     try:
         pattern = sp.read_pattern_file(setting.file, (m, n))
     except ValueError as exc:
         raise ConfigError(f"sparsity.file: {exc}") from None
-    sparse = sp.choose(pattern, config.strategy, "file")
+    sparse = sp.choose(pattern, strategy, "file")
     return sparse, _sparse_note(sparse, dense_products, f"the pattern in {setting.file.name}")
 
 

@@ -40,10 +40,12 @@ class BlockProgress:
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
+            TextColumn("{task.fields[note]}"),
             console=console,
             disable=not self.live,
         )
-        self._task = self._progress.add_task("blocks", total=total, completed=done, rate="")
+        self._task = self._progress.add_task("blocks", total=total, completed=done, rate="", note="")
+        self._note = ""
 
     def __enter__(self) -> BlockProgress:
         self._progress.start()
@@ -68,3 +70,14 @@ class BlockProgress:
     def fail(self, message: str) -> None:
         if self.enabled:
             self.console.print(f"[red]failed[/]: {escape(message)}", highlight=False, emoji=False)
+
+    def note(self, text: str) -> None:
+        """The cluster's state (queued batch jobs, workers being replaced): at the end of the bar
+        on a terminal, a line of its own elsewhere. Safe from any thread."""
+        if text == self._note:
+            return
+        self._note = text
+        if self.live:
+            self._progress.update(self._task, note=escape(text))
+        elif self.enabled:
+            self.console.print(escape(text), highlight=False, emoji=False)

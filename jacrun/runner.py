@@ -21,13 +21,22 @@ import numpy as np
 from rich.console import Console
 
 from jacrun import lease, location, store
-from jacrun.block import STEPS, BlockJob, BlockResult, flush_writes, run_block
-from jacrun.cluster import blas_threads, check_launchable, connect, dashboard_line, insecure_address_warning
+from jacrun.block import STEPS, BlockJob, BlockResult, flush_writes, hold, run_block
+from jacrun.cluster import (
+    blas_threads,
+    check_launchable,
+    connect,
+    dashboard_line,
+    dashboard_link,
+    insecure_address_warning,
+)
 from jacrun.config import JobConfig, with_scheduler
-from jacrun.errors import ConfigError
+from jacrun.errors import ConfigError, JobFailed, storage_refusal
 from jacrun.location import Location
+from jacrun.plan import fmt_bytes
 from jacrun.prepare import PreparedJob, prepare
 from jacrun.progress import BlockProgress
+from jacrun.space import check_free_space
 
 log = logging.getLogger("jacrun")
 ATTR_UPDATE_SECONDS = 2.0
@@ -49,6 +58,9 @@ class Summary:
     failures: list[str] = field(default_factory=list)
     lost: int = 0
     """Blocks left unfinished because the connection to the scheduler was lost."""
+    refused: str | None = None
+    """Why the store refused a write (full, read-only, no permission): the run stopped there,
+    its pending blocks cancelled (see :func:`jacrun.errors.storage_refusal`)."""
     block_seconds: dict[str, float] = field(default_factory=dict)
     """Worker seconds per block step (see ``jacrun.block.STEPS``), summed over this run's blocks."""
 
@@ -98,6 +110,7 @@ def open_output(job: PreparedJob, overwrite: bool = False, *, write: bool = True
     if state == "jacrun":
         attrs = store.read_attrs(path)
         if overwrite:
+            check_free_space(job, replacing=True)
             if write:
                 store.remove_store(path)
         elif attrs.get("config_hash") != job.config_hash:
@@ -107,8 +120,12 @@ def open_output(job: PreparedJob, overwrite: bool = False, *, write: bool = True
                 "another output.store"
             )
         else:
-            return _match_store_chunks(_stored_colouring(job, path, attrs), path)
-    check_creatable(path)
+            job = _match_store_chunks(_stored_colouring(job, path, attrs), path)
+            check_free_space(job)
+            return job
+    else:
+        check_creatable(path)
+        check_free_space(job)
     if write:
         _create(job, path)
     return job
@@ -206,6 +223,7 @@ def _create(job: PreparedJob, path: Location) -> None:
             "n_in": fn.n_in,
             "n_out": fn.n_out,
             "dtype": str(fn.dtype),
+            **fn.attributes(),
         },
         "plan": job.plan.to_dict(),
         **({"sparsity": job.sparse.summary()} if job.sparse is not None else {}),
@@ -257,8 +275,9 @@ def submit(
     location.register(config.output.store, config.output.storage_options)
     try:
         state = store.store_state(config.output.store)  # a URL: its bucket and endpoint are reachable
-        if state in ("absent", "empty"):
-            check_creatable(config.output.store)  # before the lease, which is the store's first file
+        if state in ("absent", "empty"):  # before the lease, which is the store's first file
+            check_creatable(config.output.store)
+            check_free_space(job)
     except ConfigError as exc:
         message = str(exc) if str(exc).startswith("output.store: ") else f"output.store: {exc}"
         raise ConfigError(config.locate(message)) from None
@@ -323,8 +342,8 @@ def _submit_holding(
     warning = insecure_address_warning(address) if address else None
     if warning and progress:
         console.print(f"[yellow]warning:[/] {warning}")
-    with connect(config.cluster) as client:
-        dashboard = client.dashboard_link if _has_dashboard(client) else None
+    with connect(config.cluster, watcher=run) as client:
+        dashboard = dashboard_link(config.cluster, client)
         if progress:
             console.print(dashboard_line(config.cluster, dashboard))
             if not client.scheduler_info().get("workers"):
@@ -344,14 +363,10 @@ def _submit_holding(
             run.interrupted = True
             run.finalize(dashboard)
             raise
+        if run.gave_up:  # the cluster never gave it workers: record the run, end it in one line
+            run.finalize(dashboard)
+            raise JobFailed(config.locate(run.gave_up))
     return run.finalize(dashboard)
-
-
-def _has_dashboard(client) -> bool:
-    try:
-        return bool(client.scheduler_info().get("services", {}).get("dashboard"))
-    except Exception:  # noqa: BLE001 - a missing dashboard is not an error
-        return False
 
 
 class Run:
@@ -376,8 +391,16 @@ class Run:
         self.write_failures: dict[tuple[int, int], str] = {}
         """Blocks whose data the workers found not on disk after the fact (marker cleared)."""
         self.lost = 0
+        self.refused: str | None = None
+        """The first write the store refused: the run stops (see ``BlockResult.refused``)."""
         self.disconnected = False
         self.interrupted = False
+        self.gave_up: str | None = None
+        """Why the cluster ended the run (a batch cluster whose workers never arrived)."""
+        self._client = None
+        self._futures: dict = {}
+        """The futures not yet collected (and the one that holds the block job)."""
+        self._bar: BlockProgress | None = None
         self.attrs = store.read_attrs(self.path)
         self.previous_runs = [  # a run still "running" here was killed before it could say so
             {**r, "status": "interrupted"} if r.get("status") == "running" else r
@@ -393,7 +416,30 @@ class Run:
     def _save_progress(self, computed: int | None = None, **extra: Any) -> None:
         self.record["blocks_computed"] = len(self.results) if computed is None else computed
         self.record["blocks_failed"] = len(self.failed)
-        store.update_attrs(self.path, runs=[*self.previous_runs, self.record], **extra)
+        try:
+            store.update_attrs(self.path, runs=[*self.previous_runs, self.record], **extra)
+        except OSError as exc:  # a full disk: the markers still say which blocks are done
+            refused = storage_refusal(exc)
+            if refused is None:
+                raise
+            self.refused = self.refused or refused
+
+    def notice(self, text: str) -> None:
+        """The cluster's state on the terminal (the batch queue, workers being replaced)."""
+        if self._bar is not None:
+            self._bar.note(text)
+        elif self.progress:
+            self.console.print(text, highlight=False, markup=False, emoji=False)
+
+    def give_up(self, reason: str) -> None:
+        """End the run: the cluster's workers never arrived. Called from the cluster's watch."""
+        self.gave_up = reason
+        if self._client is not None and self._futures:
+            self._client.cancel(list(self._futures.copy()))
+
+    def blocks_left(self) -> int:
+        """Blocks of this run not yet finished or failed."""
+        return len(self.pending) - len(self.results) - len(self.failed)
 
     def execute(self, client) -> None:
         """Submit one task per pending block; collect results and failures as they finish."""
@@ -412,8 +458,10 @@ class Run:
             self.job.sparse,
             self.job.reducer,
         )
-        shared = client.scatter(block_job, broadcast=True, hash=False)
         prefix = f"jacrun-{config.name}-{self.job.config_hash[:10]}"
+        # a task, not scattered data: the scheduler can compute it again if every worker that
+        # held it leaves (batch jobs end), and it needs no worker to exist yet
+        shared = client.submit(hold, block_job, pure=False)
         futures = {
             client.submit(run_block, shared, i, j, key=(prefix, i, j), retries=config.retries, pure=False): (
                 i,
@@ -421,21 +469,33 @@ class Run:
             )
             for i, j in self.pending
         }
+        self._client, self._futures = client, {shared: None, **futures}
+        if self.gave_up:
+            client.cancel(list(self._futures.copy()))
         self._save_progress(status="running")
         self.compute_started = time.perf_counter()
         last_save = time.monotonic()
         total = self.plan.n_blocks
         with BlockProgress(self.console, total=total, done=self.already, enabled=self.progress) as bar:
+            self._bar = bar
             try:
                 for future in as_completed(futures, loop=client.loop):
-                    self._collect(future, futures[future], bar)
+                    # released once collected: a finished block's result must not stay on a
+                    # worker, where a worker leaving (a batch job ending) would have it recomputed
+                    self._collect(future, futures.pop(future), bar)
+                    self._futures.pop(future, None)
+                    if self.refused:  # no other block can be written either: stop here
+                        client.cancel([f for f in futures if not f.done()])
+                        break
                     if time.monotonic() - last_save > ATTR_UPDATE_SECONDS:
                         self._save_progress(blocks_done=self.already + len(self.results))
                         last_save = time.monotonic()
             except OSError:  # the scheduler went away while we waited (CommClosedError is one)
                 self.disconnected = True
+            finally:
+                self._bar = None
         self.disconnected = self.disconnected or client.status != "running"
-        if not self.disconnected:
+        if not self.disconnected and not self.gave_up:
             self._flush_writes(client)
 
     def _flush_writes(self, client) -> None:
@@ -471,6 +531,9 @@ class Run:
         try:
             if future.status == "finished":
                 result = future.result()
+                if result.refused:
+                    self.refused = self.refused or result.refused
+                    return
                 self.results.append(result)
                 bar.advance(result.rows if j == 0 else 0, result.products)
                 return
@@ -526,8 +589,9 @@ class Run:
         self.failed = {block: message for block, message in self.failed.items() if not marks[block]}
         self.failed.update(self.write_failures)  # kept even if the marker could not be cleared
         unfinished = [b for b in self.pending if not marks[b] and b not in self.failed]
-        if self.interrupted or self.disconnected:
+        if self.interrupted or self.disconnected or self.refused or self.gave_up:
             self.lost = len(unfinished)
+
         else:
             for i, j in unfinished:
                 a, b = self.plan.block_rows(i)
@@ -558,6 +622,7 @@ class Run:
             seconds=round(seconds, 3),
             failures=self.failures[:20],
             blocks_lost=self.lost,
+            **({"refused": self.refused} if self.refused else {}),
         )
         extra = {"checks": self._checks_summary()} if self.check else {}
         if status == "complete" and self.job.reducer is not None:
@@ -583,4 +648,17 @@ class Run:
             failures=self.failures,
             lost=self.lost,
             block_seconds=block_seconds,
+            refused=self._refusal(done),
+        )
+
+    def _refusal(self, done: int) -> str | None:
+        """The one line for a run the store stopped: why, what is kept, what to do."""
+        if not self.refused:
+            return None
+        total = self.plan.n_blocks
+        left = fmt_bytes(self.plan.output_bytes * (total - done) // total)
+        return (
+            f"{self.path}: {self.refused}; {done} of {total} blocks are done and kept. Free space "
+            f"(the {total - done} blocks left write about {left} before compression), then rerun "
+            "the same command"
         )

@@ -121,8 +121,33 @@ class RandomRows:
         return random_rows(self.distribution, self.seed, _INPUTS_STREAM, start, stop, self.width, dtype)
 
 
+class _OpenedOnce:
+    """A file source's array, opened once per process and kept: never pickled (a memory-mapped
+    .npy would travel whole), so each worker opens its own on its first read."""
+
+    path: str | None
+    array: str | None
+    format: Literal["npy", "zarr"]
+    storage_options: dict | None
+
+    def data(self) -> Any:
+        opened = self.__dict__.get("_opened")
+        if opened is None:
+            opened = _open_array(str(self.path), self.array, self.format, self.storage_options)
+            self.__dict__["_opened"] = opened  # beside the (frozen) dataclass fields
+        return opened
+
+    def keeping(self, data: Any) -> Any:
+        """This source, with ``data`` as its opened array (already opened to check it)."""
+        self.__dict__["_opened"] = data
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {key: value for key, value in self.__dict__.items() if key != "_opened"}
+
+
 @dataclass(frozen=True)
-class ArrayRows:
+class ArrayRows(_OpenedOnce):
     """X read from a .npy file (memory-mapped) or a Zarr array, one slice per block."""
 
     path: str
@@ -133,8 +158,7 @@ class ArrayRows:
     """fsspec options of a URL path."""
 
     def read(self, start: int, stop: int, dtype: np.dtype) -> np.ndarray:
-        data = _open_array(self.path, self.array, self.format, self.storage_options)
-        return np.asarray(data[start:stop], dtype=dtype)
+        return np.asarray(self.data()[start:stop], dtype=dtype)
 
 
 def _open_array(path: str, array: str | None, fmt: str, storage_options: dict | None = None):
@@ -160,8 +184,9 @@ def unreadable(exc: BaseException) -> str:
 
 def open_array_checked(
     path: Path | str, array: str | None, fmt: str, key: str, storage_options: dict | None = None
-) -> tuple[tuple[int, ...], str]:
-    """Shape and dtype of an input array; a readable ConfigError naming ``key`` otherwise."""
+) -> Any:
+    """An input array opened (a memory map or a Zarr array, not read); a readable ConfigError
+    naming ``key`` when it cannot be opened or is not real numbers."""
     try:
         data = _open_array(str(path), array, fmt, storage_options)
     except Exception as exc:  # noqa: BLE001 - any failure to open is the user's file
@@ -174,28 +199,40 @@ def open_array_checked(
     dtype = np.dtype(data.dtype)
     if dtype.kind not in "fiu":
         raise ConfigError(f"{key}: {path} has dtype {dtype}; expected a real numeric dtype")
-    return tuple(int(s) for s in data.shape), str(dtype)
+    return data
 
 
-def open_inputs(spec, n_in: int) -> RandomRows | ArrayRows:
-    """A reader for the ``inputs`` section, its shape checked against the function's n_in."""
+def open_input_file(spec) -> ArrayRows | None:
+    """The ``inputs`` of a .npy or Zarr file, opened once with the section's storage options
+    (its shape may fix the function's n_in); None for random inputs."""
     if spec.kind == "random":
-        return RandomRows(spec.samples, n_in, spec.distribution, spec.seed)
+        return None
     array = getattr(spec, "array", None)
     options = getattr(spec, "storage_options", None)
-    shape, _ = open_array_checked(spec.path, array, spec.kind, "inputs.path", options)
+    data = open_array_checked(spec.path, array, spec.kind, "inputs.path", options)
+    shape = tuple(int(s) for s in data.shape)
+    return ArrayRows(str(spec.path), array, spec.kind, shape, options).keeping(data)
+
+
+def open_inputs(spec, n_in: int, opened: ArrayRows | None = None) -> RandomRows | ArrayRows:
+    """A reader for the ``inputs`` section, its shape checked against the function's n_in;
+    ``opened``: the file :func:`open_input_file` already opened."""
+    if spec.kind == "random":
+        return RandomRows(spec.samples, n_in, spec.distribution, spec.seed)
+    rows = opened or open_input_file(spec)
+    shape = rows.shape
     if len(shape) != 2 or shape[1] != n_in:
         raise ConfigError(f"inputs.path: {spec.path} has shape {shape}; the function needs (samples, {n_in})")
     if shape[0] == 0:
         raise ConfigError(f"inputs.path: {spec.path} has no rows")
-    return ArrayRows(str(spec.path), array, spec.kind, shape, options)
+    return rows
 
 
 # ---- vectors ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class VectorSource:
+class VectorSource(_OpenedOnce):
     """K vectors of width d per sample (or shared by all samples), read by block.
 
     ``squeeze`` marks per-sample vectors with K = 1 given without a vector axis: the result
@@ -241,7 +278,7 @@ class VectorSource:
                 return block
             block = block[0]
         else:
-            data = _open_array(self.path, self.array, self.format, self.storage_options)
+            data = self.data()
             if self.shared:
                 block = np.asarray(data[k0:k1] if data.ndim == 2 else data[None, :], dtype=dtype)
             elif self.squeeze:
@@ -269,7 +306,8 @@ def open_vectors(spec, width: int, samples: int) -> VectorSource:
         )
     array = getattr(spec, "array", None)
     options = getattr(spec, "storage_options", None)
-    shape, _ = open_array_checked(spec.path, array, spec.kind, "vectors.path", options)
+    data = open_array_checked(spec.path, array, spec.kind, "vectors.path", options)
+    shape = tuple(int(s) for s in data.shape)
     where = f"vectors.path: {spec.path} has shape {shape}"
     if shape[-1] != width:
         raise ConfigError(f"{where}; its last axis must be the vector width {width}")
@@ -300,7 +338,7 @@ def open_vectors(spec, width: int, samples: int) -> VectorSource:
         array=array,
         format=spec.kind,
         storage_options=options,
-    )
+    ).keeping(data)
 
 
 def basis_source(width: int) -> VectorSource:

@@ -1,4 +1,4 @@
-"""Shared fixtures: a real Dask cluster on 127.0.0.1."""
+"""Shared fixtures: a real Dask cluster on 127.0.0.1, a real SLURM."""
 
 from __future__ import annotations
 
@@ -22,3 +22,12 @@ def scheduler_address():
         silence_logs=logging.ERROR,
     ) as cluster:
         yield cluster.scheduler_address
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real single-node SLURM (tests/slurm.py), started on first use; skipped where it cannot
+    start, except under CI=true."""
+    from tests.slurm import running_slurm
+
+    yield from running_slurm()

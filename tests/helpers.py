@@ -86,17 +86,54 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
 
 
-LONG_JOB = {
-    "name": "long",
-    "mode": "vjp",
-    "function": {"kind": "mlp", "sizes": [64, 512, 512, 64], "seed": 0},
-    "inputs": {"kind": "random", "samples": 40_000, "seed": 1},
-    "vectors": {"kind": "random", "count": 4, "seed": 2},
-    "output": {"store": "long.zarr", "dtype": "float32"},
-    "chunks": {"samples": 500},
-    "cluster": {"kind": "local", "workers": 2, "memory_limit": "2GiB", "dashboard": "127.0.0.1:0"},
-}
-"""A job of 80 blocks that runs long enough (seconds) to be interrupted mid-way."""
+HELD_BLOCKS = 10
+"""Blocks of :func:`held_job`."""
+
+
+def held_job(folder: Path, store: str = "held.zarr", **sections) -> dict:
+    """A cheap job of 10 blocks of 20 rows (tests.plugins.Tripwire, y = sin x, 2 random vectors)
+    whose last block waits while ``folder/flags/hold`` exists: with :func:`hold`, a run stays
+    mid-way (the other blocks done) until the test kills it or removes the file. Its inputs are
+    ``folder/held.npy``; 2 local workers unless ``cluster`` says otherwise (keep two: Dask may
+    start the held block first, and one worker would then finish nothing)."""
+    x = np.random.default_rng(0).normal(size=(20 * HELD_BLOCKS, 3))
+    x[-1, 0] = 999.0
+    np.save(folder / "held.npy", x)
+    (folder / "flags").mkdir(exist_ok=True)
+    function = {
+        "kind": "python",
+        "target": "tests.plugins:Tripwire",
+        "path": str(REPO),
+        "params": {"n": 3, "action": "hold", "flag_dir": str(folder / "flags")},
+    }
+    config = job_config(
+        store,
+        function=function,
+        inputs={"kind": "npy", "path": str(folder / "held.npy")},
+        vectors={"kind": "random", "count": 2},
+        chunks={"samples": 20},
+        cluster={"kind": "local", "workers": 2, "memory_limit": "1GiB", "dashboard": None},
+    )
+    config["name"] = "held"
+    return {**config, **sections}
+
+
+def hold(folder: Path) -> Path:
+    """Make :func:`held_job`'s last block wait; remove the returned file to release it."""
+    flag = folder / "flags" / "hold"
+    flag.write_text("")
+    return flag
+
+
+def holding_process(folder: Path, timeout: float = 120) -> int:
+    """The process id of the worker whose block :func:`hold` holds, once it holds it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = list((folder / "flags").glob("holding-*"))
+        if found:
+            return int(found[0].name.removeprefix("holding-"))
+        time.sleep(0.02)
+    raise TimeoutError("no block is held")
 
 
 def start_submit(config: Path, *extra: str, merge_output: bool = False) -> subprocess.Popen:

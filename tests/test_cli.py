@@ -18,10 +18,13 @@ import jacrun
 from jacrun.cli import app
 from jacrun.store import read_attrs
 from tests.helpers import (
-    LONG_JOB,
+    HELD_BLOCKS,
     REPO,
+    held_job,
+    hold,
     job_config,
     markers_done,
+    one_error_line,
     run_cli,
     start_submit,
     wait_for_markers,
@@ -123,7 +126,10 @@ def test_quickstart_through_the_real_command(tmp_path):
 
 
 def test_dashboard_serves_a_real_bokeh_page_while_a_job_runs(tmp_path):
-    path = write_config(tmp_path, LONG_JOB)
+    job = held_job(tmp_path)
+    job["cluster"]["dashboard"] = "127.0.0.1:0"
+    path = write_config(tmp_path, job)
+    hold(tmp_path)
     proc = start_submit(path, merge_output=True)
     try:
         link = None
@@ -144,20 +150,22 @@ def test_dashboard_serves_a_real_bokeh_page_while_a_job_runs(tmp_path):
 
 
 def test_killed_submit_resumes_with_only_the_missing_blocks(tmp_path, scheduler_address):
-    path = write_config(tmp_path, LONG_JOB)
-    store = tmp_path / "long.zarr"
+    path = write_config(tmp_path, held_job(tmp_path))
+    store = tmp_path / "held.zarr"
+    released = hold(tmp_path)
     proc = start_submit(path, "--quiet")
     wait_for_markers(store, 3, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = markers_done(store)
-    assert 3 <= before < 80, f"kill the job mid-run (markers: {before})"
+    assert 3 <= before < HELD_BLOCKS, f"kill the job mid-run (markers: {before})"
 
-    result = run_cli("submit", str(path))
+    released.unlink()
+    result = run_cli("submit", str(path), "--scheduler", scheduler_address)
     assert result.returncode == 0, result.stdout + result.stderr
     attrs = jacrun.load(store).attrs["jacrun"]
-    assert attrs["status"] == "complete" and attrs["blocks_done"] == 80
-    assert attrs["runs"][-1]["blocks_computed"] == 80 - before
+    assert attrs["status"] == "complete" and attrs["blocks_done"] == HELD_BLOCKS
+    assert attrs["runs"][-1]["blocks_computed"] == HELD_BLOCKS - before
 
     reference = jacrun.load_config(path, {"output.store": str(tmp_path / "ref.zarr")})
     assert jacrun.submit(reference, scheduler=scheduler_address, progress=False).ok
@@ -167,9 +175,9 @@ def test_killed_submit_resumes_with_only_the_missing_blocks(tmp_path, scheduler_
 
 
 def test_ctrl_c_keeps_finished_blocks_and_says_how_to_resume(tmp_path):
-    raw = {**LONG_JOB, "inputs": {**LONG_JOB["inputs"], "samples": 400_000}}
-    path = write_config(tmp_path, raw)
-    store = tmp_path / "long.zarr"
+    path = write_config(tmp_path, held_job(tmp_path))
+    store = tmp_path / "held.zarr"
+    hold(tmp_path)
     proc = start_submit(path, "--quiet")
     assert wait_for_markers(store, 3, proc) >= 3
     proc.send_signal(signal.SIGINT)
@@ -180,17 +188,53 @@ def test_ctrl_c_keeps_finished_blocks_and_says_how_to_resume(tmp_path):
     attrs = read_attrs(store)
     assert attrs["status"] == "interrupted" and attrs["runs"][-1]["status"] == "interrupted"
     # blocks already running may still finish after the client stopped: markers are the truth
-    assert attrs["blocks_done"] <= markers_done(store) < 800
+    assert attrs["blocks_done"] <= markers_done(store) < HELD_BLOCKS
 
 
-def test_performance_report_and_overwrite_flags(tmp_path):
-    path = write_config(tmp_path, job_config(cluster={"kind": "local", "workers": 1, "dashboard": None}))
+def test_performance_report_and_overwrite_flags(tmp_path, scheduler_address):
+    path = write_config(tmp_path, job_config())
     report = tmp_path / "report.html"
-    result = run_cli("submit", str(path), "--quiet", "--performance-report", str(report))
+    on = ("--scheduler", scheduler_address)
+    result = run_cli("submit", str(path), "--quiet", "--performance-report", str(report), *on)
     assert result.returncode == 0, result.stderr
     assert report.exists() and "Dask Performance Report" in report.read_text()
     other = run_cli("submit", str(path), "--quiet", "--set", "inputs.seed=7")
     assert other.returncode == 2 and "holds another job" in other.stderr
-    again = run_cli("submit", str(path), "--quiet", "--set", "inputs.seed=7", "--overwrite")
+    again = run_cli("submit", str(path), "--quiet", "--set", "inputs.seed=7", "--overwrite", *on)
     assert again.returncode == 0, again.stderr
     assert read_attrs(tmp_path / "out.zarr")["config"]["inputs"]["seed"] == 7
+
+
+# ---- command-line assignments: --set and -o share one parser ---------------------------------
+
+SECRET_LOOKING = "[hunter2"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-o", f"secret={SECRET_LOOKING}"], r"--storage-option secret: the value is not valid YAML"),
+        (["-o", "a=1", "-o", "a.b=2"], r"--storage-option a\.b: a is not a section"),
+        (["-o", "endpoint_url"], r"--storage-option endpoint_url: expected KEY=VALUE"),
+        (["-o", "a..b=1"], r"--storage-option a\.\.b: a key path has no empty parts"),
+    ],
+)
+def test_storage_option_mistakes_are_one_line_without_the_value(args, message):
+    result = run_cli("status", "memory://nowhere/job.zarr", *args)
+    assert re.search(message, one_error_line(result)), result.stderr
+    assert "hunter2" not in result.stderr + result.stdout
+
+
+def test_set_mistakes_are_one_line_without_the_value(tmp_path):
+    config = write_config(tmp_path, job_config(str(tmp_path / "out.zarr")))
+    for args, message in [
+        (["--set", f"output.store={SECRET_LOOKING}"], r"--set output\.store: the value is not valid YAML"),
+        (
+            ["--set", "chunks=1", "--set", "chunks.samples=2"],
+            r"--set chunks\.samples: chunks is not a section",
+        ),
+    ]:
+        result = run_cli("validate", str(config), *args)
+        assert re.search(message, one_error_line(result)), result.stderr
+        assert "hunter2" not in result.stderr + result.stdout
+    assert not (tmp_path / "out.zarr").exists()

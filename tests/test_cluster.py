@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -176,6 +177,7 @@ def test_a_prologue_from_dask_jobqueues_config_still_counts():
     """With no job_script_prologue in the job's config, dask-jobqueue's own config supplies
     the lines, as it would without jacrun."""
     import dask
+    import dask_jobqueue  # noqa: F401 - its defaults first: set() would drop all of them on exit
 
     with dask.config.set({"jobqueue.slurm.job-script-prologue": ["module load site-python"]}):
         cluster = jobqueue_cluster(JobqueueClusterConfig(kind="slurm"))
@@ -240,3 +242,122 @@ def test_a_batch_system_that_is_not_here_is_refused_before_any_store(tmp_path, m
     ):
         jacrun.submit(jacrun.load_config(path), progress=False)
     assert not (tmp_path / "out.zarr").exists()
+
+
+@pytest.mark.parametrize(
+    ("walltime", "seconds", "lifetime", "stagger"),
+    [
+        ("00:01:00", 60, 37, 3),  # the shortest walltime SLURM has: a whole minute
+        ("0:30", 60, 37, 3),  # MM:SS, rounded up to a minute as SLURM does
+        ("30:00", 1800, 1530, 90),  # MM:SS
+        ("01:00:00", 3600, 3060, 180),
+        ("04:00:00", 14400, 13500, 300),  # the reserve stops growing at 10 min, the stagger at 5
+        ("1-00:00:00", 86400, 85500, 300),
+        ("2-12", 216000, 215100, 300),  # D-HH
+    ],
+)
+def test_workers_retire_before_the_walltime(walltime, seconds, lifetime, stagger):
+    from jacrun.slurm import walltime_seconds, worker_lifetime
+
+    assert walltime_seconds(walltime) == seconds
+    assert worker_lifetime(walltime) == (lifetime, stagger)
+    assert lifetime + stagger <= seconds - min(max(seconds // 10, 20), 600)
+
+
+def test_a_slurm_job_script_names_workers_after_their_batch_job_and_retires_them():
+    from jacrun.cluster import job_script
+
+    config = JobqueueClusterConfig(kind="slurm", cores=2, processes=2, walltime="01:00:00")
+    script = job_script(config, "tcp://10.0.0.1:8786")
+    command = script.splitlines()[-1]
+    assert "tcp://10.0.0.1:8786 --name jacrun-${SLURM_JOB_ID} " in command, script
+    assert command.endswith("--lifetime 3060s --lifetime-stagger 180s"), script
+    assert "#SBATCH -t 01:00:00" in script and "--nworkers 2" in command
+
+
+@pytest.mark.parametrize(
+    ("setting", "reason", "expected"),
+    [
+        (
+            {"memory": "64GiB"},
+            "Requested node configuration is not available",
+            "cluster.memory: SLURM refuses 64GiB per batch job",
+        ),
+        (
+            {"cores": 32},
+            "Requested node configuration is not available",
+            "cluster.cores: SLURM refuses 32 cores per batch job",
+        ),
+        (
+            {"queue": "gpu"},
+            "Invalid partition name specified",
+            "cluster.queue: SLURM refuses partition 'gpu'",
+        ),
+        (
+            {},
+            "No partition specified or system default partition",
+            "cluster.queue: SLURM has no default partition",
+        ),
+        (
+            {"account": "x"},
+            "Invalid account or account/partition combination specified",
+            "cluster.account: SLURM refuses account 'x'",
+        ),
+        ({}, "Invalid qos specification", "cluster: SLURM refuses the batch job"),
+        (
+            {"job_extra_directives": ["--qos=x"]},
+            "Invalid qos specification",
+            "cluster.job_extra_directives: SLURM refuses",
+        ),
+        (
+            {},
+            "Unable to contact slurm controller (connect failure)",
+            "cluster.kind: slurm: sbatch cannot submit from here",
+        ),
+    ],
+)
+def test_a_slurm_refusal_names_the_key_at_fault(setting, reason, expected):
+    """SLURM's "node configuration is not available" is cores or memory: the partition's limits say which."""
+    from jacrun.slurm import Partition, refusal
+
+    limits = Partition("debug", "1:00:00", max_cpus=16, max_memory_mib=32768)
+    line = refusal(JobqueueClusterConfig(kind="slurm", **setting), reason, limits)
+    assert line.startswith(expected) and f'"{reason}"' in line and "\n" not in line, line
+
+
+def test_a_batch_clusters_dashboard_listens_on_loopback_and_says_how_to_tunnel(tmp_path):
+    import socket
+
+    from distributed import Client
+
+    from jacrun.cluster import dashboard_line, dashboard_link
+
+    config = JobqueueClusterConfig(kind="slurm", dashboard="127.0.0.1:0")
+    with jobqueue_cluster(config) as cluster, Client(cluster, set_as_default=False) as client:
+        server = cluster.scheduler.services["dashboard"]
+        hosts = {sock.getsockname()[0] for sock in server._sockets.values()}
+        link = dashboard_link(config, client)
+    assert hosts == {"127.0.0.1"}
+    port = link.split(":")[2].split("/")[0]
+    assert link == f"http://127.0.0.1:{port}/status"
+    line = dashboard_line(config, link)
+    assert line.endswith(f"(from another machine: ssh -L {port}:127.0.0.1:{port} {socket.gethostname()})")
+    opened = JobqueueClusterConfig(kind="slurm", dashboard="0.0.0.0:8787")
+    assert dashboard_line(opened, "http://10.1.2.3:8787/status") == "Dashboard: http://10.1.2.3:8787/status"
+    assert dashboard_line(JobqueueClusterConfig(kind="pbs", dashboard=None), None).startswith(
+        "Dashboard: off"
+    )
+
+
+def test_batch_cluster_settings_are_checked(tmp_path):
+    config = JobqueueClusterConfig(kind="slurm")
+    assert config.dashboard == "127.0.0.1:8787" and config.startup_timeout == 3600
+    assert JobqueueClusterConfig(kind="slurm", startup_timeout="30m").startup_timeout == 1800
+    assert JobqueueClusterConfig(kind="slurm", startup_timeout=None).startup_timeout is None
+    raw = job_config(cluster={"kind": "slurm", "startup_timeout": "soon", "dashboard": "8787"})
+    with pytest.raises(ConfigError) as refused:
+        jacrun.load_config(write_config(tmp_path, raw))
+    assert re.search(
+        r"cluster\.startup_timeout: expected a duration like 90s, 30m or 2h, got 'soon'", str(refused.value)
+    )
+    assert re.search(r"cluster\.dashboard: expected host:port, got '8787'", str(refused.value))

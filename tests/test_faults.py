@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,12 @@ from jacrun.config import config_from_dict
 from jacrun.prepare import prepare
 from jacrun.runner import open_output
 from tests.helpers import (
-    LONG_JOB,
+    HELD_BLOCKS,
     REPO,
     DaskProcesses,
+    held_job,
+    hold,
+    holding_process,
     job_config,
     markers_done,
     run_cli,
@@ -32,9 +36,6 @@ from tests.helpers import (
     wait_for_markers,
     write_config,
 )
-
-LONG = {**LONG_JOB, "name": "faults", "inputs": {**LONG_JOB["inputs"], "samples": 30_000}}
-LONG.pop("cluster")
 
 
 @pytest.fixture
@@ -44,11 +45,18 @@ def dask_processes(tmp_path):
     processes.stop()
 
 
+def held(folder: Path) -> Path:
+    """:func:`held_job` for --scheduler (no cluster section), its config written in ``folder``."""
+    job = held_job(folder)
+    job.pop("cluster")
+    return write_config(folder, job)
+
+
 @pytest.fixture
 def reference(tmp_path_factory, scheduler_address):
-    """The LONG job run undisturbed once per test session (on the shared LocalCluster)."""
+    """The held job run undisturbed (on the shared LocalCluster)."""
     folder = tmp_path_factory.mktemp("reference")
-    cfg = jacrun.load_config(write_config(folder, LONG))
+    cfg = jacrun.load_config(held(folder))
     assert jacrun.submit(cfg, scheduler=scheduler_address, progress=False).ok
     return jacrun.load(cfg.output.store)
 
@@ -62,38 +70,42 @@ def assert_same_results(store: Path, reference) -> None:
 def test_worker_killed_mid_job(tmp_path, dask_processes, reference):
     address = dask_processes.start_scheduler()
     dask_processes.start_workers(2)
-    config = write_config(tmp_path, LONG)
+    config = held(tmp_path)
+    released = hold(tmp_path)
     proc = start_submit(config, "--scheduler", address, "--quiet")
-    assert wait_for_markers(tmp_path / "long.zarr", 3, proc) >= 3
-    dask_processes.kill(dask_processes.workers[0])
+    os.kill(holding_process(tmp_path), signal.SIGKILL)  # the worker running the held block
+    released.unlink()
     _, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 0, stderr
-    assert_same_results(tmp_path / "long.zarr", reference)
+    assert_same_results(tmp_path / "held.zarr", reference)
 
 
 def test_scheduler_killed_mid_job_then_resumed_on_a_new_one(tmp_path, dask_processes, reference):
     address = dask_processes.start_scheduler()
     dask_processes.start_workers(2)
-    config = write_config(tmp_path, LONG)
+    config = held(tmp_path)
+    released = hold(tmp_path)
     proc = start_submit(config, "--scheduler", address, "--quiet")
-    assert wait_for_markers(tmp_path / "long.zarr", 3, proc) >= 3
+    assert wait_for_markers(tmp_path / "held.zarr", 3, proc) >= 3
     dask_processes.kill(dask_processes.scheduler)
     _, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 1
     assert "lost the connection to the scheduler" in stderr and "rerun the same command" in stderr
     assert "Traceback" not in stderr
     dask_processes.stop()
-    before = markers_done(tmp_path / "long.zarr")
+    before = markers_done(tmp_path / "held.zarr")
+    assert before < HELD_BLOCKS
 
+    released.unlink()
     address = dask_processes.start_scheduler()
     dask_processes.start_workers(2)
     result = run_cli("submit", str(config), "--scheduler", address, "--quiet")
     assert result.returncode == 0, result.stderr
-    assert_same_results(tmp_path / "long.zarr", reference)
-    runs = jacrun.load(tmp_path / "long.zarr").attrs["jacrun"]["runs"]
+    assert_same_results(tmp_path / "held.zarr", reference)
+    runs = jacrun.load(tmp_path / "held.zarr").attrs["jacrun"]["runs"]
     assert runs[0]["status"] == "failed" and runs[0]["blocks_lost"] > 0
     # workers may finish running blocks after the client lost them: markers are the truth
-    assert runs[0]["blocks_computed"] <= before and runs[1]["blocks_computed"] == 60 - before
+    assert runs[0]["blocks_computed"] <= before and runs[1]["blocks_computed"] == HELD_BLOCKS - before
 
 
 def tripwire_job(tmp_path: Path, action: str, **sections) -> dict:

@@ -14,7 +14,9 @@ import jacrun
 from jacrun import lease, location
 from jacrun.errors import ConfigError
 from tests.helpers import (
-    LONG_JOB,
+    HELD_BLOCKS,
+    held_job,
+    hold,
     job_config,
     markers_done,
     run_cli,
@@ -33,11 +35,12 @@ def test_a_second_run_is_refused_while_the_first_lives_and_takes_over_once_it_is
     tmp_path, monkeypatch
 ):
     monkeypatch.setenv("JACRUN_LEASE_STALE_SECONDS", "2")  # heartbeat every 0.4 s
-    config = write_config(tmp_path, LONG_JOB)
-    store = tmp_path / "long.zarr"
+    config = write_config(tmp_path, held_job(tmp_path))
+    store = tmp_path / "held.zarr"
+    released = hold(tmp_path)
     first = start_submit(config)
     try:
-        assert wait_for_markers(store, 1, first) >= 1
+        assert wait_for_markers(store, HELD_BLOCKS - 1, first) == HELD_BLOCKS - 1
         beat = read_lease(store)
         assert beat["pid"] == first.pid
         time.sleep(0.6)
@@ -55,10 +58,11 @@ def test_a_second_run_is_refused_while_the_first_lives_and_takes_over_once_it_is
             os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     done = markers_done(store)
+    released.unlink()
     third = run_cli("submit", str(config))
     assert third.returncode == 0, third.stderr
     assert "took over the lease of a run that is gone" in third.stdout
-    assert f"{80 - done} of 80 blocks to run" in third.stdout
+    assert f"{HELD_BLOCKS - done} of {HELD_BLOCKS} blocks to run" in third.stdout
     assert read_lease(store) is None  # released at the end
 
 

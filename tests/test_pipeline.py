@@ -164,16 +164,16 @@ def test_two_chunkings_agree(tmp_path, scheduler_address):
     assert rel_err(a.y.values, b.y.values) < 1e-12
 
 
-def test_results_identical_for_one_and_two_workers(tmp_path):
+def test_results_identical_for_one_and_two_workers(tmp_path, scheduler_address):
     stores = []
-    for workers in (1, 2):
+    for workers, scheduler in ((1, None), (2, scheduler_address)):  # a 1-worker cluster; the session's 2
         cfg = mlp_job(
             tmp_path,
             vectors={"kind": "random", "count": 3},
             output={"store": f"w{workers}.zarr"},
-            cluster={"kind": "local", "workers": workers, "memory_limit": "1GiB", "dashboard": None},
+            cluster={"kind": "local", "workers": 1, "memory_limit": "1GiB", "dashboard": None},
         )
-        assert jacrun.submit(cfg, progress=False).ok
+        assert jacrun.submit(cfg, progress=False, scheduler=scheduler).ok
         stores.append(jacrun.load(cfg.output.store))
     np.testing.assert_array_equal(stores[0].vjp.values, stores[1].vjp.values)
     np.testing.assert_array_equal(stores[0].y.values, stores[1].y.values)

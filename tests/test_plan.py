@@ -161,14 +161,14 @@ def test_plan_to_dict_is_json():
 
 def test_timed_auto_blocks_aim_for_about_a_second():
     common = dict(task_memory=2**30, worker_memory=None, work_bytes=lambda rows, k: 0)
-    big = plan(samples=1_000_000, seconds_per_row=lambda k: 1e-4, **common)
+    big = plan(samples=1_000_000, seconds_per_row=lambda k, most: 1e-4, **common)
     assert 0.2 <= big.seconds_per_block <= 1.0 and big.n_blocks == 100
     assert big.estimated_seconds == pytest.approx(50 * big.seconds_per_block)
-    small = plan(samples=10_000, seconds_per_row=lambda k: 1e-5, **common)
+    small = plan(samples=10_000, seconds_per_row=lambda k, most: 1e-5, **common)
     assert small.n_blocks == 1  # 0.1 s of work: one block, not many tiny ones
     untimed = plan(samples=10_000, **common)
     assert untimed.seconds_per_block is None and untimed.n_blocks > 1
-    explicit = plan(samples=10_000, chunk_samples=1000, seconds_per_row=lambda k: 1e-4, **common)
+    explicit = plan(samples=10_000, chunk_samples=1000, seconds_per_row=lambda k, most: 1e-4, **common)
     assert explicit.n_blocks == 10 and explicit.seconds_per_block == pytest.approx(0.1)  # estimate only
 
 
@@ -193,9 +193,34 @@ def test_the_runtime_estimate_times_inputs_kernel_and_encoding(tmp_path, monkeyp
 
     monkeypatch.setattr(jacrun.store, "encode_seconds", encode)
     timer = block_timer(job.function, job.inputs, job.vectors, True, 1, job.config.output)
-    per_row = timer(3)
+    per_row = timer(3, 1000)
     rows = job.inputs.shape[0]  # 100 rows: the kernel is fast, so every row is timed
     assert per_row >= 1.0 / rows
     assert encoded == [([(rows, 3, 5), (rows, 3)], "zstd", "float64")]
-    without = block_timer(job.function, job.inputs, job.vectors, True, 1)(3)
-    assert without < 1.0 / rows and len(encoded) == 1
+    assert timer(3, 20) >= 1.0 / 20 and encoded[-1][0] == [(20, 3, 5), (20, 3)]  # a block's rows at most
+    without = block_timer(job.function, job.inputs, job.vectors, True, 1)(3, 1000)
+    assert without < 1.0 / rows and len(encoded) == 2
+
+
+def test_jacrun_plan_times_no_more_rows_than_a_block_holds(tmp_path):
+    """The runtime estimate's calibration calls the kernel on at most a block's rows: a larger
+    call costs more per row (fresh pages, arrays beyond the caches) and overestimated the
+    bratu L = 256 job 1.75x."""
+    from tests.helpers import REPO, job_config, run_cli, write_config
+
+    record = tmp_path / "batches.txt"
+    function = {
+        "kind": "python",
+        "target": "tests.plugins:BatchRecorder",
+        "path": str(REPO),
+        "params": {"record": str(record)},
+    }
+    config = write_config(
+        tmp_path,
+        job_config(function=function, inputs={"kind": "random", "samples": 400}, chunks={"samples": 12}),
+    )
+    result = run_cli("plan", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "estimated runtime" in result.stdout
+    batches = [int(line) for line in record.read_text().split()]
+    assert batches and max(batches) == 12, batches  # the fast kernel is timed on a whole block

@@ -28,7 +28,17 @@ import jacrun
 from jacrun import lease, location, store
 from jacrun.cli import app
 from jacrun.errors import ConfigError
-from tests.helpers import DaskProcesses, job_config, run_cli, start_submit, write_config
+from tests.helpers import (
+    HELD_BLOCKS,
+    DaskProcesses,
+    held_job,
+    hold,
+    holding_process,
+    job_config,
+    run_cli,
+    start_submit,
+    write_config,
+)
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -238,33 +248,24 @@ def test_validate_plan_and_check_of_a_remote_job_touch_no_store_and_print_no_sec
 
 # ---- faults ----------------------------------------------------------------------------------
 
-FAULT_JOB = {
-    "name": "s3faults",
-    "mode": "vjp",
-    "function": {"kind": "mlp", "sizes": [64, 256, 256, 64], "seed": 0},
-    "inputs": {"kind": "random", "samples": 8_000, "seed": 1},
-    "vectors": {"kind": "random", "count": 4, "seed": 2},
-    "output": {"store": "local.zarr", "dtype": "float32"},
-    "chunks": {"samples": 500},
-}
-
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, scheduler_address):
-    """FAULT_JOB run undisturbed into a local store."""
+    """The held job (see tests.helpers.held_job) run undisturbed into a local store."""
     folder = tmp_path_factory.mktemp("s3reference")
-    cfg = jacrun.config_from_dict(FAULT_JOB, folder)
+    cfg = jacrun.config_from_dict(held_job(folder), folder)
     assert jacrun.submit(cfg, scheduler=scheduler_address, progress=False).ok
     return jacrun.load(cfg.output.store)
 
 
 def remote_fault_job(tmp_path: Path, endpoint: str, name: str, **sections) -> tuple[Path, str]:
+    """The held job into the bucket, its last block held (remove ``tmp_path/flags/hold``)."""
     url = f"s3://{BUCKET}/{name}.zarr"
-    config = {
-        **FAULT_JOB,
-        "output": {**FAULT_JOB["output"], "store": url, "storage_options": options(endpoint)},
-    }
-    config.update(sections)
+    config = held_job(tmp_path, url, **sections)
+    config["output"]["storage_options"] = options(endpoint)
+    if "cluster" not in sections:  # run with --scheduler
+        config.pop("cluster")
+    hold(tmp_path)
     return write_config(tmp_path, config), url
 
 
@@ -296,16 +297,18 @@ def test_a_worker_killed_then_the_scheduler_lost_on_s3_loses_nothing(tmp_path, e
         processes.start_workers(2)
         config, url = remote_fault_job(tmp_path, endpoint, "workerkill")
         proc = start_submit(config, "--scheduler", address, "--quiet")
-        assert wait_remote(url, endpoint, 3, proc) >= 3
-        processes.kill(processes.workers[0])  # its blocks run again on the other worker
-        assert wait_remote(url, endpoint, 5, proc) >= 5
+        first = holding_process(tmp_path)
+        os.kill(first, signal.SIGKILL)  # the held block runs again on the other worker
+        (tmp_path / "flags" / f"holding-{first}").unlink()
+        assert holding_process(tmp_path) != first
         processes.kill(processes.scheduler)
         _, stderr = proc.communicate(timeout=240)
         assert proc.returncode == 1 and "lost the connection to the scheduler" in stderr, stderr
         processes.stop()
         before = remote_markers(url, endpoint)
-        assert before < 16
+        assert before < HELD_BLOCKS
 
+        (tmp_path / "flags" / "hold").unlink()
         address = processes.start_scheduler()  # a new one: resume there
         processes.start_workers(1)
         result = run_cli("submit", str(config), "--scheduler", address, "--quiet")
@@ -325,9 +328,10 @@ def test_a_client_killed_mid_job_on_s3_resumes_with_the_rest(tmp_path, endpoint,
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     done = remote_markers(url, endpoint)
+    (tmp_path / "flags" / "hold").unlink()
     result = run_cli("submit", str(config))
     assert result.returncode == 0, result.stderr
-    assert f"{16 - done} of 16 blocks to run" in result.stdout
+    assert f"{HELD_BLOCKS - done} of {HELD_BLOCKS} blocks to run" in result.stdout
     assert "took over the lease of a run that is gone" in result.stdout
     assert_same(url, endpoint, reference)
 
@@ -335,3 +339,37 @@ def test_a_client_killed_mid_job_on_s3_resumes_with_the_rest(tmp_path, endpoint,
 def test_a_denied_access_is_named_without_its_details():
     message = location.problem("s3://jobs/x.zarr", PermissionError("AccessDenied: key AKIA... not allowed"))
     assert message == "s3://jobs/x.zarr: access denied (check the credentials in the environment or profile)"
+
+
+def test_an_s3_input_sizes_an_autodiff_function_with_its_options_opened_once(
+    tmp_path, endpoint, scheduler_address, monkeypatch
+):
+    """n_in comes from a Zarr input at a custom endpoint (its storage_options), and prepare
+    opens that input once for sizing, checking and calibrating."""
+    pytest.importorskip("autograd")
+    from jacrun import sources
+    from jacrun.prepare import prepare
+    from tests.test_n_in_from_inputs import autodiff_job
+
+    x = np.random.default_rng(3).standard_normal((24, 4))
+    url = f"s3://{BUCKET}/inputs/autodiff-x.zarr"
+    zarr.open_array(
+        zarr.storage.FsspecStore.from_url(url, storage_options=options(endpoint)),
+        mode="w",
+        shape=x.shape,
+        dtype=x.dtype,
+    )[...] = x
+    inputs = {"kind": "zarr", "path": url, "storage_options": options(endpoint, secret=True)}
+    config = write_config(tmp_path, autodiff_job(tmp_path, inputs))
+    for command in (["validate"], ["check"], ["submit", "--scheduler", scheduler_address, "--quiet"]):
+        result = invoke(*command, str(config))
+        assert result.exit_code == 0, result.output
+    assert "(4 -> 4)" in invoke("validate", str(config)).output
+    vjp = np.asarray(zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["vjp"]).reshape(24, 4)
+    np.testing.assert_allclose(vjp, 2.0 * (1.0 - np.tanh(x) ** 2))
+
+    opened = []
+    real = sources._open_array
+    monkeypatch.setattr(sources, "_open_array", lambda *args: opened.append(args[0]) or real(*args))
+    prepare(jacrun.load_config(config), calibrate=True, estimate=True)
+    assert opened == [url]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -86,7 +90,11 @@ def test_declared_patterns_are_exactly_the_nonzeros_of_the_dense_jacobian(spec) 
     x = np.random.default_rng(0).uniform(-1, 1, (4, f.n_in))
     _, dense = f.jacobian(x)
     nonzero = (dense != 0).any(axis=0)
-    assert (as_pattern(f.sparsity(), (f.n_out, f.n_in)).toarray() == nonzero).all()
+    declared = f.sparsity()
+    if isinstance(declared, str):  # "dense": every entry, with no m x n pattern built
+        assert declared == "dense" and nonzero.all()
+    else:
+        assert (as_pattern(declared, (f.n_out, f.n_in)).toarray() == nonzero).all()
 
 
 def test_linear_declares_the_pattern_of_its_matrix() -> None:
@@ -294,6 +302,31 @@ def test_auto_stays_dense_when_sparsity_does_not_pay(tmp_path, function, why) ->
     assert job.sparse is None and job.plan.nnz is None and why in job.plan.sparsity
 
 
+def test_a_dense_declared_pattern_builds_no_m_by_n_matrix(tmp_path) -> None:
+    """`jacrun validate` of a 4096 x 4096 MLP's Jacobian: "dense" is declared, not a 16.8M-entry
+    pattern (which cost 290 MB and seconds); the command's peak memory is its weights' and
+    Python's, measured on the real process."""
+    config = write_config(
+        tmp_path,
+        bratu_job(
+            function={"kind": "mlp", "sizes": [4096, 4096], "seed": 0},
+            inputs={"kind": "random", "samples": 4},
+            chunks={"samples": 1, "vectors": 64},
+        ),
+    )
+    # the command's own peak (VmHWM, read as it exits): a child's ru_maxrss would also count the
+    # pages it shared with this (large) test process between fork and exec
+    peak = "import atexit, sys; atexit.register(lambda: print(open('/proc/self/status').read(), file=sys.stderr))"
+    command = (
+        f"{peak}; from jacrun.cli import main; sys.argv = ['jacrun', 'validate', {str(config)!r}]; main()"
+    )
+    done = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "jacobian of mlp (4096 -> 4096)" in done.stdout, done.stdout + done.stderr
+    kib = int(re.search(r"VmHWM:\s+(\d+) kB", done.stderr).group(1))
+    weights = 4096 * 4096 * 8
+    assert kib * 1024 < weights + 300 * 2**20, kib  # with the m x n pattern: over 600 MiB
+
+
 def test_dense_setting_and_strategy_override(tmp_path) -> None:
     dense = prepare(config_from_dict(bratu_job(sparsity="dense"), tmp_path), calibrate=False)
     assert dense.sparse is None and dense.plan.result_shape == (50, 36, 36)
@@ -367,14 +400,14 @@ def test_check_catches_a_pattern_file_that_misses_a_nonzero(tmp_path) -> None:
 # ---- jobs on a real cluster ----------------------------------------------------------------------
 
 
-def test_sparse_job_end_to_end_through_the_cli(tmp_path) -> None:
+def test_sparse_job_end_to_end_through_the_cli(tmp_path, scheduler_address) -> None:
     config = write_config(tmp_path, bratu_job(grid=7, samples=40, chunks={"samples": 16}))
     plan = run_cli("plan", str(config))
     assert plan.returncode == 0, plan.stderr
     assert (
         "sparse (rev)" in plan.stdout and "5 colours (rev)" in plan.stdout and "217 per sample" in plan.stdout
     )
-    done = run_cli("submit", str(config), "--check")
+    done = run_cli("submit", str(config), "--check", "--scheduler", scheduler_address)
     assert done.returncode == 0, done.stdout + done.stderr
     store = tmp_path / "out.zarr"
     shown = run_cli("show", str(store))
@@ -398,11 +431,11 @@ def test_sparse_job_end_to_end_through_the_cli(tmp_path) -> None:
         jacrun.jacobian(store, 40)
 
 
-def test_sparse_job_without_outputs_skips_them(tmp_path) -> None:
+def test_sparse_job_without_outputs_skips_them(tmp_path, scheduler_address) -> None:
     """save_outputs: false lets bratu skip y; the nonzeros are the same, the counts exclude y."""
     output = {"store": "out.zarr", "save_outputs": False}
     config = write_config(tmp_path, bratu_job(grid=5, samples=20, output=output, chunks={"samples": 8}))
-    done = run_cli("submit", str(config), "--check")
+    done = run_cli("submit", str(config), "--check", "--scheduler", scheduler_address)
     assert done.returncode == 0, done.stdout + done.stderr
     group = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
     assert "y" not in group
@@ -414,12 +447,12 @@ def test_sparse_job_without_outputs_skips_them(tmp_path) -> None:
     assert "y" not in nonfinite and nonfinite["jacobian"] == 0
 
 
-def test_killed_sparse_job_resumes_with_its_stored_colouring(tmp_path) -> None:
-    job = bratu_job(grid=64, samples=3000, chunks={"samples": 100})
+def test_killed_sparse_job_resumes_with_its_stored_colouring(tmp_path, scheduler_address) -> None:
+    job = bratu_job(grid=64, samples=2000, chunks={"samples": 100})
     job["cluster"] = {"kind": "local", "workers": 2, "memory_limit": "1GiB", "dashboard": None}
     config = write_config(tmp_path, job)
     store = tmp_path / "out.zarr"
-    partial = kill_part_way(config, store, 3, 30)
+    partial = kill_part_way(config, store, 3, 20)
     # the colouring in the store wins over a fresh one: permute its colour names
     colours = zarr.open_group(str(store), mode="r+")["colours"]
     stored = colours[...]
@@ -427,22 +460,24 @@ def test_killed_sparse_job_resumes_with_its_stored_colouring(tmp_path) -> None:
     resumed = open_output(prepare(jacrun.load_config(config), calibrate=False))
     np.testing.assert_array_equal(resumed.sparse.colours, (stored + 1) % 5)
     assert resumed.plan.samples_per_block == 100
-    again = run_cli("submit", str(config), "--quiet")
+    again = run_cli("submit", str(config), "--quiet", "--scheduler", scheduler_address)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert markers_done(store) == 30 and partial < 30
+    assert markers_done(store) == 20 and partial < 20
     f = build_function({"kind": "bratu", "grid": 64})
-    x = prepare(jacrun.load_config(config), calibrate=False).inputs.read(0, 3000, np.dtype("float64"))
+    x = prepare(jacrun.load_config(config), calibrate=False).inputs.read(0, 2000, np.dtype("float64"))
     values = zarr.open_group(str(store), mode="r")["jacobian"][...]
     sparse = choose(f.sparsity(), "auto", "declared")
     _, expected = sparse.evaluate(f, x)
     np.testing.assert_allclose(values, expected, rtol=0, atol=1e-12)
 
 
-def test_a_store_with_another_pattern_is_refused(tmp_path) -> None:
+def test_a_store_with_another_pattern_is_refused(tmp_path, scheduler_address) -> None:
     pattern = build_function({"kind": "bratu", "grid": 4}).sparsity()
     sp.save_npz(tmp_path / "p.npz", sp.csr_matrix(pattern))
     config = write_config(tmp_path, bratu_job(grid=4, samples=20, sparsity={"file": "p.npz"}))
-    first = run_cli("submit", str(config), "--quiet", "--set", "inputs.samples=30")
+    first = run_cli(
+        "submit", str(config), "--quiet", "--set", "inputs.samples=30", "--scheduler", scheduler_address
+    )
     assert first.returncode == 0, first.stderr
     zarr.open_group(str(tmp_path / "out.zarr"), mode="r+")["_blocks"][0, 0] = 0  # incomplete
     wider = pattern.tolil()
@@ -478,11 +513,11 @@ def test_kernel_calls_hold_about_chunk_bytes_of_products_when_m_and_n_differ(sha
     assert rows * sparse.n_colours * 4000 * 8 <= CHUNK_BYTES < (rows + 1) * sparse.n_colours * 4000 * 8
 
 
-def test_helpers_refuse_a_store_without_products(tmp_path) -> None:
+def test_helpers_refuse_a_store_without_products(tmp_path, scheduler_address) -> None:
     config = write_config(
         tmp_path,
         bratu_job(grid=4, samples=20, reduce=["mean"], output={"store": "out.zarr", "products": False}),
     )
-    assert run_cli("submit", str(config), "--quiet").returncode == 0
+    assert run_cli("submit", str(config), "--quiet", "--scheduler", scheduler_address).returncode == 0
     with pytest.raises(jacrun.ConfigError, match=r"no per-sample Jacobians \(output.products: false\)"):
         jacrun.jacobian(tmp_path / "out.zarr", 0)

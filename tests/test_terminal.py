@@ -17,7 +17,7 @@ import numpy as np
 import psutil
 import pytest
 
-from tests.helpers import LONG_JOB, job_config, run_cli, start_submit, wait_for_markers, write_config
+from tests.helpers import held_job, hold, job_config, run_cli, start_submit, wait_for_markers, write_config
 
 FOREIGN = re.compile(
     r"Warning\b|warnings\.warn|\.py:\d+|Traceback|site-packages|^\s+File |distributed\.\w+ - ", re.MULTILINE
@@ -68,12 +68,16 @@ def test_dashboard_null_serves_nothing(tmp_path, dashboard):
     probe can tell); with ``--set cluster.dashboard=null`` neither it nor any other port of the
     submitting process (the scheduler's) does."""
     port = free_port()
-    job = {**LONG_JOB, "inputs": {**LONG_JOB["inputs"], "samples": 20_000}}
-    job["cluster"] = {**LONG_JOB["cluster"], "workers": 1, "dashboard": f"127.0.0.1:{port}"}
+    job = held_job(tmp_path)
+    job["cluster"] = {
+        **job["cluster"],
+        "dashboard": f"127.0.0.1:{port}",
+    }  # a worker free beside the held block
     path = write_config(tmp_path, job)
+    hold(tmp_path)
     proc = start_submit(path, *(["--set", "cluster.dashboard=null"] if dashboard == "null" else []))
     try:
-        assert wait_for_markers(tmp_path / "long.zarr", 1, proc) >= 1, "the job did not start"
+        assert wait_for_markers(tmp_path / "held.zarr", 1, proc) >= 1, "the job did not start"
         ports = listening_ports(proc.pid)
         assert ports, "the scheduler's own port should be listed"
         answering = {p for p in ports if speaks_http(p)}

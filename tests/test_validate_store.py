@@ -7,7 +7,6 @@ Each case builds the situation on disk, then runs both commands through Typer's 
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -77,7 +76,8 @@ CASES = {
 
 @pytest.mark.parametrize("case", CASES)
 def test_validate_refuses_what_submit_refuses(tmp_path, case, monkeypatch):
-    monkeypatch.setenv("PATH", os.defpath)  # no sbatch here, whatever the machine has
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no sbatch here, whatever the machine has
     arrange, message = CASES[case]
     config = write_config(tmp_path, job_config())
     overrides = arrange(tmp_path, config)

@@ -53,6 +53,11 @@ class Function(ABC):
     n_out: int
     dtype: np.dtype
 
+    reverse: ClassVar[bool] = True
+    """Whether ``vjp_batch`` is a reverse mode (its cost independent of n). Finite differences
+    have none: their VJPs go through the Jacobian, so their Jacobians are computed column-wise
+    (``strategy: fwd``, column colourings)."""
+
     @classmethod
     def from_spec(cls, spec: FunctionSpec) -> Function:
         """Build from a validated spec. Built-ins override this."""
@@ -74,9 +79,10 @@ class Function(ABC):
 
     # ---- structure -------------------------------------------------------------------------
 
-    def sparsity(self) -> scipy.sparse.sparray | None:
-        """The structural nonzeros of J(x), a scipy.sparse matrix (m, n) valid for every x, or
-        None when the function does not declare one (``sparsity: auto`` then stays dense).
+    def sparsity(self) -> scipy.sparse.sparray | Literal["dense"] | None:
+        """The structural nonzeros of J(x), a scipy.sparse matrix (m, n) valid for every x;
+        ``"dense"`` when every entry may be nonzero (no m x n pattern is built); or None when
+        the function does not declare one (``sparsity: auto`` then stays dense).
 
         An entry left out must be zero for every x: a sparse Jacobian job computes only the
         declared entries (``jacrun check`` on the job catches a missing one).
@@ -121,6 +127,23 @@ class Function(ABC):
         """Peak temporary memory of :meth:`fused_nonzeros` on ``rows`` samples, the nonzeros
         and y excluded (the planner counts those); None when there is no fused path."""
         return None
+
+    # ---- domain, notes and attributes ---------------------------------------------------------
+
+    def check_inputs(self, x: np.ndarray) -> None:
+        """Raise ValueError (naming the config key) when rows of ``x`` lie outside the domain the
+        function was configured with (finite differences' ``fd.bounds``); nothing by default."""
+        return
+
+    def plan_notes(self, mode: Mode, sparse: SparseJacobian | None) -> tuple[str, ...]:
+        """Warnings about what this function's kernels cost in ``mode`` (``sparse``: the job's
+        colouring), printed by ``jacrun plan`` and kept in the plan; none by default."""
+        return ()
+
+    def attributes(self) -> dict:
+        """JSON-able facts about how the kernels compute, kept in the store's ``function``
+        attribute; a ``summary`` string is shown by ``jacrun plan`` and ``jacrun show``."""
+        return {}
 
     # ---- cost model for the planner --------------------------------------------------------
 

@@ -26,7 +26,7 @@ does not grow with the batch. Every stage runs in place in work buffers (see
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 from numpy.typing import DTypeLike
@@ -36,6 +36,9 @@ from jacrun.functions.base import Function, FunctionSpec, Mode
 from jacrun.functions.linear import Workspace, compute_dtype, kernel_mode, ufunc_buffer_bytes, view
 from jacrun.functions.parallel import for_row_ranges, split
 from jacrun.functions.registry import register
+
+if TYPE_CHECKING:
+    import scipy.sparse
 
 CHUNK_BYTES = 256 * 1024
 """Target size of one (n+3, K, S) vector array of a chunk (S samples), so a stage's working
@@ -110,13 +113,15 @@ class Lorenz96(Function):
             f"steps={self.steps}, dtype={self.dtype})"
         )
 
-    def sparsity(self):
+    def sparsity(self) -> scipy.sparse.csr_array | Literal["dense"]:
         """The pattern of ``steps`` RK4 steps: each of the 4 stages of a step couples x_i to
         x_{i-2} .. x_{i+1}, so one step reaches x_{i-8} .. x_{i+4} (cyclic), S steps
         x_{i-8S} .. x_{i+4S}: a band that fills the whole matrix once 12 S + 1 >= n."""
         import scipy.sparse as sp
 
         n = self.n_in
+        if 12 * self.steps + 1 >= n:
+            return "dense"
         reach = {offset % n for offset in range(-8 * self.steps, 4 * self.steps + 1)}
         rows = np.repeat(np.arange(n), len(reach))
         cols = (rows.reshape(n, -1) + np.array(sorted(reach))).ravel() % n

@@ -198,11 +198,9 @@ class MLP(Function):
     def __repr__(self) -> str:
         return f"MLP(sizes={list(self.sizes)}, activation={self.activation!r}, dtype={self.dtype})"
 
-    def sparsity(self):
+    def sparsity(self) -> Literal["dense"]:
         """Dense: every output depends on every input through the first layer."""
-        from jacrun.sparsity import dense_pattern
-
-        return dense_pattern(self.n_out, self.n_in)
+        return "dense"
 
     # ---- kernels -------------------------------------------------------------------------------
 

@@ -8,9 +8,10 @@ anything is called, so a config can name a function but cannot make jacrun call 
 callable. Importing the module does run its top-level code, as any ``import`` does: a config
 that names a module trusts it.
 
-With ``autodiff: torch | jax | autograd`` the target is a plain function f(x) -> y (or a torch
-``nn.Module`` subclass, or a factory annotated to return a callable) that an adapter of
-:mod:`jacrun.functions.adapters` differentiates; those rules are in that package.
+With ``autodiff: torch | jax | autograd | fd`` the target is a plain function f(x) -> y (or a
+torch ``nn.Module`` subclass, or a factory annotated to return a callable) that an adapter of
+:mod:`jacrun.functions.adapters` differentiates (``fd``: by finite differences, options under
+``fd:``); those rules are in that package.
 """
 
 from __future__ import annotations
@@ -19,13 +20,17 @@ import inspect
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
     Field,
     PositiveInt,
     SerializerFunctionWrapHandler,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
@@ -53,6 +58,73 @@ ACCEPTED = (
 ADAPTER_KEYS = ("batched", "n_in", "n_out", "weights", "threads", "width")
 """Keys of the section that only apply with ``autodiff``."""
 
+Bound = float | list[float | None] | None
+"""One side of ``fd.bounds``: a number for every input, one number per input, or null (none)."""
+
+
+class FDOptions(BaseModel):
+    """``fd:`` of an ``autodiff: fd`` section: how finite differences are taken."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["forward", "central", "complex"] = Field(
+        "forward",
+        description=(
+            "forward: (f(x + h t) - f(x)) / h, one evaluation per direction; central: "
+            "(f(x + h t) - f(x - h t)) / 2h, two; complex: Im f(x + i h t) / h, one, exact to "
+            "rounding for f written with complex-safe operations."
+        ),
+    )
+    step: Literal["auto"] | Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+        "auto",
+        description=(
+            "relative step r: h_j = r * max(1, |x_j|) per input; auto: sqrt(eps) forward, "
+            "eps**(1/3) central, eps complex (eps of the compute dtype)."
+        ),
+    )
+    bounds: tuple[Bound, Bound] | None = Field(
+        None,
+        description=(
+            "[lower, upper]: the domain of f, each side a number, a list of n numbers or null; "
+            "steps never leave it (one-sided near a bound)."
+        ),
+    )
+    call_memory: ByteSize = Field(
+        ByteSize(1 << 20),
+        description=(
+            "perturbed inputs and outputs per call of f (cache-sized by default); raise it for an "
+            "f with a large cost per call, such as a Python loop over time steps."
+        ),
+    )
+
+    @field_validator("bounds")
+    @classmethod
+    def _ordered(cls, value: tuple[Bound, Bound] | None) -> tuple[Bound, Bound] | None:
+        if value is None:
+            return None
+        for name, given in zip(("lower", "upper"), value, strict=True):
+            if isinstance(given, list) and not given:
+                raise ValueError(f"the {name} bounds are an empty list")
+            if any(v is not None and v != v for v in (given if isinstance(given, list) else [given])):
+                raise ValueError(f"the {name} bounds contain NaN")
+        if isinstance(value[0], list) and isinstance(value[1], list) and len(value[0]) != len(value[1]):
+            raise ValueError(f"lower has {len(value[0])} values and upper {len(value[1])}")
+        from jacrun.functions.adapters.fd import bound_array
+
+        lower, upper = np.broadcast_arrays(bound_array(value[0], -np.inf), bound_array(value[1], np.inf))
+        bad = np.flatnonzero(~(lower < upper))
+        if bad.size:
+            j = int(bad[0])
+            raise ValueError(f"input {j}: lower bound {lower[j]:g} is not below upper bound {upper[j]:g}")
+        return value
+
+    @field_validator("call_memory")
+    @classmethod
+    def _positive(cls, value: ByteSize) -> ByteSize:
+        if value <= 0:
+            raise ValueError("must be positive, e.g. 1MiB")
+        return value
+
 
 class PythonSpec(FunctionSpec):
     """Config of ``kind: python``."""
@@ -79,11 +151,19 @@ class PythonSpec(FunctionSpec):
             "so every worker finds a package that lives next to the config."
         ),
     )
-    autodiff: Literal["torch", "jax", "autograd"] | None = Field(
+    autodiff: Literal["torch", "jax", "autograd", "fd"] | None = Field(
         default=None,
         description=(
-            "Differentiate a plain function f(x) -> y with this framework (see docs/"
-            "writing-functions.md, Autodiff adapters); absent: the target is a Function."
+            "Differentiate a plain function f(x) -> y with this framework, or by finite "
+            "differences (fd; see docs/writing-functions.md, Autodiff adapters); absent: the "
+            "target is a Function."
+        ),
+    )
+    fd: FDOptions | None = Field(
+        default=None,
+        description=(
+            "autodiff: fd only: a section of method (forward | central | complex), step (auto or "
+            "a relative step), bounds ([lower, upper]) and call_memory (1MiB)."
         ),
     )
     batched: bool = Field(
@@ -159,6 +239,15 @@ class PythonSpec(FunctionSpec):
             raise ValueError(adapters.missing_message(value))
         return value
 
+    @field_validator("fd")
+    @classmethod
+    def _fd_only_for_fd(cls, value: FDOptions | None, info: ValidationInfo) -> FDOptions | None:
+        autodiff = info.data.get("autodiff", "fd")  # absent: autodiff itself failed validation
+        if value is not None and autodiff != "fd":
+            now = "the section has no autodiff" if autodiff is None else f"not autodiff: {autodiff}"
+            raise ValueError(f"only applies with `autodiff: fd` (finite differences), {now}; remove it")
+        return value
+
     @model_validator(mode="after")
     def _autodiff_keys(self) -> PythonSpec:
         if self.autodiff is None:
@@ -183,11 +272,15 @@ class PythonSpec(FunctionSpec):
 
     @model_serializer(mode="wrap")
     def _without_unused_adapter_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """A section without ``autodiff`` serialises (and hashes) as before adapters existed."""
+        """A section without ``autodiff`` serialises (and hashes) as before adapters existed,
+        and one without ``fd`` as before finite differences existed."""
         data = handler(self)
-        if self.autodiff is None and isinstance(data, dict):
-            for key in ("autodiff", *ADAPTER_KEYS):
-                data.pop(key, None)
+        if isinstance(data, dict):
+            if self.autodiff is None:
+                for key in ("autodiff", *ADAPTER_KEYS):
+                    data.pop(key, None)
+            if self.fd is None:
+                data.pop("fd", None)
         return data
 
 
@@ -198,7 +291,8 @@ class PythonFunction(Function):
     kind = "python"
     description = (
         "Your own Function subclass or factory, imported from `package.module:attr`; with "
-        "`autodiff`, a plain function f(x) differentiated by torch, jax or autograd."
+        "`autodiff`, a plain function f(x) differentiated by torch, jax or autograd, or by "
+        "finite differences (fd)."
     )
     spec_model = PythonSpec
 

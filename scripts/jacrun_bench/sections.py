@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from jacrun_bench.common import Context, Target
 
-SECTIONS: tuple[str, ...] = ("kernels", "e2e", "memory", "sparse", "reduce", "s3", "adapters")
+SECTIONS: tuple[str, ...] = ("kernels", "e2e", "memory", "sparse", "fd", "reduce", "s3", "adapters")
 """Section modules, in the order they run."""
 
 

@@ -1,8 +1,10 @@
-"""Autodiff adapters: a plain function f(x) -> y, differentiated by PyTorch, JAX or autograd.
+"""Autodiff adapters: a plain function f(x) -> y, differentiated by PyTorch, JAX, autograd or
+finite differences.
 
-``kind: python`` with ``autodiff: torch | jax | autograd`` builds an :class:`AutodiffFunction`
-from one module of this package (``torch.py``, ``jax.py``, ``autograd.py``), imported only when
-a config names it, so jacrun itself never needs the frameworks.
+``kind: python`` with ``autodiff: torch | jax | autograd | fd`` builds an
+:class:`AutodiffFunction` from one module of this package (``torch.py``, ``jax.py``,
+``autograd.py``, ``fd.py``), imported only when a config names it, so jacrun itself never needs
+the frameworks.
 
 What the target may be (nothing is called before these checks):
 
@@ -25,6 +27,11 @@ Building then infers or checks the sizes (``n_in`` from the section, the inputs'
 probes a ``batched`` f for coupling between rows, and runs one tiny VJP and JVP, so that a
 function the framework cannot differentiate fails as a :class:`~jacrun.functions.targets.TargetError`
 (a ConfigError, exit 2) before any cluster starts.
+
+A backend module provides ``setup``, ``factory_dtype``, ``prepare``, ``default_width``,
+``TARGET_CLASSES`` and ``Adapter``; optionally ``adapter_options(spec)`` (more keyword
+arguments of ``Adapter``) and ``probe_derivatives(function, target, label)`` in place of the
+tiny VJP and JVP (``fd`` probes one JVP and, for the complex step, f on complex inputs).
 """
 
 from __future__ import annotations
@@ -86,6 +93,7 @@ BACKENDS: dict[str, Backend] = {
     "torch": Backend("torch", "torch", "PyTorch"),
     "jax": Backend("jax", "jax", "JAX"),
     "autograd": Backend("autograd", "autograd", "autograd"),
+    "fd": Backend("fd", "numpy", "finite differences"),
 }
 """``autodiff`` values: each adapter is ``jacrun.functions.adapters.<name>``."""
 
@@ -133,6 +141,11 @@ def weights_unsupported(
 def no_width_hint(fn: Any) -> int | None:
     """No widest-layer hint for the planner's memory estimate."""
     return None
+
+
+def no_options(spec: PythonSpec) -> dict[str, Any]:
+    """No adapter options beyond the section's common keys (``fd`` has some: ``adapter_options``)."""
+    return {}
 
 
 def load_backend(name: str) -> ModuleType:
@@ -206,6 +219,13 @@ class AutodiffFunction(Function):
             return fn
         shape = (-1, 1) if self.batched else (1,)
         return lambda x: fn(x).reshape(shape)
+
+    def probe_inputs(self, rows: int, seed: int | None) -> np.ndarray:
+        """Rows (rows, n) at which the build probes f: zeros (``seed`` None), else standard
+        normal draws; ``fd`` keeps them inside ``fd.bounds``, f's domain."""
+        if seed is None:
+            return np.zeros((rows, self.n_in), dtype=self.dtype)
+        return np.random.default_rng(seed).standard_normal((rows, self.n_in)).astype(self.dtype)
 
     def work_bytes(self, batch: int, k: int, mode: Mode) -> int:
         """An estimate: frameworks keep the forward pass's intermediates and a few per vector."""
@@ -307,6 +327,7 @@ def build(spec: PythonSpec) -> AutodiffFunction:
     n_in = _input_size(fn, spec)
     width = spec.width or backend.default_width(fn)
     options = {"n_in": n_in, "dtype": dtype, "batched": spec.batched, "target": target, "width": width}
+    options.update(getattr(backend, "adapter_options", no_options)(spec))
     function = backend.Adapter(fn, **options)
     m, scalar = _output_size(function, spec)
     if scalar:
@@ -314,7 +335,8 @@ def build(spec: PythonSpec) -> AutodiffFunction:
     function.n_out = m
     if spec.batched:
         _probe_rows(function, target)
-    _probe_derivatives(function, target, BACKENDS[spec.autodiff].label)
+    probe = getattr(backend, "probe_derivatives", _probe_derivatives)
+    probe(function, target, BACKENDS[spec.autodiff].label)
     return function
 
 
@@ -421,15 +443,18 @@ def _input_size(fn: Any, spec: PythonSpec) -> int:
 
 
 def _output_size(function: AutodiffFunction, spec: PythonSpec) -> tuple[int, bool]:
-    """(m, scalar) from one forward call on zeros; check its shape, dtype and ``n_out``."""
+    """(m, scalar) from one forward call on zeros (inside ``fd.bounds``); check its shape,
+    dtype and ``n_out``."""
     target, n = spec.target, function.n_in
     rows = 2
     shape = (rows, n) if spec.batched else (n,)
+    x = function.probe_inputs(rows, None)
     try:
-        y = function.forward_batch(np.zeros((rows, n), dtype=function.dtype))
+        y = function.forward_batch(x)
     except Exception as exc:
         raise TargetError(
-            f"target {target!r}: calling f on zeros of shape {shape} failed: "
+            f"target {target!r}: calling f on {'a point inside fd.bounds' if x.any() else 'zeros'} "
+            f"of shape {shape} failed: "
             f"{type(exc).__name__}: {exc}"
             + ("" if spec.n_in is None else " (is n_in right?)")
             + ("" if spec.batched else "; if f expects a batch (B, n), set `batched: true`")
@@ -461,13 +486,18 @@ def _output_size(function: AutodiffFunction, spec: PythonSpec) -> tuple[int, boo
 def _probe_rows(function: AutodiffFunction, target: str) -> None:
     """A batched f must not couple rows: perturbing row 0 moves no other row, and f of a
     sub-batch gives the same rows as f of the whole batch."""
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((PROBE_ROWS, function.n_in)).astype(function.dtype)
-    y = _f64(function.forward_batch(x))
+    x = function.probe_inputs(PROBE_ROWS, 0)
     moved = x.copy()
-    moved[0] += np.abs(moved[0]) + 1.0
-    y_moved = _f64(function.forward_batch(moved))
-    y_sub = _f64(function.forward_batch(np.ascontiguousarray(x[1:3])))
+    moved[0] = function.probe_inputs(1, 1)[0]
+    try:
+        y = _f64(function.forward_batch(x))
+        y_moved = _f64(function.forward_batch(moved))
+        y_sub = _f64(function.forward_batch(np.ascontiguousarray(x[1:3])))
+    except Exception as exc:
+        raise TargetError(
+            f"target {target!r}: calling f on a batch of {PROBE_ROWS} random rows failed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     scale = max(float(np.nanmax(np.abs(y), initial=0.0)), 1.0)
     tolerance = 1e3 * float(np.finfo(function.dtype).eps) * scale
     leak = _difference(y_moved[1:], y[1:])
