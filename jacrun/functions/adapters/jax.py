@@ -16,7 +16,8 @@ process-wide JAX setting) before the target is built.
 
 A sparse Jacobian's block is one compiled computation (:meth:`JaxFunction._fuse`): the shared
 kernel on all C seeds and the gather of the nonzeros, on XLA's own threads, returning the
-(B, nnz) nonzeros as they leave XLA (no copy).
+(B, nnz) nonzeros as they leave XLA (no copy); a block with more than
+:data:`WHOLE_BLOCK_BYTES` of products runs it on cache-sized ranges of rows instead.
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ class JaxFunction(AutodiffFunction):
         """One ``jax.jit`` function: the shared-vector kernel of ``sparse``'s direction on the
         C seeds (the products (rows, C, w), as ``jvp_batch`` / ``vjp_batch`` compute them),
         then the gather by the index map, inside the same computation, compiled per shape.
-        The seeds and the index map are device arrays kept with it.
+        The seeds and the index map are constants of the computation: XLA then simplifies the
+        one-hot tangents (2.5x faster than passing them as arguments, the 9-point residual at
+        L = 64); int32 indices while the compressed products have fewer than 2^31 entries.
 
         It runs on the whole block, or on ranges of :meth:`fused_rows` rows one after the other
         (on XLA's threads either way); a block that is one call gets XLA's own buffer back (no
