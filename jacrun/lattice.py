@@ -34,10 +34,13 @@ MAX_VECTORS = 2
 """A grid whose edges show more distinct vectors (up to sign) than this many per neighbour of
 a vertex (the largest degree) is no stencil's: a stencil repeats one set of vectors at every
 point (half the degree, up to sign; a periodic grid's wrap-around edges add a few)."""
-SEARCH_WORK = 5_000_000
-"""Products a . delta (forms times vectors) computed in all, over grids and q (about 0.05 s)."""
-MAX_SHAPES = 8
-"""Grid shapes whose edge vectors are counted, shortest flat-offset vectors first."""
+SEARCH_WORK = 16_000_000
+"""Products a . delta (forms times vectors) at most, a quarter per grid (about 0.04 s each)."""
+MAX_SHAPES = 256
+"""Grid shapes whose edge vectors are counted (shortest flat-offset vectors first) on the
+edges of about :data:`RANK_COLUMNS` columns; the best 2 :data:`MAX_GRIDS` are counted again
+on all the edges read."""
+RANK_COLUMNS = 256
 MAX_GRIDS = 4
 """Grid shapes searched for a linear form, fewest distinct edge vectors first."""
 AXES = "ijkl"
@@ -132,35 +135,35 @@ def linear_form(vectors: np.ndarray, q: int) -> tuple[int, ...] | None:
 
 def candidates(size: int, u: np.ndarray, v: np.ndarray, lower: int, upper: int) -> Iterator[Lattice]:
     """Lattice colourings with at least ``lower`` and fewer than ``upper`` colours, each with
-    the fewest colours on its grid. Grid shapes are ranked by how well they explain the edges:
-    the shortest flat-offset vectors first, then the fewest distinct edge vectors (the true grid
-    sees each stencil offset as one vector; a wrong one splits offsets that carry into the next
-    axis). The form must avoid 0 on the edge vectors themselves (a periodic grid's wrap-around
-    edges included). The edges (u, v) may be a sample of the graph's (both directions); the
-    colourings are not checked on every edge: the caller does that."""
+    the fewest colours on its grid, from the edges (u, v) of the conflict graph (both ways; a
+    sample of them will do). Grid shapes on which the flat offsets are short vectors are ranked
+    by the distinct edge vectors they see, fewest first (the true grid sees each stencil offset
+    as one vector; a wrong one also splits offsets that carry into the next axis; counted on a
+    few columns' edges, then on all for the best), then by the most axes (two axes merged
+    without carries see as many vectors, and their forms are a special case of the unmerged
+    grid's). A form must avoid 0 on every edge vector, a periodic grid's wrap-around edges
+    included. Not checked on every edge: the caller does that."""
     flat = offsets(size, u, v)
     if flat.size == 0 or flat.size > MAX_OFFSETS:
         return
     shapes = sorted(
         ((total, dims, shape) for dims in range(1, MAX_DIMS + 1) for shape, total in grids(flat, size, dims)),
         key=lambda found: found[:2],
-    )
+    )[:MAX_SHAPES]
+    columns = np.unique(u)
+    few = np.isin(u, columns[:: max(1, columns.size // RANK_COLUMNS)])
+    shapes = sorted(shapes, key=lambda found: (len(steps(found[2], u[few], v[few])), -found[1]))
+    counted = [(steps(shape, u, v), shape) for *_, shape in shapes[: 2 * MAX_GRIDS]]
+    counted.sort(key=lambda found: (len(found[0]), -len(found[1])))
     degree = int(np.bincount(u).max())
-    ranked = sorted(
-        (
-            (len(vectors), len(shape), shape, vectors)
-            for shape, vectors in ((shape, steps(shape, u, v)) for *_, shape in shapes[:MAX_SHAPES])
-        ),
-        key=lambda found: found[:2],
-    )
-    work = 0
-    for count, _, shape, vectors in ranked[:MAX_GRIDS]:
-        if count > MAX_VECTORS * degree:
+    for vectors, shape in counted[:MAX_GRIDS]:
+        if len(vectors) > MAX_VECTORS * degree:
             break
+        work = 0
         for q in range(max(lower, 2), upper):
             work += min(q ** len(shape), MAX_FORMS) * len(vectors)
-            if work > SEARCH_WORK:
-                return
+            if work > SEARCH_WORK // MAX_GRIDS:
+                break
             form = linear_form(vectors, q)
             if form is not None:
                 yield Lattice(shape, form, q)
