@@ -80,6 +80,16 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def table_rows(text: str, first_cell: str) -> list[list[str]]:
+    """Cells of the markdown table rows whose first cell starts with ``first_cell``."""
+    rows = []
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0].startswith(first_cell):
+            rows.append(cells)
+    return rows
+
+
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     """max |a - b| / max |b| (the scale-free error used throughout the tests)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)

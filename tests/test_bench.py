@@ -23,21 +23,12 @@ from jacrun_bench import report as bench_report  # noqa: E402
 from jacrun_bench.sections import SECTIONS, sections  # noqa: E402
 
 from jacrun.block import STEPS  # noqa: E402
+from tests.helpers import table_rows  # noqa: E402
 
 KERNEL_ROWS = {
     (f"mlp {mode}", dtype) for mode in ("vjp", "jvp", "jacobian") for dtype in ("float32", "float64")
 }
 KERNEL_ROWS |= {("lorenz96 vjp", "float64"), ("lorenz96 vjp", "float32")}
-
-
-def table_rows(report: str, first_cell: str) -> list[list[str]]:
-    """Cells of the markdown table rows whose first cell starts with ``first_cell``."""
-    rows = []
-    for line in report.splitlines():
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if line.startswith("|") and cells[0].startswith(first_cell):
-            rows.append(cells)
-    return rows
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess:

@@ -13,15 +13,7 @@ sys.path.insert(0, str(SCRIPTS))
 from jacrun_bench import common, report  # noqa: E402
 from jacrun_bench import fd as fd_section  # noqa: E402
 
-
-def table_rows(text: str, first_cell: str) -> list[list[str]]:
-    """Cells of the markdown table rows whose first cell starts with ``first_cell``."""
-    rows = []
-    for line in text.splitlines():
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if line.startswith("|") and cells[0].startswith(first_cell):
-            rows.append(cells)
-    return rows
+from tests.helpers import table_rows  # noqa: E402
 
 
 def test_the_fd_section_reports_scipy_the_methods_and_its_targets() -> None:

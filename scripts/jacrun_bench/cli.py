@@ -8,7 +8,7 @@ import os
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
-from jacrun_bench import report
+from jacrun_bench import common, report
 from jacrun_bench.common import FULL, QUICK, Context, Log, stderr_log
 from jacrun_bench.frameworks import FRAMEWORKS, available
 from jacrun_bench.sections import sections
@@ -34,6 +34,8 @@ def run(
     """Run every section not in ``skip`` and return the report (markdown). ``only`` keeps the
     kernel rows whose name contains it (``"mlp vjp"``, ``"lorenz96"``)."""
     shapes = QUICK if quick else FULL
+    # --quick times nothing worth a pause: its contenders run back to back
+    common.PAUSE = 0.0 if quick else common.CONTENDER_PAUSE
     if reps is not None:
         shapes = dataclasses.replace(shapes, reps=reps)
     load = os.getloadavg()[0]

@@ -104,10 +104,12 @@ class Target:
 
 # ---- timing ----------------------------------------------------------------------------------
 
-PAUSE = 0.3
+CONTENDER_PAUSE = 0.3
 """Seconds between two contenders: the thread pools of the one before (OpenBLAS, OpenMP in
 torch, Eigen in XLA) stop spinning and leave the cores to the next one. Right after a torch
 call, a jacrun Jacobian measured 7% slower than after a 1 s pause; 50 ms was not enough."""
+PAUSE = CONTENDER_PAUSE
+"""The pause :func:`rounds` takes: none in a ``--quick`` run (see ``cli.run``)."""
 
 
 def rounds(
