@@ -36,9 +36,9 @@ import scipy.sparse as sp
 
 from jacrun.lattice import candidates
 
-SEQUENTIAL_WORK = 3_000_000
-"""Edge visits of the Python greedy loops (about 0.4 us each): greedy orders on graphs up to a
-few million edges, none on larger ones."""
+SEQUENTIAL_WORK = 8_000_000
+"""Edge visits of the Python greedy loops (about 0.4 us each, about 3 s in all): DSATUR and
+smallest-last on conflict graphs up to 2 million edges, the cheaper orders up to 8 million."""
 ITERATED_WORK = 60_000_000
 """Edge visits of iterated greedy (vectorised, about 16 ns each)."""
 PATIENCE = 50

@@ -7,7 +7,7 @@ import hashlib
 import os
 import subprocess
 import sys
-from functools import reduce
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +15,11 @@ import scipy.sparse as sp
 
 from jacrun import colouring as col
 from jacrun.sparsity import as_pattern, choose, colour, conflict_graph
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+from jacrun_bench.colourings import asdex_colours as asdex_count
+from jacrun_bench.colourings import random_pattern, stencil_pattern  # noqa: E402
 
 
 def valid(pattern: sp.csr_array, colours: np.ndarray, direction: str) -> bool:
@@ -28,23 +33,8 @@ def valid(pattern: sp.csr_array, colours: np.ndarray, direction: str) -> bool:
     return True
 
 
-def band(size: int, periodic: bool = False) -> sp.csr_array:
-    """The pattern of a 1-D 3-point stencil (tridiagonal; with the corners when periodic)."""
-    matrix = sp.diags_array([1, 1, 1], offsets=[-1, 0, 1], shape=(size, size), dtype=bool).tolil()
-    if periodic:
-        matrix[0, size - 1] = matrix[size - 1, 0] = True
-    return sp.csr_array(matrix)
-
-
 def stencil(kind: str, grid: int, dims: int, periodic: bool = False) -> sp.csr_array:
-    """The pattern of a residual on a grid^dims grid: ``star`` (5-point in 2-D, 7-point in 3-D)
-    or ``box`` (9- and 27-point), zero or periodic boundary."""
-    one = band(grid, periodic)
-    eye = sp.eye_array(grid, dtype=bool, format="csr")
-    if kind == "box":
-        return as_pattern(reduce(sp.kron, [one] * dims), (grid**dims,) * 2)
-    terms = [reduce(sp.kron, [one if axis == k else eye for axis in range(dims)]) for k in range(dims)]
-    return as_pattern(reduce(lambda a, b: a + b, terms), (grid**dims,) * 2)
+    return as_pattern(stencil_pattern(kind, dims, grid, periodic), (grid**dims,) * 2)
 
 
 # (kind, dims, the fewest colours: a stencil's points conflict pairwise), small grids of each
@@ -105,14 +95,11 @@ def test_a_lattice_is_checked_on_every_row_not_just_the_sampled_ones(monkeypatch
 
 def asdex_colours(pattern: sp.csr_array, direction: str) -> int:
     asdex = pytest.importorskip("asdex")
+    if direction == "fwd":
+        return asdex_count(pattern)[0]
     coo = pattern.tocoo()
     theirs = asdex.SparsityPattern.from_coo(coo.row.astype(np.int32), coo.col.astype(np.int32), pattern.shape)
-    return (asdex.color_cols if direction == "fwd" else asdex.color_rows)(theirs)[1]
-
-
-def random_pattern(seed: int, shape: tuple[int, int], density: float) -> sp.csr_array:
-    rng = np.random.default_rng(seed)
-    return as_pattern(sp.random_array(shape, density=density, rng=rng), shape)
+    return asdex.color_rows(theirs)[1]
 
 
 def test_never_more_colours_than_asdex() -> None:
