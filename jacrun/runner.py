@@ -179,7 +179,13 @@ def _stored_colouring(job: PreparedJob, path: Location, attrs: dict[str, Any]) -
     arrays = store.read_pattern(path)
     if stored.get("mode") == job.sparse.direction and np.array_equal(arrays["colours"], job.sparse.colours):
         return job
-    colouring = replace(job.sparse, colours=arrays["colours"], direction=stored["mode"])
+    colouring = replace(
+        job.sparse,
+        colours=arrays["colours"],
+        direction=stored["mode"],
+        colouring="stored",
+        colouring_seconds=0.0,
+    )
     return replace(prepare(job.config, job.function, sparse=colouring), config=job.config)
 
 

@@ -6,9 +6,10 @@ vectors returns each column's nonzeros untouched (forward mode, a *column colour
 rows that share no column share one cotangent (reverse mode, a *row colouring*). With C colours
 a whole Jacobian costs C products instead of n (or m): 5 for a 5-point stencil of any size.
 
-Colouring is greedy distance-1 colouring of the conflict graph (columns, or rows, that share a
-row, or column), tried in several vertex orders (natural, largest degree first, smallest degree
-last, DSATUR); the fewest colours win. DSATUR finds the optimal 5 colours of the 5-point stencil.
+Colouring (:mod:`jacrun.colouring`) colours the columns of the pattern (fwd), or of its
+transpose (rev), so that no row holds two of one colour: an exact lattice colouring where the
+pattern is a stencil on a grid (5 colours for the 5-point stencil, 7 for the 3-D 7-point one),
+else greedy orders, DSATUR and iterated greedy within a fixed amount of work.
 
 :class:`SparseJacobian` is what a job keeps of it: the CSR pattern, the colouring and its mode.
 Its ``seeds`` are the shared vectors a block feeds to ``jvp_batch`` / ``vjp_batch``, and
@@ -24,14 +25,15 @@ This module imports neither dask nor zarr.
 from __future__ import annotations
 
 import hashlib
-import heapq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import scipy.sparse as sp
+
+from jacrun.colouring import Colouring, colour_columns, column_conflicts
 
 if TYPE_CHECKING:
     from jacrun.functions import Function
@@ -83,89 +85,27 @@ def dense_pattern(m: int, n: int) -> sp.csr_array:
 # ---- colouring ---------------------------------------------------------------------------------
 
 
+def lines(pattern: sp.csr_array, direction: Direction) -> sp.csr_array:
+    """The matrix whose columns a colouring colours, no two of one colour in a row: the pattern
+    (fwd: its columns) or its transpose (rev: its rows)."""
+    return pattern if direction == "fwd" else sp.csr_array(pattern.T)
+
+
 def conflict_graph(pattern: sp.csr_array, direction: Direction) -> sp.csr_array:
     """Columns (fwd) or rows (rev) joined when they share a row (column): they need distinct colours."""
-    p = sp.csr_array(pattern, dtype=np.int32)
-    graph = (p.T @ p) if direction == "fwd" else (p @ p.T)
-    graph = sp.csr_array(graph)
-    graph.setdiag(0)
-    graph.eliminate_zeros()
-    return graph
+    return column_conflicts(lines(pattern, direction))
 
 
-def _greedy(graph: sp.csr_array, order: np.ndarray) -> np.ndarray:
-    """Colour vertices in ``order``, each with the smallest colour none of its neighbours has."""
-    indptr, indices = graph.indptr.tolist(), graph.indices.tolist()
-    colour = [-1] * graph.shape[0]
-    for v in order.tolist():
-        used = 0
-        for u in indices[indptr[v] : indptr[v + 1]]:
-            if colour[u] >= 0:
-                used |= 1 << colour[u]
-        colour[v] = (~used & (used + 1)).bit_length() - 1
-    return np.asarray(colour, dtype=np.int32)
-
-
-def _dsatur(graph: sp.csr_array) -> np.ndarray:
-    """DSATUR: next the uncoloured vertex with the most distinct neighbour colours (then degree)."""
-    indptr, indices = graph.indptr.tolist(), graph.indices.tolist()
-    size = graph.shape[0]
-    degree = np.diff(graph.indptr).tolist()
-    colour = [-1] * size
-    seen = [0] * size  # bit mask of the colours among each vertex's neighbours
-    heap = [(0, -degree[v], v) for v in range(size)]
-    heapq.heapify(heap)
-    while heap:
-        saturation, _, v = heapq.heappop(heap)
-        if colour[v] >= 0 or -saturation != seen[v].bit_count():
-            continue  # coloured already, or a stale entry
-        c = (~seen[v] & (seen[v] + 1)).bit_length() - 1
-        colour[v] = c
-        for u in indices[indptr[v] : indptr[v + 1]]:
-            if colour[u] < 0 and not seen[u] >> c & 1:
-                seen[u] |= 1 << c
-                heapq.heappush(heap, (-seen[u].bit_count(), -degree[u], u))
-    return np.asarray(colour, dtype=np.int32)
-
-
-def _smallest_last(graph: sp.csr_array) -> np.ndarray:
-    """The order that repeatedly removes a vertex of smallest remaining degree, reversed."""
-    indptr, indices = graph.indptr.tolist(), graph.indices.tolist()
-    degree = np.diff(graph.indptr).tolist()
-    buckets: list[set[int]] = [set() for _ in range(max(degree, default=0) + 1)]
-    for v, d in enumerate(degree):
-        buckets[d].add(v)
-    removed = [False] * graph.shape[0]
-    order = []
-    for _ in range(graph.shape[0]):
-        low = next(d for d, bucket in enumerate(buckets) if bucket)
-        v = buckets[low].pop()
-        removed[v] = True
-        order.append(v)
-        for u in indices[indptr[v] : indptr[v + 1]]:
-            if not removed[u]:
-                buckets[degree[u]].discard(u)
-                degree[u] -= 1
-                buckets[degree[u]].add(u)
-    return np.asarray(order[::-1], dtype=np.int64)
-
-
-def colour_graph(graph: sp.csr_array) -> np.ndarray:
-    """The colouring with the fewest colours over several greedy orders and DSATUR (ties: the first)."""
-    size = graph.shape[0]
-    degree = np.diff(graph.indptr)
-    candidates = [
-        _greedy(graph, np.arange(size)),
-        _greedy(graph, np.argsort(-degree, kind="stable")),
-        _greedy(graph, _smallest_last(graph)),
-        _dsatur(graph),
-    ]
-    return min(candidates, key=lambda c: int(c.max(initial=-1)) + 1)
+def colour(pattern: sp.csr_array, direction: Direction) -> Colouring:
+    """Colour the columns (fwd) or rows (rev) of ``pattern``. The lower bound: the nonzeros of
+    one row (fwd) or column (rev) conflict pairwise."""
+    matrix = lines(sp.csr_array(pattern), direction)
+    return colour_columns(matrix, int(np.diff(matrix.indptr).max(initial=0)))
 
 
 def colouring(pattern: sp.csr_array, direction: Direction) -> np.ndarray:
     """Colours of the columns (fwd, length n) or rows (rev, length m) of ``pattern``."""
-    return colour_graph(conflict_graph(pattern, direction))
+    return colour(pattern, direction).colours
 
 
 # ---- the job's compression ------------------------------------------------------------------
@@ -183,6 +123,10 @@ class SparseJacobian:
     direction: Direction
     source: str = "declared"
     """Where the pattern came from: ``declared`` (by the function), ``file`` or ``detected``."""
+    colouring: str = "given"
+    """How the colours were found (``given``: passed in, a stored colouring)."""
+    colouring_seconds: float = 0.0
+    """Seconds spent colouring (both directions where ``choose`` tried both)."""
 
     @classmethod
     def from_pattern(
@@ -190,8 +134,11 @@ class SparseJacobian:
     ) -> SparseJacobian:
         """Colour ``pattern`` (unless ``colours`` are given) for ``direction``."""
         pattern = as_pattern(pattern, pattern.shape)
+        how, seconds = "given", 0.0
         if colours is None:
-            colours = colouring(pattern, direction)
+            found = colour(pattern, direction)
+            colours, seconds = found.colours, found.seconds
+            how = found.method + (", optimal" if found.optimal else "")
         return cls(
             shape=(int(pattern.shape[0]), int(pattern.shape[1])),
             indptr=pattern.indptr.astype(np.int64),
@@ -199,6 +146,8 @@ class SparseJacobian:
             colours=np.asarray(colours, dtype=np.int32),
             direction=direction,
             source=source or "declared",
+            colouring=how,
+            colouring_seconds=seconds,
         )
 
     @property
@@ -361,6 +310,8 @@ class SparseJacobian:
             "mode": self.direction,
             "compression": self.compression,
             "source": self.source,
+            "colouring": self.colouring,
+            "colouring_seconds": self.colouring_seconds,
             "pattern_sha256": self.digest,
         }
 
@@ -379,4 +330,5 @@ def choose(pattern: sp.csr_array, strategy: Literal["fwd", "rev", "auto"], sourc
     if pattern.shape[0] == pattern.shape[1] and (pattern != pattern.T).nnz == 0:
         return rev  # symmetric: both conflict graphs are the same, so are their colourings
     fwd = SparseJacobian.from_pattern(pattern, "fwd", source=source)
-    return fwd if fwd.n_colours < rev.n_colours else rev
+    seconds = rev.colouring_seconds + fwd.colouring_seconds
+    return replace(fwd if fwd.n_colours < rev.n_colours else rev, colouring_seconds=seconds)

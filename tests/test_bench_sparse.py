@@ -50,3 +50,21 @@ def test_the_sparse_rows_with_jax_report_asdex_both_ways_and_the_adapters(
 
 def _rows(text: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in text.splitlines()[2:]]
+
+
+def test_the_colourings_table_reports_colours_against_asdex_and_the_optimum() -> None:
+    """The quick patterns: every stencil at its optimum, never more colours than asdex."""
+    pytest.importorskip("asdex")
+    from jacrun_bench import colourings
+
+    rows = colourings.measure(quick=True)
+    stencils = [row for row in rows if row.optimal]
+    assert [row.colours for row in stencils] == [5, 9, 7, 27]
+    assert all(row.colours == row.lower_bound and row.method.startswith("lattice") for row in stencils)
+    assert all(row.their_colours is not None and row.colours <= row.their_colours for row in rows)
+    table = colourings.table(rows)
+    assert "| 7-point 6 x 6 x 6 | 216 | 7 | 7 |" in table
+    result = sparse_section.SparseResult([], [], 1, 4, rows)
+    targets = {t.what: t for t in sparse_section.targets(result)}
+    assert targets["7-point 6 x 6 x 6: colours / optimum"].value == 1.0
+    assert "**no**" not in "\n".join(t.row() for t in targets.values())

@@ -287,6 +287,9 @@ def test_auto_is_sparse_for_a_declared_pattern_that_saves_products(tmp_path) -> 
     assert plan.vectors == plan.vectors_per_block == 5 and plan.grid == (4, 1)
     assert plan.result_shape == (50, 156) and plan.result_dims == ("sample", "nonzero")
     assert plan.sparsity.startswith("sparse (rev)") and "5 products per sample instead of 36" in plan.sparsity
+    assert re.search(
+        r"coloured in [0-9.e-]+ s by lattice \(i \+ 2j\) mod 5 on a 6 x 6 grid, optimal$", plan.sparsity
+    )
 
 
 @pytest.mark.parametrize(
@@ -407,6 +410,7 @@ def test_sparse_job_end_to_end_through_the_cli(tmp_path, scheduler_address) -> N
     assert (
         "sparse (rev)" in plan.stdout and "5 colours (rev)" in plan.stdout and "217 per sample" in plan.stdout
     )
+    assert "coloured in" in plan.stdout and "optimal" in plan.stdout
     done = run_cli("submit", str(config), "--check", "--scheduler", scheduler_address)
     assert done.returncode == 0, done.stdout + done.stderr
     store = tmp_path / "out.zarr"
@@ -418,6 +422,7 @@ def test_sparse_job_end_to_end_through_the_cli(tmp_path, scheduler_address) -> N
     assert ds.jacobian.dims == ("sample", "nonzero") and ds.jacobian.shape == (40, 217)
     assert ds.indices.dims == ("nonzero",) and ds.indptr.shape == (50,)
     assert ds.attrs["jacrun"]["sparsity"]["colours"] == 5
+    assert ds.attrs["jacrun"]["sparsity"]["colouring"] == "lattice (i + 2j) mod 5 on a 7 x 7 grid, optimal"
     f = build_function({"kind": "bratu", "grid": 7})
     cfg = jacrun.load_config(config)
     x = prepare(cfg, calibrate=False).inputs.read(0, 40, np.dtype("float64"))

@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from jacrun_bench import residuals
+from jacrun_bench import colourings, residuals
+from jacrun_bench.colourings import ColouringRow
 from jacrun_bench.common import Context, Target, rounds
 from jacrun_bench.e2e import local_cluster
 from jacrun_bench.frameworks import usable
@@ -317,6 +318,7 @@ class SparseResult:
     jobs: list[SparseJob]
     reps: int
     samples: int
+    colourings: list[ColouringRow] = field(default_factory=list)
 
 
 def measure(ctx: Context) -> SparseResult:
@@ -330,6 +332,8 @@ def measure(ctx: Context) -> SparseResult:
         for residual in residuals.RESIDUALS
         for grid in grids
     ]
+    ctx.log("sparse: colourings")
+    coloured = colourings.measure(ctx.quick)
     jobs = []
     with tempfile.TemporaryDirectory() as folder, local_cluster() as (address, fresh_workers, _):
         cluster = (address, fresh_workers)
@@ -337,7 +341,7 @@ def measure(ctx: Context) -> SparseResult:
         jobs.append(bench_bratu_job(*bratu, Path(folder), cluster, ctx.log))
         if "jax" in frameworks and not ctx.quick:  # tests/test_fused_sparse.py runs one in the smoke tests
             jobs.append(bench_jax_job(128, 1000, "auto", Path(folder), cluster, ctx.log))
-    return SparseResult(rows, jobs, reps, samples)
+    return SparseResult(rows, jobs, reps, samples, coloured)
 
 
 def render(result: SparseResult, ctx: Context) -> str:
@@ -379,6 +383,15 @@ def render(result: SparseResult, ctx: Context) -> str:
             "",
             writes,
         ]
+    if result.colourings:
+        parts += [
+            "",
+            "Colourings (columns, forward mode): jacrun's colours and seconds against asdex's "
+            "`color_cols` and the optimum (on a stencil, the size of the stencil: its points "
+            "conflict pairwise; on a random pattern, only its longest row bounds it):",
+            "",
+            colourings.table(result.colourings),
+        ]
     parts += [
         "",
         "Jobs through `jacrun.submit` on a fresh 2-worker local cluster (`save_outputs: false`); "
@@ -405,6 +418,26 @@ def targets(result: SparseResult | None) -> list[Target]:
         )
         fewer = None if row.their_colours is None else row.their_colours - row.colours
         out.append(Target(f"{label}: colours no more than asdex's (asdex - jacrun)", fewer, 0, "{:+.0f}"))
+    for row in result.colourings:
+        if row.their_colours is not None:
+            out.append(
+                Target(
+                    f"{row.pattern}: colours no more than asdex's (asdex - jacrun)",
+                    row.their_colours - row.colours,
+                    0,
+                    "{:+.0f}",
+                )
+            )
+        if row.optimal:
+            out.append(
+                Target(
+                    f"{row.pattern}: colours / optimum",
+                    row.colours / row.lower_bound,
+                    1.2,
+                    "{:.2f}",
+                    below=True,
+                )
+            )
     dense = next((row for row in result.rows if row.residual == "bratu" and "jax dense" in row.rates), None)
     if dense is not None and "built-in" in dense.rates:
         value = dense.rates["built-in"] / dense.rates["jax dense"]
@@ -431,11 +464,16 @@ def targets(result: SparseResult | None) -> list[Target]:
                 )
             )
     errors = [e for row in result.rows for e in row.errors.values()] + [job.max_error for job in result.jobs]
-    out.append(
-        Target(
-            "values agree with dense Jacobians (max relative error)", max(errors), 1e-12, "{:.1e}", below=True
+    if errors:
+        out.append(
+            Target(
+                "values agree with dense Jacobians (max relative error)",
+                max(errors),
+                1e-12,
+                "{:.1e}",
+                below=True,
+            )
         )
-    )
     fused = [e for row in result.rows for e in row.fused_errors.values()]
     if fused:
         out.append(
