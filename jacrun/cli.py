@@ -147,9 +147,9 @@ def submit(
     from jacrun.cluster import quiet_dask_logs
     from jacrun.runner import submit as run
 
-    cfg = _load(config, overrides, scheduler)
-    quiet_dask_logs()
     try:
+        cfg = _load(config, overrides, scheduler)
+        quiet_dask_logs()
         with _sigterm_interrupts():
             summary = run(
                 cfg,

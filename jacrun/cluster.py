@@ -16,6 +16,31 @@ from jacrun.errors import ConfigError
 
 
 @contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C or SIGTERM that arrives while a cluster starts until it has started, then
+    deliver it. Interrupted half-way, a cluster object exists that no ``with`` closes (Dask
+    closes it at exit, with a traceback); delivered here, the caller's ``with`` closes it.
+    Python-level handlers, not a signal mask: the workers started meanwhile inherit a mask.
+    Main thread only (elsewhere signals cannot be handled)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum)) for signum in held}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if caught:
+            signal.raise_signal(caught[0])  # the caller's handler, as if it arrived now
+
+
+@contextlib.contextmanager
 def connect(
     config: LocalClusterConfig | AddressClusterConfig | JobqueueClusterConfig,
     watcher: slurm.Watcher | None = None,
@@ -44,11 +69,10 @@ def connect(
             yield client
         return
     if isinstance(config, JobqueueClusterConfig):
-        with (
-            _dashboard_port_warning_quiet(),
-            jobqueue_cluster(config) as cluster,
-            Client(cluster, set_as_default=False) as client,
-        ):
+        with _dashboard_port_warning_quiet(), contextlib.ExitStack() as started:
+            with interrupts_deferred():
+                cluster = started.enter_context(jobqueue_cluster(config))
+                client = started.enter_context(Client(cluster, set_as_default=False))
             if config.dashboard is None:
                 cluster.sync(_stop_http_server, cluster.scheduler)
             if config.kind == "pbs":
@@ -59,21 +83,21 @@ def connect(
             with slurm.BatchJobs(config, script, lambda: _worker_names(client), watcher or _Quiet()):
                 yield client
         return
-    with (
-        local_worker_settings(),
-        _dashboard_port_warning_quiet(),
-        LocalCluster(
-            n_workers=config.workers,
-            threads_per_worker=config.threads_per_worker,
-            memory_limit=int(config.memory_limit),
-            host="127.0.0.1",
-            dashboard_address=config.dashboard,
-            scheduler_kwargs=None if config.dashboard else NO_DASHBOARD,
-            processes=True,
-            silence_logs=logging.CRITICAL,  # jacrun reports failed blocks itself
-        ) as cluster,
-        Client(cluster, set_as_default=False) as client,
-    ):
+    with local_worker_settings(), _dashboard_port_warning_quiet(), contextlib.ExitStack() as started:
+        with interrupts_deferred():
+            cluster = started.enter_context(
+                LocalCluster(
+                    n_workers=config.workers,
+                    threads_per_worker=config.threads_per_worker,
+                    memory_limit=int(config.memory_limit),
+                    host="127.0.0.1",
+                    dashboard_address=config.dashboard,
+                    scheduler_kwargs=None if config.dashboard else NO_DASHBOARD,
+                    processes=True,
+                    silence_logs=logging.CRITICAL,  # jacrun reports failed blocks itself
+                )
+            )
+            client = started.enter_context(Client(cluster, set_as_default=False))
         if config.dashboard is None:
             cluster.sync(_stop_http_server, cluster.scheduler)
         yield client

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -154,8 +155,24 @@ def start_submit(config: Path, *extra: str, merge_output: bool = False) -> subpr
         stderr=subprocess.STDOUT if merge_output else subprocess.PIPE,
         text=True,
         start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
     )
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """The (stdout, stderr) of :func:`start_submit`'s process once it ends. Still running after
+    ``timeout`` seconds: SIGABRT makes it print every thread's stack (faulthandler), and the
+    test fails with them."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        out, err = proc.communicate(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its workers
+        pytest.fail(
+            f"jacrun submit still running {timeout} s later; its threads:\n{err[-12000:]}\n{out[-2000:]}"
+        )
 
 
 def markers_done(store: Path) -> int:

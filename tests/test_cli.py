@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ from jacrun.store import read_attrs
 from tests.helpers import (
     HELD_BLOCKS,
     REPO,
+    finish,
     held_job,
     hold,
     job_config,
@@ -181,7 +183,7 @@ def test_ctrl_c_keeps_finished_blocks_and_says_how_to_resume(tmp_path):
     proc = start_submit(path, "--quiet")
     assert wait_for_markers(store, 3, proc) >= 3
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    _, stderr = finish(proc, 120)
     assert proc.returncode == 130, stderr
     assert "interrupted: finished blocks are kept; rerun the same command to resume" in stderr
     assert "Traceback" not in stderr
@@ -189,6 +191,28 @@ def test_ctrl_c_keeps_finished_blocks_and_says_how_to_resume(tmp_path):
     assert attrs["status"] == "interrupted" and attrs["runs"][-1]["status"] == "interrupted"
     # blocks already running may still finish after the client stopped: markers are the truth
     assert attrs["blocks_done"] <= markers_done(store) < HELD_BLOCKS
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupt_while_the_local_cluster_starts_is_one_line(tmp_path, monkeypatch, signum):
+    """Ctrl-C or SIGTERM while the workers start (a worker preload that waits): the cluster
+    finishes starting, is closed, and the run ends with its one line; Dask's own clean-up at
+    exit has nothing left to close (it printed an AssertionError traceback)."""
+    starting = tmp_path / "starting"
+    preload = tmp_path / "slow_start.py"
+    preload.write_text(f"import pathlib, time\npathlib.Path({str(starting)!r}).touch()\ntime.sleep(2)\n")
+    monkeypatch.setenv("DASK_DISTRIBUTED__WORKER__PRELOAD", json.dumps([str(preload)]))
+    path = write_config(tmp_path, job_config())
+    proc = start_submit(path, "--quiet")
+    deadline = time.monotonic() + 60
+    while not starting.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert starting.exists(), "no worker started"
+    proc.send_signal(signum)
+    _, stderr = finish(proc, 60)
+    what = "interrupted" if signum == signal.SIGINT else "terminated"
+    assert proc.returncode == (130 if signum == signal.SIGINT else 143), stderr
+    assert stderr.strip() == f"{what}: finished blocks are kept; rerun the same command to resume"
 
 
 def test_performance_report_and_overwrite_flags(tmp_path, scheduler_address):

@@ -26,6 +26,7 @@ from tests.helpers import (
     HELD_BLOCKS,
     REPO,
     DaskProcesses,
+    finish,
     held_job,
     hold,
     holding_process,
@@ -75,7 +76,7 @@ def test_worker_killed_mid_job(tmp_path, dask_processes, reference):
     proc = start_submit(config, "--scheduler", address, "--quiet")
     os.kill(holding_process(tmp_path), signal.SIGKILL)  # the worker running the held block
     released.unlink()
-    _, stderr = proc.communicate(timeout=240)
+    _, stderr = finish(proc, 240)
     assert proc.returncode == 0, stderr
     assert_same_results(tmp_path / "held.zarr", reference)
 
@@ -88,7 +89,7 @@ def test_scheduler_killed_mid_job_then_resumed_on_a_new_one(tmp_path, dask_proce
     proc = start_submit(config, "--scheduler", address, "--quiet")
     assert wait_for_markers(tmp_path / "held.zarr", 3, proc) >= 3
     dask_processes.kill(dask_processes.scheduler)
-    _, stderr = proc.communicate(timeout=240)
+    _, stderr = finish(proc, 240)
     assert proc.returncode == 1
     assert "lost the connection to the scheduler" in stderr and "rerun the same command" in stderr
     assert "Traceback" not in stderr

@@ -31,6 +31,7 @@ from jacrun.errors import ConfigError
 from tests.helpers import (
     HELD_BLOCKS,
     DaskProcesses,
+    finish,
     held_job,
     hold,
     holding_process,
@@ -302,7 +303,7 @@ def test_a_worker_killed_then_the_scheduler_lost_on_s3_loses_nothing(tmp_path, e
         (tmp_path / "flags" / f"holding-{first}").unlink()
         assert holding_process(tmp_path) != first
         processes.kill(processes.scheduler)
-        _, stderr = proc.communicate(timeout=240)
+        _, stderr = finish(proc, 240)
         assert proc.returncode == 1 and "lost the connection to the scheduler" in stderr, stderr
         processes.stop()
         before = remote_markers(url, endpoint)
