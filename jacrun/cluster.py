@@ -303,13 +303,30 @@ def _prologue(kind: str, lines: Sequence[str]) -> list[str]:
     )
 
 
+def import_jobqueue():  # noqa: ANN201 - the dask_jobqueue module
+    """dask_jobqueue, without the Ctrl-C handler it sets on import (its ``runner`` module makes
+    SIGINT call ``sys.exit()``: a Ctrl-C would end ``jacrun submit`` as if it had succeeded,
+    exit 0, the run not recorded as interrupted). Python's own handling is put back."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    import dask_jobqueue
+    import dask_jobqueue.slurm
+
+    if main and previous is not None and signal.getsignal(signal.SIGINT) is not previous:
+        signal.signal(signal.SIGINT, previous)
+    return dask_jobqueue
+
+
 def jobqueue_cluster(config: JobqueueClusterConfig):
     """An (unscaled) SLURMCluster or PBSCluster: the scheduler, with its dashboard where
     ``cluster.dashboard`` says; ``job_script()`` shows the batch script of its workers."""
     import dask
-    from dask_jobqueue import PBSCluster, SLURMCluster
 
-    cls = SLURMCluster if config.kind == "slurm" else PBSCluster
+    jobqueue = import_jobqueue()
+    cls = jobqueue.SLURMCluster if config.kind == "slurm" else jobqueue.PBSCluster
     options = dict(dask.config.get(f"jobqueue.{config.kind}.scheduler-options", None) or {})
     if config.dashboard is None:
         options.update(NO_DASHBOARD)
@@ -321,9 +338,8 @@ def jobqueue_cluster(config: JobqueueClusterConfig):
 def job_script(config: JobqueueClusterConfig, scheduler: str) -> str:
     """The batch script of one SLURM batch job of this run, as submitted: dask-jobqueue's, with
     its workers named after the batch job (``jacrun-$SLURM_JOB_ID``)."""
-    from dask_jobqueue.slurm import SLURMJob
-
-    return SLURMJob(scheduler, name=slurm.WORKER_NAME, **jobqueue_kwargs(config)).job_script()
+    job = import_jobqueue().slurm.SLURMJob(scheduler, name=slurm.WORKER_NAME, **jobqueue_kwargs(config))
+    return job.job_script()
 
 
 def _worker_names(client) -> list[str]:

@@ -156,7 +156,15 @@ def start_submit(config: Path, *extra: str, merge_output: bool = False) -> subpr
         text=True,
         start_new_session=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
+        preexec_fn=as_from_a_terminal,
     )
+
+
+def as_from_a_terminal() -> None:
+    """Ctrl-C's default disposition in a child process, as a shell gives a command. pytest-xdist
+    workers ignore SIGINT, and an ignored signal stays ignored across exec: a ``jacrun submit``
+    they start would never see a Ctrl-C (unless a test had set a handler in that worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:

@@ -28,7 +28,16 @@ import pytest
 from typer.testing import CliRunner
 
 from jacrun.cli import app
-from tests.helpers import REPO, job_config, markers_done, one_error_line, run_cli, write_config
+from jacrun.store import read_attrs
+from tests.helpers import (
+    REPO,
+    as_from_a_terminal,
+    job_config,
+    markers_done,
+    one_error_line,
+    run_cli,
+    write_config,
+)
 from tests.slurm import MAX_MINUTES, Slurm
 
 LONG_TEST = "test_a_job_longer_than_its_walltime_completes_in_one_submit"
@@ -79,6 +88,7 @@ def start(config: Path) -> subprocess.Popen:
             stderr=subprocess.STDOUT,
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "NO_COLOR": "1"},
+            preexec_fn=as_from_a_terminal,
         )
 
 
@@ -231,19 +241,33 @@ def test_a_cancelled_batch_job_is_replaced_and_the_job_completes(slurm_cluster, 
     assert slurm_cluster.wait_empty(tmp_path) == []
 
 
-def test_sigterm_cancels_every_batch_job_and_a_rerun_completes_the_rest(
+@pytest.mark.parametrize(
+    ("signum", "code", "line"),
+    [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")],
+    ids=["sigterm", "ctrl-c"],
+)
+def test_sigterm_or_ctrl_c_cancels_every_batch_job_and_a_rerun_completes_the_rest(
     slurm_cluster,
     reference,
     tmp_path,
+    signum,
+    code,
+    line,
 ):
+    """Ctrl-C too: dask_jobqueue, on import, makes SIGINT call sys.exit() (exit 0, the run
+    not recorded); jacrun puts Python's handling back."""
     config = slurm_job(tmp_path, 2000, 0.3)
     proc = start(config)
     try:
         assert wait_for_blocks(tmp_path / "out.zarr", 4, proc) >= 4
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 143, (tmp_path / "output.txt").read_text()
+        proc.send_signal(signum)
+        assert proc.wait(60) == code, (tmp_path / "output.txt").read_text()
     finally:
         proc.kill()
+    output = (tmp_path / "output.txt").read_text()
+    assert f"{line}: finished blocks are kept; rerun the same command to resume" in output, output
+    assert "Traceback" not in output, output
+    assert read_attrs(tmp_path / "out.zarr")["status"] == "interrupted"
     assert slurm_cluster.wait_empty(tmp_path) == []
     done_before = markers_done(tmp_path / "out.zarr")
     assert 4 <= done_before < 20
