@@ -297,3 +297,17 @@ class DaskProcesses:
             if process is not None:
                 self.kill(process)
         self.workers = []
+
+
+def valid_colouring(pattern, colours: np.ndarray, direction: str) -> bool:
+    """No two columns (fwd) or rows (rev) of one colour share a row (column): checked row by
+    row, independently of jacrun's own check."""
+    import scipy.sparse as sp
+
+    p = sp.csr_array(pattern, dtype=np.int64)
+    lines = p if direction == "fwd" else sp.csr_array(p.T)
+    for i in range(lines.shape[0]):
+        members = colours[lines.indices[lines.indptr[i] : lines.indptr[i + 1]]]
+        if len(np.unique(members)) != len(members):
+            return False
+    return True

@@ -195,12 +195,12 @@ def test_ctrl_c_keeps_finished_blocks_and_says_how_to_resume(tmp_path):
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_an_interrupt_while_the_local_cluster_starts_is_one_line(tmp_path, monkeypatch, signum):
-    """Ctrl-C or SIGTERM while the workers start (a worker preload that waits): the cluster
+    """Ctrl-C or SIGTERM while the workers start (a worker preload that waits a second): the cluster
     finishes starting, is closed, and the run ends with its one line; Dask's own clean-up at
     exit has nothing left to close (it printed an AssertionError traceback)."""
     starting = tmp_path / "starting"
     preload = tmp_path / "slow_start.py"
-    preload.write_text(f"import pathlib, time\npathlib.Path({str(starting)!r}).touch()\ntime.sleep(2)\n")
+    preload.write_text(f"import pathlib, time\npathlib.Path({str(starting)!r}).touch()\ntime.sleep(1)\n")
     monkeypatch.setenv("DASK_DISTRIBUTED__WORKER__PRELOAD", json.dumps([str(preload)]))
     path = write_config(tmp_path, job_config())
     proc = start_submit(path, "--quiet")

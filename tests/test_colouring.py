@@ -15,22 +15,12 @@ import scipy.sparse as sp
 
 from jacrun import colouring as col
 from jacrun.sparsity import as_pattern, choose, colour, conflict_graph
+from tests.helpers import valid_colouring
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-from jacrun_bench.colourings import asdex_colours as asdex_count
+from jacrun_bench.colourings import asdex_colours as asdex_count  # noqa: E402
 from jacrun_bench.colourings import random_pattern, stencil_pattern  # noqa: E402
-
-
-def valid(pattern: sp.csr_array, colours: np.ndarray, direction: str) -> bool:
-    """No two columns (fwd) or rows (rev) of one colour share a row (column): checked row by row."""
-    p = sp.csr_array(pattern)
-    lines = p if direction == "fwd" else sp.csr_array(p.T)
-    for i in range(lines.shape[0]):
-        members = colours[lines.indices[lines.indptr[i] : lines.indptr[i + 1]]]
-        if len(np.unique(members)) != len(members):
-            return False
-    return True
 
 
 def stencil(kind: str, grid: int, dims: int, periodic: bool = False) -> sp.csr_array:
@@ -56,7 +46,7 @@ def test_stencils_get_their_optimal_colouring(case) -> None:
     for direction in ("fwd", "rev"):
         found = colour(pattern, direction)
         assert found.count == best and found.optimal and found.lower_bound == best, found
-        assert found.method.startswith("lattice") and valid(pattern, found.colours, direction)
+        assert found.method.startswith("lattice") and valid_colouring(pattern, found.colours, direction)
 
 
 @pytest.mark.parametrize(
@@ -66,7 +56,7 @@ def test_periodic_stencils_get_a_lattice_where_it_wraps_around(kind, dims, best,
     """On a torus whose side the colour count divides, the lattice colouring still fits."""
     pattern = stencil(kind, dims=dims, grid=grid, periodic=True)
     found = colour(pattern, "rev")
-    assert found.count == best and valid(pattern, found.colours, "rev")
+    assert found.count == best and valid_colouring(pattern, found.colours, "rev")
 
 
 def test_a_lattice_that_does_not_wrap_around_is_refused() -> None:
@@ -74,7 +64,7 @@ def test_a_lattice_that_does_not_wrap_around_is_refused() -> None:
     line one colour. What is kept is proper, with more colours."""
     pattern = stencil("star", dims=2, grid=11, periodic=True)
     found = colour(pattern, "rev")
-    assert valid(pattern, found.colours, "rev")
+    assert valid_colouring(pattern, found.colours, "rev")
     assert found.count > 5 and "mod 5" not in found.method, found
 
 
@@ -90,7 +80,7 @@ def test_a_lattice_is_checked_on_every_row_not_just_the_sampled_ones(monkeypatch
     sampled = col.sample_conflicts(clean)
     monkeypatch.setattr(col, "sample_conflicts", lambda lines: sampled)
     found = colour(pattern, "fwd")
-    assert valid(pattern, found.colours, "fwd") and "mod 7" not in found.method, found.method
+    assert valid_colouring(pattern, found.colours, "fwd") and "mod 7" not in found.method, found.method
 
 
 def asdex_colours(pattern: sp.csr_array, direction: str) -> int:
@@ -124,18 +114,18 @@ def test_every_path_colours_random_patterns_properly(seed: int, direction: str, 
     pattern = random_pattern(seed, (70, 50), 0.08)
     graph = conflict_graph(pattern, direction)
     found = colour(pattern, direction)
-    assert valid(pattern, found.colours, direction)
+    assert valid_colouring(pattern, found.colours, direction)
     assert found.count <= np.diff(graph.indptr).max() + 1  # the greedy bound
     monkeypatch.setattr(col, "SEQUENTIAL_WORK", 0)
     parallel = colour(pattern, direction)
-    assert parallel.method.startswith("randomised largest-first") and valid(
+    assert parallel.method.startswith("randomised largest-first") and valid_colouring(
         pattern, parallel.colours, direction
     )
     start = col.parallel_greedy(graph)
     rng = np.random.default_rng(seed)
     for _ in range(5):
         again = col.recolour(graph, start, rng.permutation(col.count(start)))
-        assert valid(pattern, again, direction) and col.count(again) <= col.count(start)
+        assert valid_colouring(pattern, again, direction) and col.count(again) <= col.count(start)
         start = again
 
 

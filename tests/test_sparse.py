@@ -25,21 +25,11 @@ from tests.helpers import (  # noqa: F401 - fresh_targets: an autouse fixture
     markers_done,
     one_error_line,
     run_cli,
+    valid_colouring,
     write_config,
 )
 
 # ---- patterns and colourings ---------------------------------------------------------------------
-
-
-def valid(pattern: sp.csr_array, colours: np.ndarray, direction: str) -> bool:
-    """No two columns (fwd) or rows (rev) of one colour share a row (column)."""
-    p = sp.csr_array(pattern, dtype=np.int64)
-    lines = p if direction == "fwd" else sp.csr_array(p.T)
-    for i in range(lines.shape[0]):
-        members = colours[lines.indices[lines.indptr[i] : lines.indptr[i + 1]]]
-        if len(np.unique(members)) != len(members):
-            return False
-    return True
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -48,7 +38,7 @@ def test_colourings_of_random_patterns_are_valid(seed: int, direction: str) -> N
     rng = np.random.default_rng(seed)
     pattern = as_pattern(sp.random_array((40, 30), density=0.08, rng=rng), (40, 30))
     colours = colouring(pattern, direction)
-    assert valid(pattern, colours, direction)
+    assert valid_colouring(pattern, colours, direction)
     graph = conflict_graph(pattern, direction)
     assert colours.max() + 1 <= np.diff(graph.indptr).max(initial=0) + 1  # greedy bound
 
@@ -58,7 +48,7 @@ def test_the_five_point_stencil_takes_five_colours(grid: int) -> None:
     bratu = build_function({"kind": "bratu", "grid": grid})
     sparse = choose(bratu.sparsity(), "auto", "declared")
     assert sparse.n_colours == 5
-    assert valid(sparse.pattern(), sparse.colours, sparse.direction)
+    assert valid_colouring(sparse.pattern(), sparse.colours, sparse.direction)
 
 
 def test_no_more_colours_than_asdex_on_the_bench_patterns() -> None:

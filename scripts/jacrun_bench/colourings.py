@@ -82,7 +82,8 @@ def asdex_colours(pattern: sp.csr_array) -> tuple[int, float] | None:
     return count, time.perf_counter() - start
 
 
-def measure(quick: bool) -> list[ColouringRow]:
+def measure(quick: bool, asdex: bool = True) -> list[ColouringRow]:
+    """Every pattern's row; asdex's columns only with ``asdex`` (it imports JAX)."""
     from jacrun.sparsity import colour
 
     cases: list[tuple[str, sp.csr_array, bool]] = []
@@ -101,7 +102,7 @@ def measure(quick: bool) -> list[ColouringRow]:
     rows = []
     for label, pattern, exact in cases:
         ours = colour(pattern, "fwd")
-        theirs = asdex_colours(pattern)
+        theirs = asdex_colours(pattern) if asdex else None
         rows.append(
             ColouringRow(
                 label,

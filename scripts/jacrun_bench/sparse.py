@@ -333,7 +333,7 @@ def measure(ctx: Context) -> SparseResult:
         for grid in grids
     ]
     ctx.log("sparse: colourings")
-    coloured = colourings.measure(ctx.quick)
+    coloured = colourings.measure(ctx.quick, asdex="jax" in frameworks)
     jobs = []
     with tempfile.TemporaryDirectory() as folder, local_cluster() as (address, fresh_workers, _):
         cluster = (address, fresh_workers)
