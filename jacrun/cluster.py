@@ -8,6 +8,7 @@ import os
 import socket
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 from jacrun import slurm
@@ -20,8 +21,9 @@ def interrupts_deferred() -> Iterator[None]:
     """Hold a Ctrl-C or SIGTERM that arrives while a cluster starts until it has started, then
     deliver it. Interrupted half-way, a cluster object exists that no ``with`` closes (Dask
     closes it at exit, with a traceback); delivered here, the caller's ``with`` closes it.
-    Python-level handlers, not a signal mask: the workers started meanwhile inherit a mask.
-    Main thread only (elsewhere signals cannot be handled)."""
+    A second one is not held: it takes effect at once. Python-level handlers, not a signal
+    mask: the workers started meanwhile would inherit a mask. Main thread only (elsewhere
+    signals cannot be handled)."""
     import signal
     import threading
 
@@ -29,15 +31,23 @@ def interrupts_deferred() -> Iterator[None]:
         yield
         return
     caught: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
-    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum)) for signum in held}
+    previous: dict[int, Any] = {}
+
+    def hold(signum: int, frame: object) -> None:
+        if caught:  # pressed again: do not wait any longer
+            for held, handler in previous.items():
+                signal.signal(held, handler)
+            signal.raise_signal(signum)
+        caught.append(signum)
+
+    previous.update({signum: signal.signal(signum, hold) for signum in (signal.SIGINT, signal.SIGTERM)})
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        if caught:
-            signal.raise_signal(caught[0])  # the caller's handler, as if it arrived now
+    if caught:
+        signal.raise_signal(caught[0])  # the caller's handler, as if it arrived now
 
 
 @contextlib.contextmanager
