@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -131,24 +132,28 @@ def compute_block(
     a, b = plan.block_rows(i)
     k0, k1 = plan.block_vectors(j)
     x = job.inputs.read(a, b, function.dtype)
-    if job.sparse is not None:
-        if laps is not None:
-            laps.lap("inputs")
-        y, result = job.sparse.evaluate(function, x, outputs=plan.save_outputs)
-        if laps is not None:
-            laps.lap("kernel")
-        return x, y, result
-    vectors = job.vectors.read(a, b, k0, k1, function.dtype)
+    vectors = None if job.sparse is not None else job.vectors.read(a, b, k0, k1, function.dtype)
     if laps is not None:
         laps.lap("inputs")
-    reverse = plan.mode == "vjp" or (plan.mode == "jacobian" and plan.strategy == "rev")
-    if reverse:
-        y, result = function.vjp_batch(x, vectors)
-    else:
-        y, result = function.jvp_batch(x, vectors)
+    y, result = block_kernel(function, plan.reverse, job.sparse, plan.save_outputs)(x, vectors)
     if laps is not None:
         laps.lap("kernel")
     return x, y, result
+
+
+def block_kernel(
+    function: Function, reverse: bool, sparse: SparseJacobian | None, outputs: bool
+) -> Callable[[np.ndarray, np.ndarray | None], tuple[np.ndarray | None, np.ndarray]]:
+    """(x, vectors) -> (y, a block's results) as a block computes them: the function's VJP or
+    JVP kernel, or a sparse Jacobian's nonzeros (from its own seeds: ``vectors`` unused, and y
+    None unless ``outputs``)."""
+    if sparse is None:
+        return function.vjp_batch if reverse else function.jvp_batch
+
+    def nonzeros(x: np.ndarray, _: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray]:
+        return sparse.evaluate(function, x, outputs=outputs)
+
+    return nonzeros
 
 
 def hold(job: BlockJob) -> BlockJob:

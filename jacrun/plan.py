@@ -97,6 +97,11 @@ class Plan:
         return self.nnz is not None
 
     @property
+    def reverse(self) -> bool:
+        """Blocks compute VJPs (``vjp``, or a Jacobian by rows), else JVPs."""
+        return self.mode == "vjp" or (self.mode == "jacobian" and self.strategy == "rev")
+
+    @property
     def result_dims(self) -> tuple[str, ...]:
         if self.nnz is not None:
             return ("sample", "nonzero")

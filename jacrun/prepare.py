@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jacrun.block import block_kernel
 from jacrun.cluster import blas_threads
 from jacrun.config import AddressClusterConfig, JobConfig, OutputConfig
 from jacrun.errors import ConfigError
@@ -160,28 +161,12 @@ def block_timer(
     return seconds_per_row
 
 
-def block_kernel(
-    function: Function, reverse: bool, sparse: SparseJacobian | None, outputs: bool
-) -> Callable[[np.ndarray, np.ndarray], tuple[np.ndarray | None, np.ndarray]]:
-    """(x, vectors) -> (y, a block's results) as a block computes them: the function's VJP or
-    JVP kernel, or a sparse Jacobian's nonzeros (from its own seeds: ``vectors`` unused)."""
-    if sparse is None:
-        return function.vjp_batch if reverse else function.jvp_batch
-
-    def nonzeros(x: np.ndarray, _: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-        return sparse.evaluate(function, x, outputs=outputs)
-
-    return nonzeros
-
-
 def sample_results(job: PreparedJob, rows: int) -> list[np.ndarray]:
     """What a block writes for the job's first ``rows`` samples and first vector block, in the
     output dtype (the results, and y when saved): a sample of the store's contents."""
     plan, function = job.plan, job.function
     rows = min(rows, plan.samples)
-    kernel = block_kernel(
-        function, plan.strategy == "rev" or plan.mode == "vjp", job.sparse, plan.save_outputs
-    )
+    kernel = block_kernel(function, plan.reverse, job.sparse, plan.save_outputs)
     x = job.inputs.read(0, rows, function.dtype)
     y, result = kernel(x, job.vectors.read(0, rows, 0, plan.vectors_per_block, function.dtype))
     written = [result] + ([y] if plan.save_outputs and y is not None else [])
