@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 from jacrun.config import JobConfig
 from jacrun.errors import storage_refusal
 from jacrun.functions import Function
+from jacrun.functions.base import block_kernel
 from jacrun.memory import keep_freed_memory
 from jacrun.plan import Plan
 from jacrun.reduce import Reducer
@@ -139,21 +139,6 @@ def compute_block(
     if laps is not None:
         laps.lap("kernel")
     return x, y, result
-
-
-def block_kernel(
-    function: Function, reverse: bool, sparse: SparseJacobian | None, outputs: bool
-) -> Callable[[np.ndarray, np.ndarray | None], tuple[np.ndarray | None, np.ndarray]]:
-    """(x, vectors) -> (y, a block's results) as a block computes them: the function's VJP or
-    JVP kernel, or a sparse Jacobian's nonzeros (from its own seeds: ``vectors`` unused, and y
-    None unless ``outputs``)."""
-    if sparse is None:
-        return function.vjp_batch if reverse else function.jvp_batch
-
-    def nonzeros(x: np.ndarray, _: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray]:
-        return sparse.evaluate(function, x, outputs=outputs)
-
-    return nonzeros
 
 
 def hold(job: BlockJob) -> BlockJob:

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from jacrun.block import block_kernel
 from jacrun.cluster import blas_threads
 from jacrun.config import AddressClusterConfig, JobConfig, OutputConfig
 from jacrun.errors import ConfigError
 from jacrun.functions import Function, build_function, resolve_strategy
-from jacrun.functions.base import Mode, Strategy
+from jacrun.functions.base import Mode, Strategy, block_kernel
 from jacrun.functions.parallel import blas_limit
 from jacrun.plan import Plan, PlanError, make_plan
 from jacrun.reduce import Reducer

@@ -16,6 +16,7 @@ vectors (K = 1, squeezed), as ``y.backward(v)`` does in PyTorch.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
@@ -223,3 +224,18 @@ def basis_vectors(dim: int, start: int, stop: int, dtype: np.dtype) -> np.ndarra
     out = np.zeros((stop - start, dim), dtype=dtype)
     out[np.arange(stop - start), np.arange(start, stop)] = 1
     return out
+
+
+def block_kernel(
+    function: Function, reverse: bool, sparse: SparseJacobian | None, outputs: bool
+) -> Callable[[np.ndarray, np.ndarray | None], tuple[np.ndarray | None, np.ndarray]]:
+    """(x, vectors) -> (y, a block's results) as a block computes them: the function's VJP or
+    JVP kernel, or a sparse Jacobian's nonzeros (from its own seeds: ``vectors`` unused, and y
+    None unless ``outputs``)."""
+    if sparse is None:
+        return function.vjp_batch if reverse else function.jvp_batch
+
+    def nonzeros(x: np.ndarray, _: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray]:
+        return sparse.evaluate(function, x, outputs=outputs)
+
+    return nonzeros
